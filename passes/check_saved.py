@@ -1,0 +1,67 @@
+"""check-saved: the post-partition invariant of compress-saved.
+
+No dense activation may be saved for backward only to feed a weight gradient that was
+meant to be compressed. Concretely: every saved tensor of the forward graph is walked
+back through views to its root; a root that compress-saved compressed may be saved
+dense only if some *untargeted* backward op still reads it in the rewritten joint
+graph. Also, the compress of a root that is not saved dense must run in forward.
+The min-cut partitioner can break this (e.g. under ``activation_memory_budget < 1``,
+or a ``MUST_RECOMPUTE`` tag, it may move the compress into backward and save the dense
+input instead); the pipeline then compiles the graph unmodified.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .common import VIEW_OPS, BailOut, PassContext, backward_nodes
+
+
+def still_read_dense(joint: fx.GraphModule, roots: set[str]) -> set[str]:
+    """Compressed roots that some backward op of the rewritten joint graph reads dense."""
+    bwd = backward_nodes(joint)
+    keep = set()
+    for n in joint.graph.nodes:
+        if n.name not in roots:
+            continue
+        todo = [n]
+        while todo:
+            cur = todo.pop()
+            for u in cur.users:
+                if u in bwd or u.meta.get("partitioner_tag") in ("is_backward", "must_be_in_backward"):
+                    if u.target is not torch.ops.razor.compress.default:
+                        keep.add(n.name)
+                elif u.op == "call_function" and u.target in VIEW_OPS:
+                    todo.append(u)
+    return keep
+
+
+def saved_nodes(fw_module: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:
+    out = next(iter(fw_module.graph.find_nodes(op="output")))
+    flat = torch.utils._pytree.arg_tree_leaves(*out.args)
+    return [n for n in flat[num_fwd_outputs:] if isinstance(n, fx.Node)]
+
+
+def _root(n: fx.Node) -> fx.Node:
+    while n.op == "call_function" and n.target in VIEW_OPS:
+        n = n.args[0]
+    return n
+
+
+def run(fw_module: fx.GraphModule, joint: fx.GraphModule, ctx: PassContext) -> None:
+    records = ctx.stats.get("compressed", [])
+    if not records:
+        return
+    roots = {r["root"] for r in records}
+    allowed = still_read_dense(joint, roots)
+    saved = saved_nodes(fw_module, ctx.num_fwd_outputs)
+    bad = sorted({_root(n).name for n in saved if _root(n).name in roots - allowed})
+    if bad:
+        raise BailOut(f"dense activation(s) {bad} saved for backward although compressed")
+    fw_names = {n.name for n in fw_module.graph.nodes}
+    # A compress may run in backward only where its root is saved dense anyway.
+    missing = sorted(r["mask"] for r in records if r["mask"] not in fw_names and r["root"] not in allowed)
+    if missing:
+        raise BailOut(f"compress node(s) {missing} were moved out of the forward graph")
+    ctx.stats["dense_kept"] = sorted(allowed)

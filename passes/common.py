@@ -1,0 +1,127 @@
+"""What every razorpass graph pass shares: the bail-out exception, the pass context,
+the op tables, and small helpers over AOTAutograd joint graphs.
+
+Invariants every pass keeps (checked by the pipeline and the post-partition check):
+
+* ``node.meta["val"]`` is set on every node a pass creates (computed under the
+  graph's fake mode), so the partitioner and Inductor see valid fake metadata.
+* Passes add nodes and reroute uses; they never mutate an existing node's target or
+  arguments in place, and never create aliasing between forward and backward.
+* New forward nodes are tagged ``partitioner_tag="is_forward"``; the decompress that
+  must run in backward is tagged ``"must_be_in_backward"`` (the min-cut partitioner
+  then keeps it, and everything after it, in the backward graph).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+__all__ = ["BailOut", "PassContext", "VIEW_OPS", "module_path", "matches", "fake_mode_of"]
+
+
+class BailOut(Exception):
+    """Raised by a pass that cannot apply to a graph; the pipeline logs it and the graph
+    compiles unmodified (never a crash, never a wrong gradient)."""
+
+
+# Ops that only reinterpret their first argument (logical element mapping preserved,
+# independent of strides): a decompressed, contiguous copy can replay them exactly.
+VIEW_OPS = frozenset(
+    {
+        aten.view.default,
+        aten._unsafe_view.default,
+        aten.reshape.default,
+        aten.permute.default,
+        aten.t.default,
+        aten.transpose.int,
+        aten.unsqueeze.default,
+        aten.squeeze.dim,
+        aten.squeeze.dims,
+        aten.squeeze.default,
+        aten.alias.default,
+        aten.detach.default,
+        aten.expand.default,
+        aten.clone.default,
+        aten.contiguous.default,
+    }
+)
+
+
+@dataclass
+class PassContext:
+    """Facts about one joint graph that the partitioner knows and the passes need."""
+
+    config: Any  # RazorConfig
+    num_fwd_outputs: int
+    static_lifetime_input_indices: list[int]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def primals(self, gm: fx.GraphModule) -> list[fx.Node]:
+        return [n for n in gm.graph.find_nodes(op="placeholder") if "tangents" not in str(n.target)
+                and not str(n.target).startswith(("fwd_seed", "fwd_base_offset", "bwd_seed", "bwd_base_offset"))]
+
+    def static_primals(self, gm: fx.GraphModule) -> set[fx.Node]:
+        prim = self.primals(gm)
+        return {prim[i] for i in self.static_lifetime_input_indices if i < len(prim)}
+
+    def grad_outputs(self, gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node | None]]:
+        """(primal, its gradient output node or None) for every primal input."""
+        out = next(iter(gm.graph.find_nodes(op="output")))
+        flat = torch.utils._pytree.arg_tree_leaves(*out.args)
+        grads = flat[self.num_fwd_outputs :]
+        prim = self.primals(gm)
+        return list(zip(prim, grads + [None] * (len(prim) - len(grads))))
+
+
+def backward_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes that depend on a tangent (the joint graph's backward part)."""
+    bwd: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if "tangents" in str(n.target):
+                bwd.add(n)
+        elif n.op != "output" and any(a in bwd for a in n.all_input_nodes):
+            bwd.add(n)
+    return bwd
+
+
+_INDEX = re.compile(r"\[(?:'([^']*)'|(\d+))\]")
+
+
+def _clean_fqn(raw: str) -> str:
+    # "L['self'].encoder.layer[0]" / "L['self']._modules['encoder']" -> "encoder.layer.0"
+    s = re.sub(r"^L\['[^']*'\]", "", raw)
+    s = s.replace("._modules", "")
+    s = _INDEX.sub(lambda m: "." + (m.group(1) if m.group(1) is not None else m.group(2)), s)
+    return s.lstrip(".")
+
+
+def module_path(node: fx.Node) -> str:
+    """Path of the innermost module that produced ``node`` (forward or backward node)."""
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
+    if not stack:
+        return ""
+    raw = list(stack.values())[-1][0]
+    return _clean_fqn(raw)
+
+
+def matches(path: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(path, p) for p in include) and not any(
+        fnmatch.fnmatchcase(path, p) for p in exclude
+    )
+
+
+def fake_mode_of(gm: fx.GraphModule):
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch._subclasses.fake_tensor.FakeTensor):
+            return v.fake_mode
+    raise BailOut("no fake tensor metadata on the joint graph")

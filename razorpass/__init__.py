@@ -1,0 +1,75 @@
+"""razorpass: compress what autograd saves for backward, inside torch.compile.
+
+    import torch
+    m = torch.compile(model, backend="razor", options={"sparsity": 0.9})
+
+Importing razorpass compiles nothing, initialises no device and changes no global
+compiler setting; the custom ops are registered the first time they are needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+from .config import RazorConfig
+from .format import Compressed, compress, compressed_nbytes, decompress
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RazorConfig",
+    "compile",
+    "razor",
+    "compress",
+    "decompress",
+    "Compressed",
+    "compressed_nbytes",
+    "memory_report",
+    "record_compiles",
+]
+
+
+def __getattr__(name: str) -> Any:  # lazy: keep `import razorpass` light
+    if name in ("compile", "razor"):
+        from . import backend
+
+        return getattr(backend, name)
+    if name == "memory_report":
+        from .report import memory_report
+
+        return memory_report
+    raise AttributeError(f"module 'razorpass' has no attribute {name!r}")
+
+
+@contextlib.contextmanager
+def record_compiles() -> Iterator[list[dict[str, Any]]]:
+    """Collect one record per partitioned graph compiled inside the block: what was
+    compressed (roots, op classes, modules, group size, k), what stays saved, and the
+    fallback reason if a pass could not apply."""
+    from passes.pipeline import _RECORDERS
+
+    records: list[dict[str, Any]] = []
+    _RECORDERS.append(records)
+    try:
+        yield records
+    finally:
+        _RECORDERS.remove(records)
+
+
+def _register_backend() -> None:
+    """Register ``razor`` with Dynamo unless the installed entry point already does
+    (registering both makes Dynamo fail with ``duplicate name: razor``)."""
+    from importlib.metadata import entry_points
+
+    if any(ep.name == "razor" for ep in entry_points(group="torch_dynamo_backends")):
+        return
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    if "razor" not in _BACKENDS:
+        from .backend import razor
+
+        register_backend(name="razor")(razor)
+
+
+_register_backend()

@@ -1,0 +1,57 @@
+"""The ``razor`` torch.compile backend and ``razorpass.compile``.
+
+``torch.compile(model, backend="razor", options={...})`` resolves the name through the
+``torch_dynamo_backends`` entry point (no import needed) and calls
+``razor(gm, example_inputs, options={...}, mode=...)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .config import RazorConfig
+
+__all__ = ["razor", "compile", "RazorBackend"]
+
+
+class RazorBackend:
+    """A torch.compile backend bound to one :class:`RazorConfig`."""
+
+    def __init__(self, config: RazorConfig):
+        self.config = config
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs, **kwargs: Any):
+        from . import ops  # noqa: F401  (registers razor::compress / razor::decompress)
+        from .partitioner import RazorPartitioner
+
+        partitioner = RazorPartitioner(self.config)
+        if self.config.compiler == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._dynamo.backends.debugging import boxed_nop
+
+        return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partitioner)(gm, example_inputs)
+
+    def __repr__(self) -> str:
+        return f"RazorBackend({self.config!r})"
+
+
+def razor(gm: torch.fx.GraphModule, example_inputs, options: Any = None, mode: str | None = None, **kwargs: Any):
+    """The ``razor`` backend: ``options`` is a dict of RazorConfig fields or a RazorConfig."""
+    if mode not in (None, "default"):
+        raise ValueError(f"the razor backend supports mode=None or 'default', got {mode!r}")
+    return RazorBackend(RazorConfig.from_options(options))(gm, example_inputs)
+
+
+def compile(model: torch.nn.Module, config: RazorConfig | dict | None = None, *, dynamic: bool | None = None,
+            fullgraph: bool = False, **options: Any):
+    """Compile ``model`` with razorpass: ``razorpass.compile(model, sparsity=0.9)``.
+
+    ``config`` is a RazorConfig (or dict); keyword ``options`` override its fields.
+    """
+    cfg = RazorConfig.from_options(config, **options)
+    return torch.compile(model, backend=RazorBackend(cfg), dynamic=dynamic, fullgraph=fullgraph)

@@ -1,0 +1,131 @@
+"""The one frozen, validated configuration object of razorpass.
+
+Every public option of ``torch.compile(model, backend="razor", options=...)`` and of
+``razorpass.compile`` is a field of :class:`RazorConfig`. Validation happens once, in
+``__post_init__``, and every error names the field and its valid range, so a typo in
+an ``options`` dict never compiles silently into something else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+__all__ = ["RazorConfig", "TARGETS", "VALUE_DTYPES", "GRANULARITIES", "COMPILERS"]
+
+# Saved-activation classes a config may name in ``targets``.
+#   linear: the input of every linear / matmul-with-a-weight whose weight gets a gradient
+#   conv:   the input of every convolution whose weight gets a gradient
+TARGETS: tuple[str, ...] = ("linear", "conv")
+VALUE_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32", "same")
+GRANULARITIES: tuple[str, ...] = ("block", "sample")
+COMPILERS: tuple[str, ...] = ("inductor", "eager")
+
+# Options that torch.compile itself passes through to a backend and that are not ours.
+_PASSTHROUGH = frozenset({"mode"})
+
+
+def _as_patterns(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"RazorConfig.{name} must be a sequence of glob strings, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class RazorConfig:
+    """What razorpass compresses and how.
+
+    Only the copy of an activation that autograd keeps *for a weight gradient* is
+    sparsified; the forward pass and every input gradient stay exact.
+    """
+
+    # Fraction of each group dropped from the saved copy, in [0, 1).
+    sparsity: float = 0.9
+    # "block": groups of ``block_size`` consecutive elements of the flattened,
+    # contiguous activation (the last block is padded; padding is never kept).
+    # "sample": one group per index of dim 0 of the activation as the layer
+    # receives it (Back Razor's own rule).
+    granularity: str = "block"
+    # Group size of the "block" granularity; a positive multiple of 8 so that every
+    # group owns whole bytes of the packed mask.
+    block_size: int = 1024
+    # dtype of the kept values: "bfloat16", "float16", "float32" or "same" (the
+    # activation's own dtype). Decompressed values are rounded through it.
+    value_dtype: str = "bfloat16"
+    # Which saved activations to compress (names from ``TARGETS``).
+    targets: tuple[str, ...] = ("linear", "conv")
+    # Glob patterns over module paths ("encoder.layer.*.attention.*"). A layer is
+    # compressed when it matches some ``include`` pattern and no ``exclude`` pattern.
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    # Inner compiler: "inductor" (default) or "eager" (AOTAutograd, no codegen).
+    compiler: str = "inductor"
+
+    def __post_init__(self) -> None:
+        s = self.sparsity
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0.0 <= s < 1.0:
+            raise ValueError(f"RazorConfig.sparsity must be a float in [0, 1), got {s!r}")
+        object.__setattr__(self, "sparsity", float(s))
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"RazorConfig.granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
+        b = self.block_size
+        if isinstance(b, bool) or not isinstance(b, int) or b <= 0 or b % 8:
+            raise ValueError(f"RazorConfig.block_size must be a positive multiple of 8, got {b!r}")
+        if self.value_dtype not in VALUE_DTYPES:
+            raise ValueError(
+                f"RazorConfig.value_dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"
+            )
+        targets = self.targets
+        if isinstance(targets, str):
+            targets = (targets,)
+        if not isinstance(targets, Sequence):
+            raise ValueError(f"RazorConfig.targets must be a sequence of names from {TARGETS}, got {targets!r}")
+        unknown = [t for t in targets if t not in TARGETS]
+        if unknown:
+            raise ValueError(
+                f"RazorConfig.targets: unknown name(s) {unknown}; valid names are {TARGETS}"
+            )
+        object.__setattr__(self, "targets", tuple(dict.fromkeys(targets)))
+        object.__setattr__(self, "include", _as_patterns("include", self.include))
+        object.__setattr__(self, "exclude", _as_patterns("exclude", self.exclude))
+        if self.compiler not in COMPILERS:
+            raise ValueError(f"RazorConfig.compiler must be one of {COMPILERS}, got {self.compiler!r}")
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def sparsity_fraction(self) -> Fraction:
+        """The sparsity as an exact fraction, so k is integer arithmetic (SymInt-safe)."""
+        return Fraction(self.sparsity).limit_denominator(1_000_000)
+
+    def keep_count(self, group_size):
+        """k = ceil((1 - sparsity) * group_size), computed as group - floor(s * group).
+
+        Works on ints and SymInts alike (no float math on sizes).
+        """
+        f = self.sparsity_fraction
+        return group_size - (group_size * f.numerator) // f.denominator
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def from_options(cls, options: RazorConfig | Mapping[str, Any] | None = None, **overrides: Any) -> RazorConfig:
+        """Build a config from ``None``, a dict (``torch.compile(options=...)``) or a config."""
+        if options is None:
+            options = {}
+        if isinstance(options, RazorConfig):
+            return dataclasses.replace(options, **overrides) if overrides else options
+        if not isinstance(options, Mapping):
+            raise TypeError(f"razor options must be a dict or a RazorConfig, got {type(options).__name__}")
+        merged = {k: v for k, v in {**options, **overrides}.items() if k not in _PASSTHROUGH}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - names)
+        if unknown:
+            raise ValueError(f"unknown razor option(s) {unknown}; valid options are {sorted(names)}")
+        return cls(**merged)

@@ -1,0 +1,89 @@
+"""The compressed format as a library: ``razorpass.compress`` / ``razorpass.decompress``.
+
+A :class:`Compressed` holds the packed 1-bit mask and the kept values (static shapes)
+plus what is needed to rebuild the dense tensor. The byte arithmetic here is the
+analytic size the tests check the measured saved bytes against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .config import RazorConfig
+
+__all__ = ["Compressed", "compress", "decompress", "group_size_for", "compressed_nbytes", "value_dtype_of"]
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def value_dtype_of(config: RazorConfig, activation_dtype: torch.dtype) -> torch.dtype:
+    """The dtype kept values are stored in for an activation of ``activation_dtype``."""
+    return activation_dtype if config.value_dtype == "same" else _DTYPES[config.value_dtype]
+
+
+def group_size_for(shape, granularity: str, block_size: int):
+    """Elements per group: ``block_size``, or one sample (all but dim 0) for "sample"."""
+    if granularity == "block":
+        return block_size
+    if len(shape) == 0:
+        return 1
+    return math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def compressed_nbytes(shape, config: RazorConfig, activation_dtype: torch.dtype) -> int:
+    """Exact bytes of the compressed form of a tensor of ``shape``: mask + values."""
+    numel = math.prod(shape)
+    g = group_size_for(shape, config.granularity, config.block_size)
+    k = config.keep_count(g)
+    groups = -(-numel // g) if g else 0
+    vbytes = torch.empty((), dtype=value_dtype_of(config, activation_dtype)).element_size()
+    return groups * (-(-g // 8)) + groups * k * vbytes
+
+
+class Compressed(NamedTuple):
+    """A compressed activation: ``mask`` (uint8) and ``values`` plus how to rebuild it."""
+
+    mask: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    group_size: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.mask.numel() * self.mask.element_size() + self.values.numel() * self.values.element_size()
+
+
+def compress(
+    x: torch.Tensor,
+    sparsity: float = 0.9,
+    granularity: str = "block",
+    block_size: int = 1024,
+    value_dtype: str = "bfloat16",
+    backend: str = "auto",
+) -> Compressed:
+    """Compress ``x`` by razorpass's rule (top-k magnitudes per group, packed bitmask).
+
+    ``backend`` picks the kernel: "auto" (Triton on CUDA, PyTorch elsewhere), "torch"
+    or "triton".
+    """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if not x.is_floating_point():
+        raise ValueError(f"razorpass.compress takes a floating-point tensor, got {x.dtype}")
+    cfg = RazorConfig(sparsity=sparsity, granularity=granularity, block_size=block_size, value_dtype=value_dtype)
+    from . import ops
+
+    g = group_size_for(tuple(x.shape), granularity, block_size)
+    mask, values = ops.compress(x, g, cfg.keep_count(g), value_dtype_of(cfg, x.dtype), backend)
+    return Compressed(mask, values, tuple(x.shape), x.dtype, g)
+
+
+def decompress(c: Compressed, backend: str = "auto") -> torch.Tensor:
+    """The dense sparsified tensor: kept values (rounded through the value dtype), 0 elsewhere."""
+    from . import ops
+
+    return ops.decompress(c.mask, c.values, list(c.shape), c.group_size, c.dtype, backend)
