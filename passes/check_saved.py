@@ -4,7 +4,7 @@ No dense activation may be saved for backward only to feed a weight gradient tha
 meant to be compressed. Concretely: every saved tensor of the forward graph is walked
 back through views to its root; a root that compress-saved compressed may be saved
 dense only if some *untargeted* backward op still reads it in the rewritten joint
-graph. Also, the compress of a root that is not saved dense must run in forward.
+graph.
 The min-cut partitioner can break this (e.g. under ``activation_memory_budget < 1``,
 or a ``MUST_RECOMPUTE`` tag, it may move the compress into backward and save the dense
 input instead); the pipeline then compiles the graph unmodified.
@@ -59,9 +59,9 @@ def run(fw_module: fx.GraphModule, joint: fx.GraphModule, ctx: PassContext) -> N
     bad = sorted({_root(n).name for n in saved if _root(n).name in roots - allowed})
     if bad:
         raise BailOut(f"dense activation(s) {bad} saved for backward although compressed")
+    # A compress the partitioner moved into backward recomputes its root there from
+    # tensors saved anyway (e.g. a LayerNorm output from the saved LayerNorm input):
+    # correct and free in memory, so it is recorded, not rejected.
     fw_names = {n.name for n in fw_module.graph.nodes}
-    # A compress may run in backward only where its root is saved dense anyway.
-    missing = sorted(r["mask"] for r in records if r["mask"] not in fw_names and r["root"] not in allowed)
-    if missing:
-        raise BailOut(f"compress node(s) {missing} were moved out of the forward graph")
+    ctx.stats["recomputed_in_backward"] = sorted(r["root"] for r in records if r["mask"] not in fw_names)
     ctx.stats["dense_kept"] = sorted(allowed)

@@ -268,12 +268,30 @@ def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[dict]
                 "group_size": plan.group_size,
                 "keep": plan.keep,
                 "mask": comp.name,
+                "outputs": (mask.name, values.name),
+                "layer": layer_label([s.module for s in plan.sites]),
+                "dense_bytes": val.numel() * val.element_size(),
             }
         )
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
     return records
+
+
+def layer_label(modules: list[str]) -> str:
+    """One label for the layers that share a compressed tensor: "a.b.{query,key,value}"."""
+    mods = sorted(set(modules))
+    if len(mods) <= 1:
+        return mods[0] if mods else ""
+    split = [m.split(".") for m in mods]
+    prefix = []
+    for parts in zip(*split):
+        if len(set(parts)) > 1:
+            break
+        prefix.append(parts[0])
+    tails = ",".join(".".join(p[len(prefix):]) for p in split)
+    return ".".join(prefix + ["{" + tails + "}"])
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:

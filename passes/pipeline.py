@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import Any, Callable
 
 import torch.fx as fx
@@ -33,8 +34,50 @@ POST_PARTITION_CHECKS = (("check_saved", check_saved.run),)
 _RECORDERS: list[list[dict[str, Any]]] = []
 
 
+# Passes on the Dynamo (pre-autograd, torch-level) graph, in order. Each takes
+# (gm, example_inputs, config) and returns a GraphModule.
+PRE_AUTOGRAD_PASSES: list[tuple[str, Callable[..., fx.GraphModule]]] = []
+
+
+def run_pre_autograd(gm: fx.GraphModule, example_inputs, config) -> fx.GraphModule:
+    """Run the pre-autograd passes; a BailOut is raised to the caller (these passes
+    change what is trained, so silently skipping one would be wrong)."""
+    for name, fn in PRE_AUTOGRAD_PASSES:
+        gm = fn(gm, example_inputs, config)
+    return gm
+
+
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pytree deprecation noise in deepcopy
+        return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
+def describe_saved(fw: fx.GraphModule, ctx: PassContext) -> list[dict[str, Any]]:
+    """One entry per tensor the forward graph saves, in order: shape, dtype, whether it
+    is a graph input, and which layer / op class it belongs to (mask and values of a
+    compressed root carry the root's dense size on the mask entry)."""
+    from .common import module_path
+
+    owners: dict[str, tuple[dict[str, Any], bool]] = {}
+    for c in ctx.stats.get("compressed", []):
+        owners[c["outputs"][0]] = (c, True)
+        owners[c["outputs"][1]] = (c, False)
+    entries = []
+    for n in check_saved.saved_nodes(fw, ctx.num_fwd_outputs):
+        val = n.meta.get("val")
+        if not hasattr(val, "shape"):
+            continue
+        entry = {"name": n.name, "shape": tuple(val.shape), "dtype": val.dtype, "input": n.op == "placeholder"}
+        if n.name in owners:
+            c, is_mask = owners[n.name]
+            entry.update(layer=c["layer"], op_class="+".join(c["op_classes"]), dense_bytes=c["dense_bytes"] if is_mask else 0)
+        else:
+            nbytes = val.numel() * val.element_size()
+            entry.update(layer=module_path(check_saved._root(n)) or "(graph)", op_class="dense",
+                         dense_bytes=nbytes)
+        entries.append(entry)
+    return entries
 
 
 def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_fn) -> tuple[fx.GraphModule, fx.GraphModule]:
@@ -57,11 +100,7 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_f
         ctx.stats["compressed"] = []
         fw, bw = partition_fn(joint, joint_inputs, **kwargs)
     record.update(ctx.stats)
-    record["saved"] = [
-        {"name": n.name, "shape": tuple(n.meta["val"].shape), "dtype": n.meta["val"].dtype}
-        for n in check_saved.saved_nodes(fw, ctx.num_fwd_outputs)
-        if hasattr(n.meta.get("val"), "shape")
-    ]
+    record["saved"] = describe_saved(fw, ctx)
     for rec in _RECORDERS:
         rec.append(record)
     return fw, bw

@@ -23,9 +23,12 @@ class RazorBackend:
         self.config = config
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, **kwargs: Any):
+        from passes.pipeline import run_pre_autograd
+
         from . import ops  # noqa: F401  (registers razor::compress / razor::decompress)
         from .partitioner import RazorPartitioner
 
+        gm = run_pre_autograd(gm, example_inputs, self.config)
         partitioner = RazorPartitioner(self.config)
         if self.config.compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
@@ -54,4 +57,11 @@ def compile(model: torch.nn.Module, config: RazorConfig | dict | None = None, *,
     ``config`` is a RazorConfig (or dict); keyword ``options`` override its fields.
     """
     cfg = RazorConfig.from_options(config, **options)
+    model = prepare_model(model, cfg)
     return torch.compile(model, backend=RazorBackend(cfg), dynamic=dynamic, fullgraph=fullgraph)
+
+
+def prepare_model(model: torch.nn.Module, config: RazorConfig) -> torch.nn.Module:
+    """Model-level transforms that must happen before tracing (token dropping changes
+    shapes that Dynamo would bake into the graph). Identity unless BSR options ask."""
+    return model

@@ -37,6 +37,18 @@ def _as_patterns(name: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _as_indices(name: str, value: Any, none_ok: bool = False) -> tuple[int, ...] | None:
+    if value is None and none_ok:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, Sequence) or isinstance(value, str) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise ValueError(f"RazorConfig.{name} must be a sequence of block indices (ints), got {value!r}")
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class RazorConfig:
     """What razorpass compresses and how.
@@ -66,6 +78,22 @@ class RazorConfig:
     exclude: tuple[str, ...] = ()
     # Inner compiler: "inductor" (default) or "eager" (AOTAutograd, no codegen).
     compiler: str = "inductor"
+
+    # ---- BSR (block selective reprogramming) ----
+    # Indices of the blocks to train (negative indices count from the end); the final
+    # norm and head after the last block train too, everything else gets no gradient.
+    # None trains every parameter that requires grad.
+    trainable_blocks: tuple[int, ...] | None = None
+    # Indices of the token-selection blocks; after each, only ceil(keep_rate * (N - 1))
+    # most CLS-attended tokens are kept (razorpass.compile only: shapes change).
+    drop_layers: tuple[int, ...] = ()
+    # Fraction of the non-CLS tokens kept at each selection block, in (0, 1].
+    keep_rate: float = 0.5
+    # Fuse the dropped tokens into one extra token weighted by their CLS attention.
+    fuse_token: bool = True
+    # Module-path glob of the repeated block list (e.g. "encoder.layer.*"); None finds
+    # the block sequence automatically.
+    blocks: str | None = None
 
     def __post_init__(self) -> None:
         s = self.sparsity
@@ -98,6 +126,16 @@ class RazorConfig:
         object.__setattr__(self, "exclude", _as_patterns("exclude", self.exclude))
         if self.compiler not in COMPILERS:
             raise ValueError(f"RazorConfig.compiler must be one of {COMPILERS}, got {self.compiler!r}")
+        object.__setattr__(self, "trainable_blocks", _as_indices("trainable_blocks", self.trainable_blocks, none_ok=True))
+        object.__setattr__(self, "drop_layers", _as_indices("drop_layers", self.drop_layers))
+        r = self.keep_rate
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
+            raise ValueError(f"RazorConfig.keep_rate must be a float in (0, 1], got {r!r}")
+        object.__setattr__(self, "keep_rate", float(r))
+        if not isinstance(self.fuse_token, bool):
+            raise ValueError(f"RazorConfig.fuse_token must be True or False, got {self.fuse_token!r}")
+        if self.blocks is not None and not isinstance(self.blocks, str):
+            raise ValueError(f"RazorConfig.blocks must be a module-path glob string or None, got {self.blocks!r}")
 
     # ---------------------------------------------------------------- derived
     @property

@@ -1,0 +1,167 @@
+"""Measure what a training step saves for backward, dense vs razorpass.
+
+``memory_report(model, example_inputs, **options)`` compiles the model twice with the
+same razor partitioner, once compressing nothing (the dense baseline: exactly what
+plain ``torch.compile`` saves) and once with ``options``; then runs one forward of
+each under ``torch.autograd.graph.saved_tensors_hooks`` and counts the bytes of every
+tensor autograd keeps, deduplicated by storage, parameters, buffers and inputs excluded.
+Per-layer rows come from the partition records (which saved tensor is whose mask,
+values or dense copy), matched one-to-one with the tensors seen at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+
+from .config import RazorConfig
+
+__all__ = ["MemoryReport", "LayerRow", "memory_report", "measure_saved"]
+
+
+@dataclasses.dataclass
+class LayerRow:
+    layer: str  # module path of the consumer(s) (compressed) or producer (dense)
+    op_class: str  # "linear", "conv", ... for compressed rows; the producing op for dense rows
+    dense_bytes: int  # bytes this tensor would take saved dense
+    saved_bytes: int  # bytes actually saved
+
+
+@dataclasses.dataclass
+class MemoryReport:
+    batch_size: int
+    baseline_bytes: int  # saved for backward with no compression (measured)
+    saved_bytes: int  # saved for backward with the config (measured)
+    rows: list[LayerRow]  # per layer, under the config
+    baseline_rows: list[LayerRow]
+    config: RazorConfig
+    fallbacks: list[str]
+
+    @property
+    def ratio(self) -> float:
+        return self.baseline_bytes / max(self.saved_bytes, 1)
+
+    def by_op_class(self) -> dict[str, tuple[int, int]]:
+        """op class -> (dense bytes, saved bytes), under the config."""
+        out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for r in self.rows:
+            out[r.op_class][0] += r.dense_bytes
+            out[r.op_class][1] += r.saved_bytes
+        return {k: (v[0], v[1]) for k, v in sorted(out.items())}
+
+    def table(self, per_sample: bool = True) -> str:
+        div = self.batch_size if per_sample else 1
+        unit = "MiB/sample" if per_sample else "MiB"
+        lines = [f"{'layer':<48} {'class':<10} {'dense ' + unit:>16} {'saved ' + unit:>16}"]
+        for r in self.rows:
+            lines.append(f"{r.layer[:48]:<48} {r.op_class:<10} {r.dense_bytes / div / 2**20:>16.3f} {r.saved_bytes / div / 2**20:>16.3f}")
+        lines.append(
+            f"{'total (measured)':<48} {'':<10} {self.baseline_bytes / div / 2**20:>16.3f} {self.saved_bytes / div / 2**20:>16.3f}"
+            f"   ({self.ratio:.2f}x less)"
+        )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["config"] = dataclasses.asdict(self.config)
+        d["ratio"] = self.ratio
+        return d
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return (s.data_ptr(), s.nbytes())
+
+
+def measure_saved(fn: Callable[[], Any], exclude: list[torch.Tensor]) -> list[tuple[torch.Tensor, int]]:
+    """Run ``fn`` and return (tensor, bytes) for every distinct storage autograd saves,
+    in the order they are saved; storages of ``exclude`` (parameters, inputs) are left out.
+    Bytes are whole storages, counted once."""
+    skip = {_storage_key(t) for t in exclude if isinstance(t, torch.Tensor)}
+    seen: set[tuple[int, int]] = set()
+    saved: list[tuple[torch.Tensor, int]] = []
+
+    def pack(t: torch.Tensor):
+        key = _storage_key(t)
+        if key not in skip and key not in seen:
+            seen.add(key)
+            saved.append((t, key[1]))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return saved
+
+
+def _rows(records: list[dict[str, Any]], saved: list[tuple[torch.Tensor, int]]) -> list[LayerRow]:
+    """Attribute the measured tensors to layers with the partition records.
+
+    Each record lists its graph's saved tensors in order, with their role (mask,
+    values or dense) and layer; they are matched to the measured tensors in order by
+    shape and dtype. A measured tensor with no match is reported as "(unattributed)".
+    """
+    planned = [p for rec in records for p in rec.get("saved", []) if not p["input"]]
+    used = [False] * len(planned)
+    rows: dict[tuple[str, str], list[int]] = {}
+    cursor = 0
+    for t, nbytes in saved:
+        order = list(range(cursor, len(planned))) + list(range(cursor))
+        hit = next(
+            (i for i in order if not used[i] and planned[i]["shape"] == tuple(t.shape) and planned[i]["dtype"] == t.dtype),
+            None,
+        )
+        if hit is None:
+            key, dense = ("(unattributed)", "dense"), nbytes
+        else:
+            used[hit], cursor = True, hit + 1
+            p = planned[hit]
+            key, dense = (p["layer"], p["op_class"]), p["dense_bytes"]
+        row = rows.setdefault(key, [0, 0])
+        row[0] += dense
+        row[1] += nbytes
+    return [LayerRow(k[0], k[1], v[0], v[1]) for k, v in rows.items()]
+
+
+def _run_once(model: torch.nn.Module, cfg: RazorConfig, example_inputs, dynamic) -> tuple[list, list[dict]]:
+    from . import record_compiles
+    from .backend import RazorBackend
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=RazorBackend(cfg), dynamic=dynamic)
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    exclude = [*model.parameters(), *model.buffers(), *inputs]
+    with record_compiles() as records:
+        out = compiled(*inputs)  # compile outside the hooks
+    del out
+    saved = measure_saved(lambda: compiled(*inputs), exclude)
+    return saved, records
+
+
+def memory_report(model: torch.nn.Module, example_inputs, config: RazorConfig | dict | None = None,
+                  dynamic: bool | None = False, **options: Any) -> MemoryReport:
+    """Bytes saved for backward by one forward of ``model``, dense vs ``options``.
+
+    ``example_inputs`` is a tensor or a tuple of positional inputs; the batch size used
+    for per-sample figures is dim 0 of the first tensor input.
+    """
+    cfg = RazorConfig.from_options(config, **options)
+    base_cfg = dataclasses.replace(cfg, targets=())
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    batch = next(t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0)
+    base_saved, base_records = _run_once(model, base_cfg, inputs, dynamic)
+    saved, records = _run_once(model, cfg, inputs, dynamic)
+    torch._dynamo.reset()
+    fallbacks = [r["fallback"] for r in records if r.get("fallback")]
+    return MemoryReport(
+        batch_size=batch,
+        baseline_bytes=sum(b for _, b in base_saved),
+        saved_bytes=sum(b for _, b in saved),
+        rows=_rows(records, saved),
+        baseline_rows=_rows(base_records, base_saved),
+        config=cfg,
+        fallbacks=fallbacks,
+    )
