@@ -53,15 +53,15 @@ ORDER_PRESERVING = frozenset(
 )
 
 # Ops through which a weight gradient flows to the graph output unchanged in kind:
-# reshapes, accumulation of several uses of one weight, the batch sum of a batched
-# weight gradient, and dtype casts (autocast).
+# reshapes, accumulation of several uses of one weight and dtype casts (autocast).
+# Reductions are not plumbing: the bias gradient of a LayerNorm is a sum of an input
+# gradient. The batch sum of a batched (bmm) weight gradient is handled on its own.
 GRAD_PLUMBING = VIEW_OPS | {
     aten.add.Tensor,
-    aten.sum.dim_IntList,
-    aten.sum.default,
     aten._to_copy.default,
     prims.convert_element_type.default,
 }
+BATCH_SUMS = frozenset({aten.sum.dim_IntList})
 
 MATMULS = frozenset({aten.mm.default, aten.bmm.default})
 CONV_BACKWARD = aten.convolution_backward.default
@@ -97,30 +97,36 @@ def _reaches_param_grad(gm: fx.GraphModule, ctx: PassContext, bwd: set[fx.Node])
         if n in seen or n not in bwd:
             continue
         seen.add(n)
-        if n.op == "call_function" and n.target in GRAD_PLUMBING:
+        if n.op != "call_function":
+            continue
+        if n.target in GRAD_PLUMBING:
             todo.extend(a for a in n.all_input_nodes if a in bwd)
+        elif n.target in BATCH_SUMS and n.args[1] in ([0], (0,)):
+            src = n.args[0]
+            if isinstance(src, fx.Node) and src.target is aten.bmm.default:
+                todo.append(src)
     return seen
 
 
-def _weight_grad_operands(node: fx.Node, reach: set[fx.Node], bwd: set[fx.Node]) -> list[tuple[int, str]]:
+def _weight_grad_operands(node: fx.Node, reach: set[fx.Node], bwd: set[fx.Node], static: set[fx.Node]) -> list[tuple[int, str]]:
     """(argument index, op class) of the saved-activation operands of a backward node."""
     if node.target in MATMULS and node in reach:
-        return [(i, "linear") for i in (0, 1) if _is_activation_operand(node.args[i], bwd)]
+        return [(i, "linear") for i in (0, 1) if _is_activation_operand(node.args[i], bwd, static)]
     if node.target is CONV_BACKWARD:
         mask = node.args[10]
         if mask[1] and any(u.target is operator.getitem and u.args[1] == 1 and u in reach for u in node.users):
-            if _is_activation_operand(node.args[1], bwd):
+            if _is_activation_operand(node.args[1], bwd, static):
                 return [(1, "conv")]
     return []
 
 
-def _is_activation_operand(n, bwd: set[fx.Node]) -> bool:
-    """True when ``n`` is a forward value seen through backward views (no tangent in it)."""
-    while isinstance(n, fx.Node) and n in bwd:
-        if n.op != "call_function" or n.target not in VIEW_OPS:
-            return False
+def _is_activation_operand(n, bwd: set[fx.Node], static: set[fx.Node]) -> bool:
+    """True when ``n`` is a forward value seen through views (no tangent in it) whose
+    storage is not a parameter (the other operand of an input-gradient matmul is a
+    transposed weight: that is not an activation)."""
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in VIEW_OPS:
         n = n.args[0]
-    return isinstance(n, fx.Node)
+    return isinstance(n, fx.Node) and n not in bwd and n not in static
 
 
 def _inside(path: str, layer: str) -> bool:
@@ -164,7 +170,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     for node in gm.graph.nodes:
         if node not in bwd or node.op != "call_function":
             continue
-        for idx, op_class in _weight_grad_operands(node, reach, bwd):
+        for idx, op_class in _weight_grad_operands(node, reach, bwd, static):
             if op_class not in cfg.targets:
                 continue
             path = module_path(node)

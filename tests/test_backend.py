@@ -1,0 +1,119 @@
+"""The backend: registration, entry points, fallback, cache keys, lean import."""
+
+import logging
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import razorpass
+from razorpass import RazorConfig, reference
+from razorpass.partitioner import RazorPartitioner
+
+from .models import MLP, loss_of
+
+_SCRIPT = """
+import torch
+{pre}
+m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+c = torch.compile(m, backend="razor", options={{"sparsity": 0.5, "compiler": "eager"}})
+c(torch.randn(3, 8)).sum().backward()
+{post}
+print("OK", m[0].weight.grad.abs().sum().item() > 0)
+"""
+
+
+@pytest.mark.parametrize(
+    "pre,post",
+    [("", ""), ("import razorpass", ""), ("", "import razorpass"), ("import razorpass", "import razorpass.backend")],
+)
+def test_backend_name_works_with_and_without_import(pre, post):
+    out = subprocess.run([sys.executable, "-c", _SCRIPT.format(pre=pre, post=post)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "OK True" in out.stdout
+
+
+def test_lean_import():
+    code = (
+        "import sys, torch; import razorpass;"
+        "assert 'triton' not in sys.modules, 'triton imported';"
+        "assert 'torch._inductor.compile_fx' not in sys.modules, 'inductor imported';"
+        "assert not hasattr(torch.ops.razor, 'compress'), 'ops registered at import';"
+        "import torch._inductor.config as c; assert c.custom_partitioner_fn is None; print('LEAN')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "LEAN" in out.stdout, out.stderr[-2000:]
+
+
+def test_a_pass_failure_falls_back_to_the_dense_gradient(monkeypatch, caplog):
+    import passes.compress_saved as cs
+
+    def boom(*a, **k):
+        raise cs.BailOut("synthetic failure")
+
+    monkeypatch.setattr(cs, "apply", boom)
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(4, 3, 24)
+    loss_of(model(x)).backward()
+    dense = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with caplog.at_level(logging.WARNING, logger="razorpass"), razorpass.record_compiles() as records:
+        loss_of(razorpass.compile(model, sparsity=0.9, compiler="eager")(x)).backward()
+    assert "synthetic failure" in records[0]["fallback"]
+    assert any("without compression" in r.message for r in caplog.records)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, dense[n], rtol=1e-6, atol=1e-7)
+
+
+def test_memory_budget_partition_stays_correct():
+    # activation_memory_budget < 1 lets the partitioner recompute freely; whatever it
+    # decides, gradients must equal the reference and no dense root may be saved.
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(4, 3, 24)
+    cfg = RazorConfig(sparsity=0.7, block_size=64)
+    with reference.apply(model, cfg):
+        loss_of(model(x)).backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with torch._functorch.config.patch(activation_memory_budget=0.3), razorpass.record_compiles() as records:
+        loss_of(razorpass.compile(model, cfg)(x)).backward()
+    assert records[0]["fallback"] is None
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=2e-3, atol=2e-4)
+
+
+def test_partitioner_uuid_tracks_config_and_pickles():
+    a = RazorPartitioner(RazorConfig(sparsity=0.9))
+    b = RazorPartitioner(RazorConfig(sparsity=0.9))
+    c = RazorPartitioner(RazorConfig(sparsity=0.5))
+    assert a.uuid() == b.uuid() != c.uuid()
+    assert pickle.loads(pickle.dumps(a)).uuid() == a.uuid()
+
+
+def test_changing_sparsity_never_reuses_a_cached_graph():
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(4, 3, 24)
+    with torch._inductor.config.patch(force_disable_caches=False, fx_graph_cache=True), \
+            torch._functorch.config.patch(enable_autograd_cache=True):
+        for sparsity in (0.5, 0.9):
+            torch._dynamo.reset()
+            cfg = RazorConfig(sparsity=sparsity, block_size=64)
+            model.zero_grad(set_to_none=True)
+            loss_of(razorpass.compile(model, cfg)(x)).backward()
+            got = {n: p.grad.clone() for n, p in model.named_parameters()}
+            model.zero_grad(set_to_none=True)
+            with reference.apply(model, cfg):
+                loss_of(model(x)).backward()
+            for n, p in model.named_parameters():
+                torch.testing.assert_close(got[n], p.grad, rtol=2e-3, atol=2e-4)
+
+
+def test_bad_option_is_a_clear_error_before_compiling():
+    model = MLP()
+    with pytest.raises(ValueError, match="RazorConfig.sparsity"):
+        razorpass.compile(model, sparsity=1.5)
+    compiled = torch.compile(model, backend="razor", options={"sparsity": 2})
+    with pytest.raises(Exception, match="RazorConfig.sparsity"):
+        compiled(torch.randn(2, 24))

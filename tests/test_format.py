@@ -1,0 +1,93 @@
+"""The compressed format: bit-exact against the independent eager reference."""
+
+import pytest
+import torch
+
+import razorpass
+from razorpass import RazorConfig
+from razorpass.format import compressed_nbytes
+from razorpass.reference import sparsify
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    ties = torch.ones(5, 37)
+    ties[:, ::3] = -1.0
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1.0, -2.0, 0.5] * 13)
+    zeros = torch.zeros(3, 41)
+    return {
+        "random": torch.randn(4, 9, 33, generator=g),
+        "ties": ties,
+        "special": special,
+        "zeros": zeros,
+        "neg_zero": -zeros,
+        "tiny": torch.randn(3, generator=g),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("granularity,block", [("block", 16), ("block", 1024), ("sample", 1024)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 0.9])
+@pytest.mark.parametrize("value_dtype", ["bfloat16", "same"])
+def test_decompress_equals_reference_bitwise(name, granularity, block, sparsity, value_dtype):
+    x = CASES[name]
+    cfg = RazorConfig(sparsity=sparsity, granularity=granularity, block_size=block, value_dtype=value_dtype)
+    c = razorpass.compress(x, sparsity=sparsity, granularity=granularity, block_size=block, value_dtype=value_dtype)
+    d = razorpass.decompress(c)
+    ref = sparsify(x, cfg)
+    assert d.dtype == x.dtype and d.shape == x.shape
+    # bitwise: NaN == NaN and -0.0 != +0.0
+    assert torch.equal(d.view(torch.int32), ref.view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_activation_dtypes(dtype):
+    x = torch.randn(6, 50).to(dtype)
+    cfg = RazorConfig(sparsity=0.8, block_size=64, value_dtype="same")
+    d = razorpass.decompress(razorpass.compress(x, sparsity=0.8, block_size=64, value_dtype="same"))
+    assert torch.equal(d, sparsify(x, cfg))
+
+
+def test_mask_bits_and_value_order_follow_the_format():
+    x = torch.tensor([0.1, -5.0, 0.2, 3.0, 0.0, 0.0, -0.3, 0.0, 7.0, 0.05])
+    c = razorpass.compress(x, sparsity=0.75, block_size=8, value_dtype="float32")
+    # block 0 = x[0:8], k = 2: |-5| and |3| at positions 1 and 3 -> byte 0b00001010
+    # block 1 = x[8:10] + padding, k = 2: positions 0 and 1 (7.0, 0.05)
+    assert c.mask.tolist() == [[0b00001010], [0b00000011]]
+    assert c.values.tolist() == [[-5.0, 3.0], [7.0, 0.05000000074505806]]
+
+
+def test_padding_never_wins_and_ties_go_to_lower_index():
+    x = torch.full((10,), 2.0)
+    c = razorpass.compress(x, sparsity=0.5, block_size=8, value_dtype="float32")
+    # k = 4 per block: block 0 keeps positions 0..3; block 1 has 2 real elements, both kept
+    assert c.mask.tolist() == [[0b00001111], [0b00000011]]
+    assert c.values[1].tolist() == [2.0, 2.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7), (5, 1000), (1,), (3, 8, 8)])
+@pytest.mark.parametrize("granularity", ["block", "sample"])
+def test_nbytes_is_the_analytic_size(shape, granularity):
+    x = torch.randn(shape)
+    cfg = RazorConfig(granularity=granularity, block_size=64)
+    c = razorpass.compress(x, granularity=granularity, block_size=64)
+    assert c.nbytes == compressed_nbytes(shape, cfg, x.dtype)
+
+
+def test_bytes_per_element_at_90_percent_bf16():
+    x = torch.randn(64, 1024)
+    c = razorpass.compress(x, sparsity=0.9)
+    # 1 bit of mask + ceil(0.1 * 1024) = 103 bf16 values per 1024 elements
+    assert c.nbytes / x.numel() == pytest.approx((1024 / 8 + 103 * 2) / 1024)
+
+
+def test_opcheck():
+    from razorpass import ops
+
+    x = torch.randn(3, 40)
+    torch.library.opcheck(ops.compress, (x, 16, 5, torch.bfloat16))
+    mask, values = ops.compress(x, 16, 5, torch.bfloat16)
+    torch.library.opcheck(ops.decompress, (mask, values, [3, 40], 16, torch.float32))

@@ -1,0 +1,66 @@
+"""What a razor-compiled step saves for backward, in exact bytes."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import razorpass
+from razorpass import RazorConfig
+from razorpass.format import compressed_nbytes
+from razorpass.report import measure_saved
+
+
+def _chain(frozen=()):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 40), nn.Linear(40, 8))
+    for i in frozen:
+        model[i].requires_grad_(False)
+    return model
+
+
+def _saved_bytes(model, x, cfg):
+    compiled = razorpass.compile(model, cfg)
+    compiled(x)  # compile outside the hooks
+    saved = measure_saved(lambda: compiled(x), exclude=[*model.parameters(), x])
+    return sum(b for _, b in saved), saved
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+@pytest.mark.parametrize("granularity", ["block", "sample"])
+def test_saved_bytes_equal_the_analytic_compressed_size(compiler, granularity):
+    model, x = _chain(), torch.randn(6, 5, 24)
+    cfg = RazorConfig(sparsity=0.9, granularity=granularity, block_size=64, compiler=compiler)
+    dense, _ = _saved_bytes(model, x, RazorConfig(targets=(), compiler=compiler))
+    got, _ = _saved_bytes(model, x, cfg)
+    # Linear chain: the inputs of the three layers are all that is saved (weights are
+    # parameters, excluded). Dense: h0 and h1 (x is an input). Razor: compressed x, h0, h1.
+    h = (6, 5, 40)
+    assert dense == 2 * 6 * 5 * 40 * 4
+    assert got == compressed_nbytes(x.shape, cfg, torch.float32) + 2 * compressed_nbytes(h, cfg, torch.float32)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_frozen_layer_input_is_never_stored(compiler):
+    model, x = _chain(frozen=(1,)), torch.randn(6, 5, 24)
+    cfg = RazorConfig(sparsity=0.9, block_size=64, compiler=compiler)
+    with razorpass.record_compiles() as records:
+        got, saved = _saved_bytes(model, x, cfg)
+    # layer 1 is frozen: its input (h0) is needed by no gradient; only x (layer 0) and
+    # h1 (layer 2) are saved, compressed: two masks and two value tensors.
+    assert sorted(c["layer"] for c in records[0]["compressed"]) == ["0", "2"]
+    assert len(saved) == 4
+    assert got == compressed_nbytes(x.shape, cfg, torch.float32) + compressed_nbytes((6, 5, 40), cfg, torch.float32)
+
+
+def test_memory_report_rows_add_up_and_match_measurement():
+    model, x = _chain(), torch.randn(6, 5, 24)
+    rep = razorpass.memory_report(model, x, sparsity=0.9, block_size=64, compiler="eager")
+    assert rep.batch_size == 6 and rep.fallbacks == []
+    assert rep.baseline_bytes == 2 * 6 * 5 * 40 * 4
+    assert sum(r.saved_bytes for r in rep.rows) == rep.saved_bytes
+    cfg = rep.config
+    assert rep.by_op_class()["linear"] == (
+        (6 * 5 * 24 + 2 * 6 * 5 * 40) * 4,
+        compressed_nbytes(x.shape, cfg, torch.float32) + 2 * compressed_nbytes((6, 5, 40), cfg, torch.float32),
+    )
+    assert "total (measured)" in rep.table()
