@@ -82,13 +82,17 @@ class PassContext:
 
 
 def backward_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes that depend on a tangent (the joint graph's backward part)."""
+    """The joint graph's backward part: nodes that depend on a tangent, and nodes that
+    AOTAutograd traced as part of a backward formula (``partitioner_tag="is_backward"``)
+    even where they read forward values only (e.g. erf(x) inside a GELU backward)."""
     bwd: set[fx.Node] = set()
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             if "tangents" in str(n.target):
                 bwd.add(n)
-        elif n.op != "output" and any(a in bwd for a in n.all_input_nodes):
+        elif n.op != "output" and (
+            n.meta.get("partitioner_tag") == "is_backward" or any(a in bwd for a in n.all_input_nodes)
+        ):
             bwd.add(n)
     return bwd
 

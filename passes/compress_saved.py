@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 from .common import VIEW_OPS, BailOut, PassContext, backward_nodes, fake_mode_of, matches, module_path
 
@@ -49,8 +49,19 @@ ORDER_PRESERVING = frozenset(
         aten.squeeze.default,
         aten.alias.default,
         aten.detach.default,
+        aten.clone.default,
     }
 )
+
+
+def _order_preserving(n: fx.Node) -> bool:
+    if n.target in ORDER_PRESERVING:
+        return True
+    # expand to the same shape is an identity (matmul decompositions emit it)
+    if n.target is aten.expand.default:
+        a, b = n.args[0].meta.get("val"), n.meta.get("val")
+        return a is not None and b is not None and tuple(a.shape) == tuple(b.shape)
+    return False
 
 # Ops through which a weight gradient flows to the graph output unchanged in kind:
 # reshapes, accumulation of several uses of one weight and dtype casts (autocast).
@@ -65,6 +76,18 @@ BATCH_SUMS = frozenset({aten.sum.dim_IntList})
 
 MATMULS = frozenset({aten.mm.default, aten.bmm.default})
 CONV_BACKWARD = aten.convolution_backward.default
+
+# Backward ops that AOTAutograd decomposes into pointwise pieces (each piece keeps the
+# op in ``meta["original_aten"]``), mapped to the target class of the activation they
+# read. With the compiler's decompositions the LayerNorm backward reads the normalized
+# input x̂ = (x - mean) * rstd saved in forward, the softmax backward reads the softmax
+# output, the GELU backward reads the GELU input.
+# Keyed by name: graph copies may carry a copy of the OpOverload object.
+DECOMPOSED_CLASSES = {
+    str(aten.native_layer_norm_backward.default): "layernorm",
+    str(aten._softmax_backward_data.default): "softmax",
+    str(aten.gelu_backward.default): "gelu",
+}
 
 
 @dataclass
@@ -108,16 +131,49 @@ def _reaches_param_grad(gm: fx.GraphModule, ctx: PassContext, bwd: set[fx.Node])
     return seen
 
 
-def _weight_grad_operands(node: fx.Node, reach: set[fx.Node], bwd: set[fx.Node], static: set[fx.Node]) -> list[tuple[int, str]]:
-    """(argument index, op class) of the saved-activation operands of a backward node."""
-    if node.target in MATMULS and node in reach:
-        return [(i, "linear") for i in (0, 1) if _is_activation_operand(node.args[i], bwd, static)]
+def _group_key(node: fx.Node):
+    return (str(node.meta.get("original_aten")), node.meta.get("seq_nr"), module_path(node))
+
+
+def _full_sizes(gm: fx.GraphModule, bwd: set[fx.Node], static: set[fx.Node]) -> dict:
+    """Largest forward operand (numel) each decomposed backward op reads: that is its
+    activation; smaller operands are per-row statistics (mean, rstd) that stay exact."""
+    best: dict = {}
+    for node in gm.graph.nodes:
+        if node in bwd and str(node.meta.get("original_aten")) in DECOMPOSED_CLASSES:
+            for a in node.all_input_nodes:
+                v = a.meta.get("val")
+                if isinstance(v, torch.Tensor) and _is_activation_operand(a, bwd, static):
+                    key = _group_key(node)
+                    n = v.numel()
+                    if key not in best or statically_known_true(n > best[key]):
+                        best[key] = n
+    return best
+
+
+def _operand_class(node: fx.Node, idx: int, reach: set[fx.Node], bwd: set[fx.Node], static: set[fx.Node],
+                   full: dict) -> str | None:
+    """The target class of backward ``node``'s argument ``idx`` if it is a saved activation."""
+    arg = node.args[idx]
+    if not isinstance(arg, fx.Node) or not _is_activation_operand(arg, bwd, static):
+        return None
+    if node.target in MATMULS:
+        # A matmul whose result is a weight gradient reads a layer input ("linear");
+        # any other matmul with an activation operand is activation x activation.
+        return "linear" if node in reach else "matmul"
     if node.target is CONV_BACKWARD:
-        mask = node.args[10]
-        if mask[1] and any(u.target is operator.getitem and u.args[1] == 1 and u in reach for u in node.users):
-            if _is_activation_operand(node.args[1], bwd, static):
-                return [(1, "conv")]
-    return []
+        weight_grad = node.args[10][1] and any(
+            u.target is operator.getitem and u.args[1] == 1 and u in reach for u in node.users
+        )
+        return "conv" if idx == 1 and weight_grad else None
+    op_class = DECOMPOSED_CLASSES.get(str(node.meta.get("original_aten")))
+    if op_class is None:
+        return None
+    # Only the full-size activation: per-row statistics (mean, rstd) stay exact.
+    a = arg.meta.get("val")
+    if isinstance(a, torch.Tensor) and statically_known_true(a.numel() == full.get(_group_key(node), -1)):
+        return op_class
+    return None
 
 
 def _is_activation_operand(n, bwd: set[fx.Node], static: set[fx.Node]) -> bool:
@@ -133,14 +189,32 @@ def _inside(path: str, layer: str) -> bool:
     return bool(layer) and (path == layer or path.startswith(layer + "."))
 
 
-def _walk_to_root(operand: fx.Node, bwd: set[fx.Node], layer: str) -> tuple[fx.Node, list[fx.Node], fx.Node]:
-    """(root, view chain root->operand, the node as the layer received it).
+# The forward ops whose decomposed pieces a decomposed backward may share through CSE
+# (erf(x / sqrt(2)) is computed once for the GELU and reused by its backward): such
+# pieces are recomputed from the sparsified activation in backward.
+_FORWARD_OF = {
+    "gelu": {str(aten.gelu.default), str(aten.gelu_backward.default)},
+    "layernorm": set(),
+    "softmax": set(),
+}
+
+
+def _single_input(n: fx.Node) -> fx.Node | None:
+    inputs = n.all_input_nodes
+    return inputs[0] if len(inputs) == 1 else None
+
+
+def _walk_to_root(operand: fx.Node, bwd: set[fx.Node], layer: str, op_class: str) -> tuple[fx.Node, list[fx.Node], fx.Node]:
+    """(root, chain root->operand, the node as the layer received it).
 
     The root is the deepest node reachable through order-preserving reshapes, so that
     every consumer of one tensor shares one compressed copy; ``received`` is the last
     node on that path produced outside the consuming layer (its dim 0 is the sample
     dim of the "sample" granularity, even where the graph flattens it to (B*T, C)).
+    For a decomposed backward, single-input pieces of the op's own forward formula
+    (after CSE) are walked too, and replayed on the decompressed root.
     """
+    shared = _FORWARD_OF.get(op_class, set())
     chain: list[fx.Node] = []
     n = operand
     while n in bwd:  # backward-side views (e.g. the transpose of X in grad_W = gᵀ X)
@@ -150,10 +224,16 @@ def _walk_to_root(operand: fx.Node, bwd: set[fx.Node], layer: str) -> tuple[fx.N
     while True:
         if received is None and not _inside(module_path(n), layer):
             received = n
-        if not (n.op == "call_function" and n.target in ORDER_PRESERVING):
+        if n.op != "call_function":
+            break
+        if _order_preserving(n):
+            prev = n.args[0]
+        elif str(n.meta.get("original_aten")) in shared and _single_input(n) is not None:
+            prev = _single_input(n)
+        else:
             break
         chain.append(n)
-        n = n.args[0]
+        n = prev
     chain.reverse()
     return n, chain, received if received is not None else n
 
@@ -165,18 +245,20 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     bwd = backward_nodes(gm)
     reach = _reaches_param_grad(gm, ctx, bwd)
     static = ctx.static_primals(gm)
+    full = _full_sizes(gm, bwd, static)
     plans: dict[fx.Node, Plan] = {}
     skipped: list[str] = []
     for node in gm.graph.nodes:
         if node not in bwd or node.op != "call_function":
             continue
-        for idx, op_class in _weight_grad_operands(node, reach, bwd, static):
-            if op_class not in cfg.targets:
+        for idx in range(len(node.args)):
+            op_class = _operand_class(node, idx, reach, bwd, static, full)
+            if op_class is None or op_class not in cfg.targets:
                 continue
             path = module_path(node)
             if not matches(path, cfg.include, cfg.exclude):
                 continue
-            root, chain, received = _walk_to_root(node.args[idx], bwd, path)
+            root, chain, received = _walk_to_root(node.args[idx], bwd, path, op_class)
             val = root.meta.get("val")
             if root in static or not isinstance(val, torch.Tensor) or not val.is_floating_point():
                 continue
@@ -250,18 +332,18 @@ def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[dict]
         dense.meta["partitioner_tag"] = "must_be_in_backward"
         dense.meta["fwd_nn_module_stack"] = first.meta.get("fwd_nn_module_stack", {})
         for site in plan.sites:
-            cur, cur_val = dense, dense.meta["val"]
+            cur, prev = dense, root
             with graph.inserting_before(site.consumer):
                 for link in site.chain:
-                    args = (cur, *link.args[1:])
-                    new = graph.call_function(link.target, args, dict(link.kwargs))
+                    # every link has one tensor input: the previous link (or the root)
+                    args, kwargs = torch.fx.node.map_arg((link.args, link.kwargs), lambda a: cur if a is prev else a)
+                    new = graph.call_function(link.target, args, kwargs)
                     new.meta.update({k: v for k, v in link.meta.items() if k != "val"})
                     with fake_mode:
-                        fargs = torch.fx.node.map_arg(args[1:], lambda a: a.meta["val"])
-                        cur_val = link.target(cur_val, *fargs, **link.kwargs)
-                    new.meta["val"] = cur_val
+                        fargs, fkwargs = torch.fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
+                        new.meta["val"] = link.target(*fargs, **fkwargs)
                     new.meta["partitioner_tag"] = "is_backward"
-                    cur = new
+                    cur, prev = new, link
             site.consumer.update_arg(site.arg_index, cur)
         records.append(
             {

@@ -1,7 +1,7 @@
 """The razorpass pipeline: which passes run on the joint graph, in which order, and how
 a pass that cannot apply falls back.
 
-    joint graph --compress_saved--> rewritten joint --min-cut--> (fw, bw) --check_saved
+    joint graph --canonicalize--compress_saved--> rewritten joint --min-cut--> (fw, bw) --check_saved
 
 A pass that raises ``BailOut`` (or fails unexpectedly) is logged and the *unmodified*
 joint graph is partitioned instead: compilation never crashes because of razorpass and
@@ -17,13 +17,14 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
-from . import check_saved, compress_saved
+from . import canonicalize, check_saved, compress_saved, decompose_sdpa
 from .common import BailOut, PassContext
 
 log = logging.getLogger("razorpass")
 
 # Joint-graph passes, in order (mutation last).
 JOINT_PASSES: tuple[tuple[str, Callable[[fx.GraphModule, PassContext], fx.GraphModule]], ...] = (
+    ("canonicalize", canonicalize.run),
     ("compress_saved", compress_saved.run),
 )
 # Checks on the partitioned forward graph.
@@ -36,7 +37,9 @@ _RECORDERS: list[list[dict[str, Any]]] = []
 
 # Passes on the Dynamo (pre-autograd, torch-level) graph, in order. Each takes
 # (gm, example_inputs, config) and returns a GraphModule.
-PRE_AUTOGRAD_PASSES: list[tuple[str, Callable[..., fx.GraphModule]]] = []
+PRE_AUTOGRAD_PASSES: list[tuple[str, Callable[..., fx.GraphModule]]] = [
+    ("decompose_sdpa", decompose_sdpa.run),
+]
 
 
 def run_pre_autograd(gm: fx.GraphModule, example_inputs, config) -> fx.GraphModule:

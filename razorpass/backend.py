@@ -36,8 +36,16 @@ class RazorBackend:
             return compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
         from torch._dynamo.backends.common import aot_autograd
         from torch._dynamo.backends.debugging import boxed_nop
+        from torch._inductor.decomposition import select_decomp_table
 
-        return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partitioner)(gm, example_inputs)
+        # Inductor's decompositions, so that "eager" sees (and compresses) the same
+        # joint graph as "inductor" and differs only by running it op by op.
+        return aot_autograd(
+            fw_compiler=boxed_nop,
+            bw_compiler=boxed_nop,
+            partition_fn=partitioner,
+            decompositions=select_decomp_table(),
+        )(gm, example_inputs)
 
     def __repr__(self) -> str:
         return f"RazorBackend({self.config!r})"

@@ -15,12 +15,22 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["RazorConfig", "TARGETS", "VALUE_DTYPES", "GRANULARITIES", "COMPILERS"]
+__all__ = ["RazorConfig", "TARGETS", "DEFAULT_TARGETS", "VALUE_DTYPES", "GRANULARITIES", "COMPILERS"]
 
 # Saved-activation classes a config may name in ``targets``.
-#   linear: the input of every linear / matmul-with-a-weight whose weight gets a gradient
-#   conv:   the input of every convolution whose weight gets a gradient
-TARGETS: tuple[str, ...] = ("linear", "conv")
+#   linear:    the input of every linear / matmul-with-a-weight whose weight gets a gradient
+#   conv:      the input of every convolution whose weight gets a gradient
+#   matmul:    both operands of activation x activation matmuls (Q·Kᵀ, P·V)
+#   softmax:   the saved softmax output
+#   layernorm: the saved normalized LayerNorm input x̂ = (x - mean) * rstd (mean, rstd exact)
+#   gelu:      the saved GELU input (Back Razor keeps it dense)
+#   sdpa:      scaled_dot_product_attention runs as explicit math so that its Q·Kᵀ / P·V
+#              operands and softmax output are compressed as "matmul" / "softmax"
+#   all:       every class above
+TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "gelu", "sdpa", "all")
+# Back Razor's coverage of a ViT: every Linear input, both operands of Q·Kᵀ, the softmax
+# output and V of P·V, the LayerNorm inputs; convolution inputs for CNNs.
+DEFAULT_TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "sdpa")
 VALUE_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32", "same")
 GRANULARITIES: tuple[str, ...] = ("block", "sample")
 COMPILERS: tuple[str, ...] = ("inductor", "eager")
@@ -71,7 +81,7 @@ class RazorConfig:
     # activation's own dtype). Decompressed values are rounded through it.
     value_dtype: str = "bfloat16"
     # Which saved activations to compress (names from ``TARGETS``).
-    targets: tuple[str, ...] = ("linear", "conv")
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     # Glob patterns over module paths ("encoder.layer.*.attention.*"). A layer is
     # compressed when it matches some ``include`` pattern and no ``exclude`` pattern.
     include: tuple[str, ...] = ("*",)
@@ -121,6 +131,8 @@ class RazorConfig:
             raise ValueError(
                 f"RazorConfig.targets: unknown name(s) {unknown}; valid names are {TARGETS}"
             )
+        if "all" in targets:
+            targets = [t for t in TARGETS if t != "all"]
         object.__setattr__(self, "targets", tuple(dict.fromkeys(targets)))
         object.__setattr__(self, "include", _as_patterns("include", self.include))
         object.__setattr__(self, "exclude", _as_patterns("exclude", self.exclude))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 from typing import Iterator
 
 import torch
@@ -94,32 +95,154 @@ class _Conv(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None
 
 
+class _LayerNorm(torch.autograd.Function):
+    """Saves the sparsified normalized input x̂ = (x - mean) * rstd; mean/rstd stay exact."""
+
+    @staticmethod
+    def forward(ctx, x, shape, weight, bias, eps, config):
+        dims = tuple(range(x.dim() - len(shape), x.dim()))
+        mean = x.mean(dims, keepdim=True)
+        rstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+        xhat = (x - mean) * rstd
+        ctx.save_for_backward(sparsify(xhat, config), rstd, weight)
+        ctx.dims, ctx.has_bias = dims, bias is not None
+        return F.layer_norm(x, shape, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, rstd, weight = ctx.saved_tensors
+        dims = ctx.dims
+        n = 1
+        for d in dims:
+            n *= grad.shape[d]
+        batch = tuple(range(grad.dim() - len(dims)))
+        gx_hat = grad * weight if weight is not None else grad
+        gx = rstd / n * (n * gx_hat - gx_hat.sum(dims, keepdim=True) - xhat * (gx_hat * xhat).sum(dims, keepdim=True))
+        gw = (grad * xhat).sum(batch) if weight is not None and ctx.needs_input_grad[2] else None
+        gb = grad.sum(batch) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return gx, None, gw, gb, None, None
+
+
+class _Gelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, approximate, config):
+        ctx.save_for_backward(sparsify(x, config))
+        ctx.approximate = approximate
+        return F.gelu(x, approximate=approximate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (xs,) = ctx.saved_tensors
+        return torch.ops.aten.gelu_backward(grad, xs, approximate=ctx.approximate), None, None
+
+
+class _Softmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, config):
+        y = torch.softmax(x, dim)
+        ctx.save_for_backward(sparsify(y, config))
+        ctx.dim = dim
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ys,) = ctx.saved_tensors
+        return ys * (grad - (grad * ys).sum(ctx.dim, keepdim=True)), None, None
+
+
+class _Matmul(torch.autograd.Function):
+    """activation x activation: each operand's gradient reads the other, sparsified."""
+
+    @staticmethod
+    def forward(ctx, a, b, config):
+        ctx.save_for_backward(sparsify(a, config), sparsify(b, config))
+        return torch.matmul(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        ga = grad @ b.transpose(-2, -1) if ctx.needs_input_grad[0] else None
+        gb = a.transpose(-2, -1) @ grad if ctx.needs_input_grad[1] else None
+        return _unbroadcast(ga, ctx.needs_input_grad[0] and a.shape), _unbroadcast(gb, ctx.needs_input_grad[1] and b.shape), None
+
+
+def _unbroadcast(g, shape):
+    if g is None or not shape or g.shape == shape:
+        return g
+    while g.dim() > len(shape):
+        g = g.sum(0)
+    for i, s in enumerate(shape):
+        if s == 1 and g.shape[i] != 1:
+            g = g.sum(i, keepdim=True)
+    return g
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, config):
+    """The reference of the "sdpa" target: attention as math with the matmul and
+    softmax rules (razorpass.attention.math_sdpa with reference autograd Functions)."""
+    L, S = query.size(-2), key.size(-2)
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    if enable_gqa and key.size(-3) != query.size(-3):
+        rep = query.size(-3) // key.size(-3)
+        key, value = key.repeat_interleave(rep, dim=-3), value.repeat_interleave(rep, dim=-3)
+    scores = _Matmul.apply(query, key.transpose(-2, -1), config) * scale
+    if is_causal:
+        scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probs = _Softmax.apply(scores, -1, config)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return _Matmul.apply(probs, value, config)
+
+
+_SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
+_MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
+
+
 class _ReferenceMode(TorchFunctionMode):
     def __init__(self, config: RazorConfig, paths: list[str]):
         super().__init__()
         self.config, self.paths = config, paths
 
-    def _selected(self, weight) -> bool:
+    def _selected(self, *needs_grad) -> bool:
         path = self.paths[-1] if self.paths else ""
         cfg = self.config
         return (
-            isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled()
+            any(isinstance(t, torch.Tensor) and t.requires_grad for t in needs_grad) and torch.is_grad_enabled()
             and any(fnmatch.fnmatchcase(path, p) for p in cfg.include)
             and not any(fnmatch.fnmatchcase(path, p) for p in cfg.exclude)
         )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        targets = self.config.targets
+        if func is F.layer_norm and "layernorm" in targets:
+            a = {"weight": None, "bias": None, "eps": 1e-5, **dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args)), **kwargs}
+            if self._selected(a["input"], a["weight"], a["bias"]):
+                return _LayerNorm.apply(a["input"], tuple(a["normalized_shape"]), a["weight"], a["bias"], a["eps"], self.config)
+        if func is F.gelu and "gelu" in targets and self._selected(args[0]):
+            return _Gelu.apply(args[0], kwargs.get("approximate", args[1] if len(args) > 1 else "none"), self.config)
+        if func in _SOFTMAX and "softmax" in targets and self._selected(args[0]):
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if kwargs.get("dtype") is None:
+                return _Softmax.apply(args[0], dim, self.config)
+        if func in _MATMUL and "matmul" in targets and len(args) == 2 and self._selected(*args):
+            a, b = args
+            if not isinstance(a, torch.nn.Parameter) and not isinstance(b, torch.nn.Parameter):
+                return _Matmul.apply(a, b, self.config)
+        if func is F.scaled_dot_product_attention and "sdpa" in targets and self._selected(*args[:3]):
+            return _sdpa(*args, **kwargs, config=self.config)
         if func is F.linear and "linear" in self.config.targets:
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if self._selected(w):
+            if self._selected(w) and w.requires_grad:
                 return _Linear.apply(x, w, b, self.config)
         if func in (F.conv1d, F.conv2d, F.conv3d) and "conv" in self.config.targets:
             names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
             defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
             a = {**defaults, **dict(zip(names, args)), **kwargs}
-            if self._selected(a["weight"]) and not isinstance(a["padding"], str):
+            if self._selected(a["weight"]) and a["weight"].requires_grad and not isinstance(a["padding"], str):
                 return _Conv.apply(a["input"], a["weight"], a["bias"], a["stride"], a["padding"],
                                    a["dilation"], a["groups"], self.config)
         return func(*args, **kwargs)

@@ -64,12 +64,12 @@ def _run(model, inputs, fn):
     return _grads(model)
 
 
-def check(name, compiler, granularity, sparsity=0.7):
+def check(name, compiler, granularity, sparsity=0.7, targets=("linear", "conv")):
     build, n_roots = CASES[name]
     torch.manual_seed(0)
     model, inputs = build()
     model.train()
-    cfg = RazorConfig(sparsity=sparsity, granularity=granularity, block_size=64, compiler=compiler)
+    cfg = RazorConfig(sparsity=sparsity, granularity=granularity, block_size=64, compiler=compiler, targets=targets)
     dense = _run(model, inputs, model)
     with reference.apply(model, cfg):
         ref = _run(model, inputs, model)
