@@ -185,10 +185,6 @@ def _is_activation_operand(n, bwd: set[fx.Node], static: set[fx.Node]) -> bool:
     return isinstance(n, fx.Node) and n not in bwd and n not in static
 
 
-def _inside(path: str, layer: str) -> bool:
-    return bool(layer) and (path == layer or path.startswith(layer + "."))
-
-
 # The forward ops whose decomposed pieces a decomposed backward may share through CSE
 # (erf(x / sqrt(2)) is computed once for the GELU and reused by its backward): such
 # pieces are recomputed from the sparsified activation in backward.
@@ -204,13 +200,20 @@ def _single_input(n: fx.Node) -> fx.Node | None:
     return inputs[0] if len(inputs) == 1 else None
 
 
-def _walk_to_root(operand: fx.Node, bwd: set[fx.Node], layer: str, op_class: str) -> tuple[fx.Node, list[fx.Node], fx.Node]:
-    """(root, chain root->operand, the node as the layer received it).
+def _dim0(n: fx.Node):
+    v = n.meta.get("val")
+    return v.shape[0] if isinstance(v, torch.Tensor) and v.dim() > 0 else None
+
+
+def _walk_to_root(operand: fx.Node, bwd: set[fx.Node], op_class: str) -> tuple[fx.Node, list[fx.Node], fx.Node]:
+    """(root, chain root->operand, the node whose dim 0 is the sample dim).
 
     The root is the deepest node reachable through order-preserving reshapes, so that
-    every consumer of one tensor shares one compressed copy; ``received`` is the last
-    node on that path produced outside the consuming layer (its dim 0 is the sample
-    dim of the "sample" granularity, even where the graph flattens it to (B*T, C)).
+    every consumer of one tensor shares one compressed copy. Along that path the graph
+    may flatten the batch into other dims ((B, T, C) -> (B*T, C) for a Linear,
+    (B, H, T, D) -> (B*H, T, D) for a batched matmul): the node with the smallest
+    dim 0 carries the sample dim of the "sample" granularity, i.e. dim 0 of the
+    activation as the layer receives it.
     For a decomposed backward, single-input pieces of the op's own forward formula
     (after CSE) are walked too, and replayed on the decompressed root.
     """
@@ -222,7 +225,8 @@ def _walk_to_root(operand: fx.Node, bwd: set[fx.Node], layer: str, op_class: str
         n = n.args[0]
     received = None
     while True:
-        if received is None and not _inside(module_path(n), layer):
+        d0, best = _dim0(n), received is not None and _dim0(received)
+        if d0 is not None and (received is None or best is None or statically_known_true(d0 < best)):
             received = n
         if n.op != "call_function":
             break
@@ -258,7 +262,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
             path = module_path(node)
             if not matches(path, cfg.include, cfg.exclude):
                 continue
-            root, chain, received = _walk_to_root(node.args[idx], bwd, path, op_class)
+            root, chain, received = _walk_to_root(node.args[idx], bwd, op_class)
             val = root.meta.get("val")
             if root in static or not isinstance(val, torch.Tensor) or not val.is_floating_point():
                 continue

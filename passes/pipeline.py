@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
-from . import canonicalize, check_saved, compress_saved, decompose_sdpa
+from . import bsr_token_check, canonicalize, check_saved, compress_saved, decompose_sdpa, freeze_blocks
 from .common import BailOut, PassContext
 
 log = logging.getLogger("razorpass")
@@ -38,6 +38,8 @@ _RECORDERS: list[list[dict[str, Any]]] = []
 # Passes on the Dynamo (pre-autograd, torch-level) graph, in order. Each takes
 # (gm, example_inputs, config) and returns a GraphModule.
 PRE_AUTOGRAD_PASSES: list[tuple[str, Callable[..., fx.GraphModule]]] = [
+    ("bsr_token_check", bsr_token_check.run),  # drop_layers needs razorpass.compile
+    ("freeze_blocks", freeze_blocks.run),  # trainable_blocks: stop-gradient elsewhere
     ("decompose_sdpa", decompose_sdpa.run),
 ]
 

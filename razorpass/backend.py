@@ -71,5 +71,13 @@ def compile(model: torch.nn.Module, config: RazorConfig | dict | None = None, *,
 
 def prepare_model(model: torch.nn.Module, config: RazorConfig) -> torch.nn.Module:
     """Model-level transforms that must happen before tracing (token dropping changes
-    shapes that Dynamo would bake into the graph). Identity unless BSR options ask."""
-    return model
+    shapes that Dynamo would bake into the graph). Identity unless BSR options ask.
+
+    With ``drop_layers``, installs BSR token selection on ``model`` in place (forward
+    hooks; parameters and module paths unchanged) and checks every BSR index against
+    the model's blocks: see :mod:`razorpass.bsr`. ``trainable_blocks`` needs no
+    transform: the ``freeze_blocks`` pre-autograd pass applies it to the traced graph.
+    """
+    from .bsr import apply_token_selection
+
+    return apply_token_selection(model, config)

@@ -25,7 +25,7 @@ __all__ = ["RazorConfig", "TARGETS", "DEFAULT_TARGETS", "VALUE_DTYPES", "GRANULA
 #   layernorm: the saved normalized LayerNorm input x̂ = (x - mean) * rstd (mean, rstd exact)
 #   gelu:      the saved GELU input (Back Razor keeps it dense)
 #   sdpa:      scaled_dot_product_attention runs as explicit math so that its Q·Kᵀ / P·V
-#              operands and softmax output are compressed as "matmul" / "softmax"
+#              operands and softmax output are compressed; implies "matmul" and "softmax"
 #   all:       every class above
 TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "gelu", "sdpa", "all")
 # Back Razor's coverage of a ViT: every Linear input, both operands of Q·Kᵀ, the softmax
@@ -133,6 +133,8 @@ class RazorConfig:
             )
         if "all" in targets:
             targets = [t for t in TARGETS if t != "all"]
+        if "sdpa" in targets:
+            targets = [*targets, "matmul", "softmax"]
         object.__setattr__(self, "targets", tuple(dict.fromkeys(targets)))
         object.__setattr__(self, "include", _as_patterns("include", self.include))
         object.__setattr__(self, "exclude", _as_patterns("exclude", self.exclude))

@@ -1,0 +1,79 @@
+"""Every target class: gradients equal the eager reference, exact counts of what is
+compressed, and nothing targeted stays saved dense."""
+
+import collections
+
+import pytest
+import torch
+
+import razorpass
+from razorpass import RazorConfig
+
+from .test_gradients import CASES, check
+from .models import loss_of, tiny_vit
+
+CLASSES = ["matmul", "softmax", "layernorm", "gelu"]
+
+
+@pytest.mark.parametrize(
+    "name,op_class",
+    # BERT's attention is SDPA: matmul / softmax reach it through the "sdpa" target
+    [("nanogpt", c) for c in CLASSES] + [("bert", "layernorm"), ("bert", "gelu")],
+)
+def test_each_class_matches_reference(name, op_class):
+    check(name, "eager", "block", targets=(op_class,), n_roots=None)
+
+
+def test_sdpa_target_compresses_attention():
+    # "sdpa" alone runs attention as math and compresses q, kᵀ, v and P (it implies
+    # "matmul" and "softmax"); BERT's attention is SDPA
+    assert {"matmul", "softmax"} <= set(RazorConfig(targets=("sdpa",)).targets)
+    check("bert", "eager", "block", targets=("sdpa",), n_roots=8)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+@pytest.mark.parametrize("name", ["nanogpt", "vit", "bert"])
+def test_all_targets_match_reference(name, compiler):
+    check(name, compiler, "block", targets=("all",), n_roots=None)
+
+
+def test_sample_granularity_all_targets():
+    check("vit", "eager", "sample", targets=("all",), n_roots=None)
+
+
+def _classes(model, inputs, **options):
+    with razorpass.record_compiles() as records:
+        loss_of(razorpass.compile(model, compiler="eager", **options)(*inputs)).backward()
+    (rec,) = records
+    assert rec["fallback"] is None
+    return rec, collections.Counter("+".join(c["op_classes"]) for c in rec["compressed"])
+
+
+def test_compressed_roots_per_class_on_nanogpt():
+    model, inputs = CASES["nanogpt"][0]()
+    _, counts = _classes(model, inputs, targets=("all",))
+    # 2 blocks: 4 Linear inputs each + lm_head; 2 LayerNorms each + ln_f; one GELU each;
+    # attention: q, kᵀ, v, plus P which P·V and the softmax backward share (one copy).
+    assert counts == {"linear": 9, "layernorm": 5, "gelu": 2, "matmul": 6, "matmul+softmax": 2}
+
+
+def test_vit_leaves_no_targeted_activation_dense():
+    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
+    rec, counts = _classes(model, (x,), targets=("all",))
+    # 2 layers: q/k/v share one input, attention output, fc1, fc2; the patch conv;
+    # 2 LayerNorms per layer + the final one; GELU; q, kᵀ, v; P shared with softmax.
+    assert counts == {"linear": 8, "conv": 1, "layernorm": 5, "gelu": 2, "matmul": 6, "matmul+softmax": 2}
+    assert rec["dense_kept"] == []
+    dense = [e for e in rec["saved"] if e["op_class"] == "dense" and not e["input"]]
+    # what remains dense is the per-row LayerNorm statistic rstd / C, one per LayerNorm
+    assert len(dense) == 5 and all(e["shape"][-1] == 1 for e in dense)
+
+
+def test_default_targets_are_back_razors_vit_coverage():
+    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
+    rec, counts = _classes(model, (x,))
+    assert "gelu" not in RazorConfig().targets
+    assert counts == {"linear": 8, "conv": 1, "layernorm": 5, "matmul": 6, "matmul+softmax": 2}
+    dense = [e for e in rec["saved"] if e["op_class"] == "dense" and not e["input"] and e["shape"][-1] != 1]
+    # only the GELU inputs (fc1 outputs) stay dense, as in Back Razor
+    assert [e["layer"] for e in dense] == ["layers.0.mlp.fc1", "layers.1.mlp.fc1"]
