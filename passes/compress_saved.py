@@ -249,6 +249,10 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     bwd = backward_nodes(gm)
     reach = _reaches_param_grad(gm, ctx, bwd)
     static = ctx.static_primals(gm)
+    # Graph inputs that get no gradient (the batch) are held by the caller anyway:
+    # a compressed copy would add bytes, not save them. Inputs that get a gradient are
+    # activations of an earlier graph (a graph break) and are compressed.
+    held_by_caller = {p for p, g in ctx.grad_outputs(gm) if g is None}
     full = _full_sizes(gm, bwd, static)
     plans: dict[fx.Node, Plan] = {}
     skipped: list[str] = []
@@ -264,7 +268,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                 continue
             root, chain, received = _walk_to_root(node.args[idx], bwd, op_class)
             val = root.meta.get("val")
-            if root in static or not isinstance(val, torch.Tensor) or not val.is_floating_point():
+            if root in static or root in held_by_caller or not isinstance(val, torch.Tensor) or not val.is_floating_point():
                 continue
             if cfg.granularity == "sample":
                 shape = received.meta["val"].shape

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from triton_kernels import topk_compress_cpu
 from triton_kernels.topk_compress import torch_compress, torch_decompress
 
 __all__ = ["compress", "decompress", "compressed_shapes"]
@@ -47,6 +48,10 @@ def compress(
         from triton_kernels import topk_compress_triton as tk
 
         return tk.triton_compress(x, group_size, k, value_dtype)
+    if x.device.type == "cpu" and backend != "torch":
+        out = topk_compress_cpu.cpu_compress(x, group_size, k, value_dtype)
+        if out is not None:
+            return out
     return torch_compress(x, group_size, k, value_dtype)
 
 
@@ -70,6 +75,10 @@ def decompress(
         from triton_kernels import topk_compress_triton as tk
 
         return tk.triton_decompress(mask, values, shape, group_size, dtype)
+    if values.device.type == "cpu" and backend != "torch":
+        out = topk_compress_cpu.cpu_decompress(mask, values, shape, group_size, dtype)
+        if out is not None:
+            return out
     return torch_decompress(mask, values, shape, group_size, dtype)
 
 

@@ -36,8 +36,11 @@ def _keep(group: int, sparsity: float) -> int:
     return -((-(1 - s) * group).__floor__())  # ceil
 
 
-def sparsify(x: torch.Tensor, config: RazorConfig) -> torch.Tensor:
-    """The dense tensor razorpass's compress + decompress produce for ``x``."""
+def sparsify(x: torch.Tensor, config: RazorConfig | None) -> torch.Tensor:
+    """The dense tensor razorpass's compress + decompress produce for ``x``
+    (``config=None``: ``x`` itself, for tensors that are not compressed)."""
+    if config is None:
+        return x.detach()
     flat = x.detach().contiguous().reshape(-1)
     n = flat.numel()
     if config.granularity == "sample":
@@ -201,9 +204,13 @@ _MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm
 
 
 class _ReferenceMode(TorchFunctionMode):
-    def __init__(self, config: RazorConfig, paths: list[str]):
+    def __init__(self, config: RazorConfig, paths: list[str], inputs: set[int]):
         super().__init__()
-        self.config, self.paths = config, paths
+        self.config, self.paths, self.inputs = config, paths, inputs
+
+    def _sp(self, x: torch.Tensor) -> bool:
+        """Model inputs that need no gradient are held by the caller: never sparsified."""
+        return not (id(x) in self.inputs and not x.requires_grad)
 
     def _selected(self, *needs_grad) -> bool:
         path = self.paths[-1] if self.paths else ""
@@ -237,14 +244,14 @@ class _ReferenceMode(TorchFunctionMode):
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             if self._selected(w) and w.requires_grad:
-                return _Linear.apply(x, w, b, self.config)
+                return _Linear.apply(x, w, b, self.config if self._sp(x) else None)
         if func in (F.conv1d, F.conv2d, F.conv3d) and "conv" in self.config.targets:
             names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
             defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
             a = {**defaults, **dict(zip(names, args)), **kwargs}
             if self._selected(a["weight"]) and a["weight"].requires_grad and not isinstance(a["padding"], str):
                 return _Conv.apply(a["input"], a["weight"], a["bias"], a["stride"], a["padding"],
-                                   a["dilation"], a["groups"], self.config)
+                                   a["dilation"], a["groups"], self.config if self._sp(a["input"]) else None)
         return func(*args, **kwargs)
 
 
@@ -253,7 +260,13 @@ def apply(model: torch.nn.Module, config: RazorConfig | None = None, **options) 
     """Run ``model`` eagerly with the reference rule while the block is active."""
     config = RazorConfig.from_options(config, **options)
     paths: list[str] = []
+    inputs: set[int] = set()
     handles = []
+
+    def record_inputs(module, args, kwargs):
+        inputs.update(id(t) for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
+
+    handles.append(model.register_forward_pre_hook(record_inputs, with_kwargs=True))
 
     def enter(name):
         def hook(module, args):
@@ -267,7 +280,7 @@ def apply(model: torch.nn.Module, config: RazorConfig | None = None, **options) 
         handles.append(mod.register_forward_pre_hook(enter(name)))
         handles.append(mod.register_forward_hook(leave))
     try:
-        with _ReferenceMode(config, paths):
+        with _ReferenceMode(config, paths, inputs):
             yield
     finally:
         for h in handles:
