@@ -29,16 +29,22 @@ inline uint32_t magnitude_key(float v) {
 }
 
 // The `want`-th largest key (1-based) of keys[0..n) and how many keys equal to it
-// must be kept (ties: the first ones in position order). `scratch` holds >= n keys.
-inline uint32_t select_threshold(const uint32_t* keys, int64_t n, int64_t want,
+// must be kept (ties: the first ones in position order). `hist0` is the histogram of
+// the top digit (bits 24..31) of all n keys; `scratch` holds >= n keys.
+inline uint32_t select_threshold(const uint32_t* keys, int64_t n, int64_t want, const int64_t* hist0,
                                  uint32_t* scratch, int64_t* need_equal) {
   const uint32_t* cand = keys;
   int64_t ncand = n;
   uint32_t prefix = 0;
   int64_t remaining = want;
   for (int shift = 24; shift >= 0; shift -= 8) {
-    int64_t hist[256] = {0};
-    for (int64_t i = 0; i < ncand; ++i) hist[(cand[i] >> shift) & 0xFF]++;
+    int64_t local[256];
+    const int64_t* hist = hist0;
+    if (shift != 24) {
+      std::fill(local, local + 256, 0);
+      for (int64_t i = 0; i < ncand; ++i) local[(cand[i] >> shift) & 0xFF]++;
+      hist = local;
+    }
     int digit = 255;
     for (; digit > 0; --digit) {
       if (hist[digit] >= remaining) break;
@@ -46,11 +52,13 @@ inline uint32_t select_threshold(const uint32_t* keys, int64_t n, int64_t want,
     }
     prefix |= static_cast<uint32_t>(digit) << shift;
     if (shift == 0) break;
-    // keep the candidates whose digits so far equal the chosen prefix
+    // keep the candidates whose digits so far equal the chosen prefix (branch-free)
     const uint32_t hi_mask = ~((1u << shift) - 1u);
     int64_t m = 0;
-    for (int64_t i = 0; i < ncand; ++i)
-      if ((cand[i] & hi_mask) == prefix) scratch[m++] = cand[i];
+    for (int64_t i = 0; i < ncand; ++i) {
+      scratch[m] = cand[i];
+      m += (cand[i] & hi_mask) == prefix;
+    }
     cand = scratch;
     ncand = m;
   }
@@ -67,34 +75,41 @@ void compress_impl(const scalar_t* x, int64_t n, int64_t group, int64_t k,
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(group, 1));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     std::vector<uint32_t> keys(group), scratch(group);
+    std::vector<scalar_t> tmp(std::min(group, k) + 1);
     for (int64_t g = g0; g < g1; ++g) {
       const scalar_t* xg = x + g * group;
       const int64_t real = std::min(group, n - g * group);
       const int64_t keep = std::min(k, real);
       uint8_t* mg = mask + g * mask_bytes;
       value_t* vg = values + g * k;
-      for (int64_t i = 0; i < real; ++i) keys[i] = magnitude_key(static_cast<float>(xg[i]));
+      int64_t hist0[256] = {0};
+      for (int64_t i = 0; i < real; ++i) {
+        const uint32_t key = magnitude_key(static_cast<float>(xg[i]));
+        keys[i] = key;
+        hist0[key >> 24]++;
+      }
       uint32_t threshold = 0;
       int64_t need_equal = real;  // keep == real: every key >= 0 is kept
       if (keep == 0) {
         threshold = 0xFFFFFFFFu;
         need_equal = 0;
       } else if (keep < real) {
-        threshold = select_threshold(keys.data(), real, keep, scratch.data(), &need_equal);
+        threshold = select_threshold(keys.data(), real, keep, hist0, scratch.data(), &need_equal);
       }
+      // Output pass, branch-free: a kept element sets its mask bit and is written at
+      // `slot` (a write at an unkept element is overwritten by the next kept one; the
+      // one extra slot at the end absorbs the last such write).
       int64_t slot = 0;
       for (int64_t i = 0; i < real; ++i) {
         const uint32_t key = keys[i];
-        bool kept = key > threshold;
-        if (!kept && key == threshold && need_equal > 0) {
-          kept = true;
-          --need_equal;
-        }
-        if (kept) {
-          mg[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
-          vg[slot++] = static_cast<value_t>(static_cast<float>(xg[i]));
-        }
+        const bool tie = (key == threshold) & (need_equal > 0);
+        const bool kept = (key > threshold) | tie;
+        need_equal -= tie;
+        mg[i >> 3] |= static_cast<uint8_t>(static_cast<uint32_t>(kept) << (i & 7));
+        tmp[slot] = xg[i];
+        slot += kept;
       }
+      for (int64_t j = 0; j < slot; ++j) vg[j] = static_cast<value_t>(static_cast<float>(tmp[j]));
       for (; slot < k; ++slot) vg[slot] = static_cast<value_t>(0.0f);
     }
   });
