@@ -104,7 +104,9 @@ def _rows(records: list[dict[str, Any]], saved: list[tuple[torch.Tensor, int]]) 
     values or dense) and layer; they are matched to the measured tensors in order by
     shape and dtype. A measured tensor with no match is reported as "(unattributed)".
     """
-    planned = [p for rec in records for p in rec.get("saved", []) if not p["input"]]
+    # Graph inputs are excluded from the measurement unless the compiled graph saved a
+    # copy of one (e.g. a layout conversion for a convolution): then it is matched here.
+    planned = [p for rec in records for p in rec.get("saved", [])]
     used = [False] * len(planned)
     rows: dict[tuple[str, str], list[int]] = {}
     cursor = 0
@@ -119,7 +121,8 @@ def _rows(records: list[dict[str, Any]], saved: list[tuple[torch.Tensor, int]]) 
         else:
             used[hit], cursor = True, hit + 1
             p = planned[hit]
-            key, dense = (p["layer"], p["op_class"]), p["dense_bytes"]
+            layer = f"(copy of graph input {p['name']})" if p["input"] else p["layer"]
+            key, dense = (layer, p["op_class"]), p["dense_bytes"]
         row = rows.setdefault(key, [0, 0])
         row[0] += dense
         row[1] += nbytes
