@@ -66,9 +66,37 @@ inline uint32_t select_threshold(const uint32_t* keys, int64_t n, int64_t want, 
   return prefix;
 }
 
+// Logical (row-major) element order of a strided tensor: copies elements
+// [start, start + count) into dst, walking the multi-index with carries (no division
+// per element). Lets the kernel read permuted views (q, kᵀ, v of attention) without a
+// separate full-size .contiguous() copy.
+struct StridedReader {
+  std::vector<int64_t> sizes, strides;
+  template <typename scalar_t>
+  void read(const scalar_t* base, int64_t start, int64_t count, scalar_t* dst) const {
+    const int64_t nd = static_cast<int64_t>(sizes.size());
+    std::vector<int64_t> idx(nd);
+    int64_t rem = start, offset = 0;
+    for (int64_t d = nd - 1; d >= 0; --d) {
+      idx[d] = rem % sizes[d];
+      rem /= sizes[d];
+      offset += idx[d] * strides[d];
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      dst[i] = base[offset];
+      for (int64_t d = nd - 1; d >= 0; --d) {
+        offset += strides[d];
+        if (++idx[d] < sizes[d]) break;
+        offset -= strides[d] * sizes[d];
+        idx[d] = 0;
+      }
+    }
+  }
+};
+
 template <typename scalar_t, typename value_t>
 void compress_impl(const scalar_t* x, int64_t n, int64_t group, int64_t k,
-                   uint8_t* mask, value_t* values) {
+                   uint8_t* mask, value_t* values, const StridedReader* strided) {
   const int64_t groups = (n + group - 1) / group;
   const int64_t mask_bytes = (group + 7) / 8;
   std::memset(mask, 0, groups * mask_bytes);
@@ -76,9 +104,14 @@ void compress_impl(const scalar_t* x, int64_t n, int64_t group, int64_t k,
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     std::vector<uint32_t> keys(group), scratch(group);
     std::vector<scalar_t> tmp(std::min(group, k) + 1);
+    std::vector<scalar_t> gathered(strided ? group : 0);
     for (int64_t g = g0; g < g1; ++g) {
-      const scalar_t* xg = x + g * group;
       const int64_t real = std::min(group, n - g * group);
+      const scalar_t* xg = x + g * group;
+      if (strided) {
+        strided->read(x, g * group, real, gathered.data());
+        xg = gathered.data();
+      }
       const int64_t keep = std::min(k, real);
       uint8_t* mg = mask + g * mask_bytes;
       value_t* vg = values + g * k;
@@ -151,7 +184,15 @@ void decompress_impl(const uint8_t* mask, const value_t* values, int64_t n, int6
 
 std::vector<at::Tensor> compress(const at::Tensor& x_in, int64_t group, int64_t k,
                                  at::ScalarType value_dtype) {
-  const at::Tensor x = x_in.contiguous();
+  // Dense non-overlapping strided inputs are read in place; anything else is copied.
+  StridedReader reader;
+  const bool in_place = x_in.is_contiguous() || x_in.is_non_overlapping_and_dense();
+  const at::Tensor x = in_place ? x_in : x_in.contiguous();
+  const bool strided = !x.is_contiguous();
+  if (strided) {
+    reader.sizes = x.sizes().vec();
+    reader.strides = x.strides().vec();
+  }
   const int64_t n = x.numel();
   const int64_t groups = (n + group - 1) / group;
   at::Tensor mask = at::empty({groups, (group + 7) / 8}, x.options().dtype(at::kByte));
@@ -161,7 +202,7 @@ std::vector<at::Tensor> compress(const at::Tensor& x_in, int64_t group, int64_t 
     using scalar_t = T;
     RAZOR_FLOAT_TYPES(value_dtype, [&] {
       compress_impl<scalar_t, T>(x.data_ptr<scalar_t>(), n, group, k, mask.data_ptr<uint8_t>(),
-                                 values.data_ptr<T>());
+                                 values.data_ptr<T>(), strided ? &reader : nullptr);
     });
   });
   return {mask, values};
