@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
-from .common import VIEW_OPS, BailOut, PassContext, backward_nodes, fake_mode_of, matches, module_path
+from .common import VIEW_OPS, PassContext, backward_nodes, fake_mode_of, matches, module_path
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -96,13 +96,16 @@ class Site:
 
     consumer: fx.Node
     arg_index: int
-    chain: list[fx.Node]  # view nodes from the root (exclusive) to the operand (inclusive)
+    chain: list[fx.Node]  # single-input nodes from the root (exclusive) to the operand (inclusive)
     op_class: str
     module: str
 
 
 @dataclass
 class Plan:
+    """One compressed copy of ``root`` (groups of ``group_size``, ``keep`` kept each)
+    and every use it serves."""
+
     root: fx.Node
     sites: list[Site] = field(default_factory=list)
     group_size: int = 0

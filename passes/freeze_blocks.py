@@ -41,7 +41,7 @@ __all__ = ["run", "plan"]
 
 def plan(gm: fx.GraphModule, example_inputs: Sequence, config) -> dict[fx.Node, list[fx.Node]]:
     """frozen parameter placeholder -> its uses that must read a detached copy."""
-    from razorpass.blocks import find_blocks_in_graph
+    from razorpass.blocks import BlockError, find_blocks_in_graph
 
     found = find_blocks_in_graph(gm, example_inputs, config.blocks)
     trainable = set(found.blocks.resolve(config.trainable_blocks, "trainable_blocks"))
@@ -54,6 +54,12 @@ def plan(gm: fx.GraphModule, example_inputs: Sequence, config) -> dict[fx.Node, 
             return block in trainable
         return order[use] > after_blocks
 
+    for node in gm.graph.find_nodes(op="get_attr"):
+        value = getattr(gm, str(node.target), None)
+        if isinstance(value, nn.Parameter) and value.requires_grad:
+            raise BlockError(f"parameter {node.target!r} is a graph attribute, not a graph input "
+                             "(torch._dynamo.config.inline_inbuilt_nn_modules=False?): trainable_blocks "
+                             "can only freeze parameters that Dynamo lifts to inputs")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     frozen: dict[fx.Node, list[fx.Node]] = {}
     for node, value in zip(placeholders, example_inputs):
@@ -82,4 +88,14 @@ def run(gm: fx.GraphModule, example_inputs: Sequence, config) -> fx.GraphModule:
         gm.recompile()
     log.info("razorpass freeze_blocks: %d parameter inputs frozen at %d uses",
              len(frozen), sum(len(u) for u in frozen.values()))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("razorpass freeze_blocks: frozen %s", ", ".join(_param_name(p) for p in frozen))
     return gm
+
+
+def _param_name(node: fx.Node) -> str:
+    """The parameter's path in the model, from Dynamo's source of the placeholder."""
+    from passes.common import _clean_fqn
+
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    return _clean_fqn(source.name).replace("._parameters.", ".") if source is not None else node.name

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch.fx as fx
 
 from . import bsr_token_check, canonicalize, check_saved, compress_saved, decompose_sdpa, freeze_blocks
-from .common import BailOut, PassContext
+from .common import PassContext
 
 log = logging.getLogger("razorpass")
 
