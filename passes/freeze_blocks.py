@@ -43,6 +43,12 @@ def plan(gm: fx.GraphModule, example_inputs: Sequence, config) -> dict[fx.Node, 
     """frozen parameter placeholder -> its uses that must read a detached copy."""
     from razorpass.blocks import BlockError, find_blocks_in_graph
 
+    for node in gm.graph.find_nodes(op="get_attr"):
+        value = _attr(gm, str(node.target))
+        if isinstance(value, nn.Parameter) and value.requires_grad:
+            raise BlockError(f"parameter {node.target!r} is a graph attribute, not a graph input "
+                             "(torch._dynamo.config.inline_inbuilt_nn_modules=False?): trainable_blocks "
+                             "can only freeze parameters that Dynamo lifts to inputs")
     found = find_blocks_in_graph(gm, example_inputs, config.blocks)
     trainable = set(found.blocks.resolve(config.trainable_blocks, "trainable_blocks"))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -54,12 +60,6 @@ def plan(gm: fx.GraphModule, example_inputs: Sequence, config) -> dict[fx.Node, 
             return block in trainable
         return order[use] > after_blocks
 
-    for node in gm.graph.find_nodes(op="get_attr"):
-        value = getattr(gm, str(node.target), None)
-        if isinstance(value, nn.Parameter) and value.requires_grad:
-            raise BlockError(f"parameter {node.target!r} is a graph attribute, not a graph input "
-                             "(torch._dynamo.config.inline_inbuilt_nn_modules=False?): trainable_blocks "
-                             "can only freeze parameters that Dynamo lifts to inputs")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     frozen: dict[fx.Node, list[fx.Node]] = {}
     for node, value in zip(placeholders, example_inputs):
@@ -91,6 +91,13 @@ def run(gm: fx.GraphModule, example_inputs: Sequence, config) -> fx.GraphModule:
     if log.isEnabledFor(logging.DEBUG):
         log.debug("razorpass freeze_blocks: frozen %s", ", ".join(_param_name(p) for p in frozen))
     return gm
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    value = gm
+    for name in target.split("."):
+        value = getattr(value, name, None)
+    return value
 
 
 def _param_name(node: fx.Node) -> str:
