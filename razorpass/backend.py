@@ -33,7 +33,11 @@ class RazorBackend:
         if self.config.compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
-            return compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
+            # Inductor's layout optimization converts convolution inputs and weights to
+            # channels-last and saves those copies for backward: on a ViT, a copy of the
+            # batch and of the patch-embedding weight. razorpass exists to not store them.
+            patches = {"custom_partitioner_fn": partitioner, "layout_optimization": False}
+            return compile_fx(gm, example_inputs, config_patches=patches)
         from torch._dynamo.backends.common import aot_autograd
         from torch._dynamo.backends.debugging import boxed_nop
         from torch._inductor.decomposition import select_decomp_table

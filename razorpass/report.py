@@ -1,8 +1,8 @@
 """Measure what a training step saves for backward, dense vs razorpass.
 
 ``memory_report(model, example_inputs, **options)`` compiles the model twice with the
-same razor partitioner, once compressing nothing (the dense baseline: exactly what
-plain ``torch.compile`` saves) and once with ``options``; then runs one forward of
+same razor backend, once compressing nothing (the dense baseline: what the same
+compilation saves without razorpass's rule) and once with ``options``; then runs one forward of
 each under ``torch.autograd.graph.saved_tensors_hooks`` and counts the bytes of every
 tensor autograd keeps, deduplicated by storage, parameters, buffers and inputs excluded.
 Per-layer rows come from the partition records (which saved tensor is whose mask,
