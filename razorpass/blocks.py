@@ -35,6 +35,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from passes.common import _clean_fqn  # "L['self'].encoder.layer[0]" -> "encoder.layer.0"
+
 __all__ = [
     "BlockError",
     "BlockList",
@@ -168,16 +170,10 @@ def _candidates_text(model: nn.Module) -> str:
 
 
 # ----------------------------------------------------------------------------- graphs
-def _clean(raw: str) -> str:
-    from passes.common import _clean_fqn
-
-    return _clean_fqn(raw)
-
-
 def _stack_paths(node: fx.Node) -> list[tuple[str, type | str]]:
     """(module path, module class) of every module the node ran inside, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
-    return [(_clean(raw), kind) for raw, kind in stack.values()]
+    return [(_clean_fqn(raw), kind) for raw, kind in stack.values()]
 
 
 def is_attention_node(node: fx.Node) -> bool:

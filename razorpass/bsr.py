@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .blocks import SOFTMAX_FUNCTIONS, BlockList, find_blocks
@@ -74,6 +75,7 @@ __all__ = [
     "select_tokens",
     "apply_token_selection",
     "remove_token_selection",
+    "attention_blocks",
     "RANK_TOKENS_OP",
 ]
 
@@ -81,6 +83,10 @@ __all__ = [
 class TokenSelectionError(ValueError):
     """Token selection cannot apply to a block (no attention, no residual add after it,
     causal attention, hidden states not [batch, tokens, channels])."""
+
+
+class _CausalAttention(TokenSelectionError):
+    """Raised from inside a block whose attention is ``is_causal=True``."""
 
 
 # ----------------------------------------------------------------------------- the rule
@@ -129,7 +135,9 @@ def cls_attention_sdpa(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.
     if attn_mask is not None:
         row = attn_mask[..., :1, :] if attn_mask.shape[-2] > 1 else attn_mask
         logits = logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row
-    return logits.softmax(-1)[..., 0, 1:].mean(1)
+    # exp(l - logsumexp(l)) rather than softmax: this one-row tensor is not an attention
+    # softmax output, and must not be taken for one by compress-saved's "softmax" class.
+    return (logits - logits.logsumexp(-1, keepdim=True)).exp()[..., 0, 1:].mean(1)
 
 
 def select_tokens(x: torch.Tensor, scores: torch.Tensor, keep_rate: float,
@@ -171,7 +179,7 @@ def _cls_attention(func, args, kwargs, out, n_tokens: int) -> tuple[str, torch.T
         if q.dim() != 4 or q.shape[-2] != n_tokens or k.shape[-2] != n_tokens:
             return None
         if a.get("is_causal", False):
-            raise TokenSelectionError("attention is causal (is_causal=True): token 0 sees no other token, "
+            raise _CausalAttention("attention is causal (is_causal=True): token 0 sees no other token, "
                                       "so there is no CLS token whose attention could rank them")
         return "scaled_dot_product_attention", cls_attention_sdpa(q, k, a.get("attn_mask"), a.get("scale"))
     if func in SOFTMAX_FUNCTIONS:
@@ -271,6 +279,8 @@ def _hidden_states(args: tuple, kwargs: dict, path: str) -> torch.Tensor:
 class _EnterSelection:
     """Forward pre-hook of a selection block: align its token arguments, enter the selector."""
 
+    handle: RemovableHandle
+
     def __init__(self, selector: _Selector):
         self.selector = selector
 
@@ -291,6 +301,8 @@ class _LeaveSelection:
     """Forward hook (always called) of a selection block: leave the selector; a block
     that finished without selecting is an error (the probe makes it unreachable)."""
 
+    handle: RemovableHandle
+
     def __init__(self, selector: _Selector):
         self.selector = selector
 
@@ -304,6 +316,8 @@ class _LeaveSelection:
 
 class _AlignTokens:
     """Forward pre-hook of a block after the first selection block."""
+
+    handle: RemovableHandle
 
     def __init__(self, path: str, trail: _TokenTrail):
         self.path, self.trail = path, trail
@@ -359,7 +373,7 @@ def _probe(path: str, block: nn.Module, keep_rate: float, fuse_token: bool) -> _
             try:
                 with selector:
                     block.forward(x)  # not block(x): the block's own hooks must not see the probe
-            except TokenSelectionError as e:
+            except _CausalAttention as e:
                 return _Probe(attention="scaled_dot_product_attention", causal=True, error=str(e))
             except Exception as e:  # noqa: BLE001 - a width the block does not take
                 result = _Probe(error=f"{type(e).__name__}: {e}")
@@ -381,6 +395,24 @@ def _check(path: str, probe: _Probe) -> None:
 
 
 # ----------------------------------------------------------------------------- install
+def _find(model: nn.Module, config: RazorConfig):
+    """(the model's blocks, the memoised probe that decided which blocks run attention)."""
+    probes: dict[str, _Probe] = {}
+
+    def probe(path: str, block: nn.Module) -> _Probe:
+        if path not in probes:
+            probes[path] = _probe(path, block, config.keep_rate, config.fuse_token)
+        return probes[path]
+
+    return find_blocks(model, config.blocks, lambda p, b: probe(p, b).attention is not None), probe
+
+
+def attention_blocks(model: nn.Module, config: RazorConfig | None = None) -> BlockList:
+    """The blocks token selection and ``trainable_blocks`` index (``config.blocks`` or
+    found; see :mod:`razorpass.blocks`)."""
+    return _find(model, config or RazorConfig())[0]
+
+
 def apply_token_selection(model: nn.Module, config: RazorConfig) -> nn.Module:
     """Install token selection on ``model`` in place (see the module docstring) and return it.
 
@@ -390,14 +422,7 @@ def apply_token_selection(model: nn.Module, config: RazorConfig) -> nn.Module:
     remove_token_selection(model)
     if not config.drop_layers:
         return model
-    probes: dict[str, _Probe] = {}
-
-    def probe(path: str, block: nn.Module) -> _Probe:
-        if path not in probes:
-            probes[path] = _probe(path, block, config.keep_rate, config.fuse_token)
-        return probes[path]
-
-    blocks: BlockList = find_blocks(model, config.blocks, lambda p, b: probe(p, b).attention is not None)
+    blocks, probe = _find(model, config)
     drop = blocks.resolve(config.drop_layers, "drop_layers")
     if config.trainable_blocks is not None:
         blocks.resolve(config.trainable_blocks, "trainable_blocks")
@@ -410,20 +435,20 @@ def apply_token_selection(model: nn.Module, config: RazorConfig) -> nn.Module:
         block = model.get_submodule(path)
         if i in drop:
             selector = _Selector(_Site(path, config.keep_rate, config.fuse_token, first=i == drop[0]), trail)
-            block.register_forward_pre_hook(_EnterSelection(selector), with_kwargs=True)
-            block.register_forward_hook(_LeaveSelection(selector), always_call=True)
+            enter, leave = _EnterSelection(selector), _LeaveSelection(selector)
+            enter.handle = block.register_forward_pre_hook(enter, with_kwargs=True)
+            leave.handle = block.register_forward_hook(leave, always_call=True)
         elif i > drop[0]:
-            block.register_forward_pre_hook(_AlignTokens(path, trail), with_kwargs=True)
+            align = _AlignTokens(path, trail)
+            align.handle = block.register_forward_pre_hook(align, with_kwargs=True)
     return model
 
 
 def remove_token_selection(model: nn.Module) -> nn.Module:
     """Remove every hook :func:`apply_token_selection` installed on ``model``."""
     for module in model.modules():
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for hook_id in [h for h, fn in hooks.items() if isinstance(fn, _HOOK_TYPES)]:
-                del hooks[hook_id]
-                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
-                module._forward_hooks_with_kwargs.pop(hook_id, None)
-                module._forward_hooks_always_called.pop(hook_id, None)
+        ours = [h for h in (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
+                if isinstance(h, _HOOK_TYPES)]
+        for hook in ours:
+            hook.handle.remove()
     return model
