@@ -18,6 +18,14 @@ import torch.fx as fx
 from .common import VIEW_OPS, BailOut, PassContext, backward_nodes
 
 
+class DenseSaved(BailOut):
+    """Some compressed roots were still saved dense; the pipeline retries without them."""
+
+    def __init__(self, roots: list[str]):
+        super().__init__(f"dense activation(s) {roots} saved for backward although compressed")
+        self.roots = roots
+
+
 def still_read_dense(joint: fx.GraphModule, roots: set[str]) -> set[str]:
     """Compressed roots that some backward op of the rewritten joint graph reads dense."""
     bwd = backward_nodes(joint)
@@ -58,7 +66,7 @@ def run(fw_module: fx.GraphModule, joint: fx.GraphModule, ctx: PassContext) -> N
     saved = saved_nodes(fw_module, ctx.num_fwd_outputs)
     bad = sorted({_root(n).name for n in saved if _root(n).name in roots - allowed})
     if bad:
-        raise BailOut(f"dense activation(s) {bad} saved for backward although compressed")
+        raise DenseSaved(bad)
     # A compress the partitioner moved into backward recomputes its root there from
     # tensors saved anyway (e.g. a LayerNorm output from the saved LayerNorm input):
     # correct and free in memory, so it is recorded, not rejected.

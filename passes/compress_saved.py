@@ -270,6 +270,8 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
             if not matches(path, cfg.include, cfg.exclude):
                 continue
             root, chain, received = _walk_to_root(node.args[idx], bwd, op_class)
+            if root.name in ctx.stats.get("exclude_roots", ()):
+                continue
             val = root.meta.get("val")
             if root in static or root in held_by_caller or not isinstance(val, torch.Tensor) or not val.is_floating_point():
                 continue

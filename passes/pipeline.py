@@ -30,6 +30,9 @@ JOINT_PASSES: tuple[tuple[str, Callable[[fx.GraphModule, PassContext], fx.GraphM
 # Checks on the partitioned forward graph.
 POST_PARTITION_CHECKS = (("check_saved", check_saved.run),)
 
+# Partition attempts before giving up on compression for a graph.
+MAX_ATTEMPTS = 3
+
 # Every partition appends a record here while a recorder is active (see
 # ``razorpass.record_compiles``); nothing is kept otherwise.
 _RECORDERS: list[list[dict[str, Any]]] = []
@@ -90,17 +93,26 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_f
     record: dict[str, Any] = {"config": ctx.config, "fallback": None}
     kwargs = dict(num_fwd_outputs=ctx.num_fwd_outputs, static_lifetime_input_indices=ctx.static_lifetime_input_indices)
     try:
-        gm = _copy(joint)
-        for name, fn in JOINT_PASSES:
-            gm = fn(gm, ctx)
-        rewritten = _copy(gm)
-        fw, bw = partition_fn(gm, joint_inputs, **kwargs)
-        for name, check in POST_PARTITION_CHECKS:
-            check(fw, rewritten, ctx)
+        # A root the partitioner still saves dense (it chose to recompute something
+        # from it) is left uncompressed and the rest retried, a bounded number of times.
+        for attempt in range(MAX_ATTEMPTS):
+            gm = _copy(joint)
+            for name, fn in JOINT_PASSES:
+                gm = fn(gm, ctx)
+            rewritten = _copy(gm)
+            fw, bw = partition_fn(gm, joint_inputs, **kwargs)
+            try:
+                for name, check in POST_PARTITION_CHECKS:
+                    check(fw, rewritten, ctx)
+                break
+            except check_saved.DenseSaved as e:
+                if attempt == MAX_ATTEMPTS - 1:
+                    raise
+                log.info("razorpass: leaving %s uncompressed (the partitioner saves it dense)", e.roots)
+                ctx.stats["exclude_roots"] = [*ctx.stats.get("exclude_roots", []), *e.roots]
     except Exception as e:  # noqa: BLE001 - any failure of ours falls back, loudly
         reason = f"{type(e).__name__}: {e}"
-        level = logging.WARNING
-        log.log(level, "razorpass: compiling this graph without compression (%s)", reason)
+        log.warning("razorpass: compiling this graph without compression (%s)", reason)
         record["fallback"] = reason
         ctx.stats["compressed"] = []
         fw, bw = partition_fn(joint, joint_inputs, **kwargs)

@@ -118,3 +118,37 @@ def test_bad_option_is_a_clear_error_before_compiling():
     compiled = torch.compile(model, backend="razor", options={"sparsity": 2})
     with pytest.raises(Exception, match="RazorConfig.sparsity"):
         compiled(torch.randn(2, 24))
+
+
+def test_a_root_saved_dense_is_left_uncompressed_and_the_rest_kept(monkeypatch):
+    # If the partitioner still saves a compressed root dense, only that root loses its
+    # compression: the graph is re-partitioned without it, not compiled unmodified.
+    import passes.check_saved as cs
+
+    real, calls = cs.run, []
+
+    def flaky(fw, joint, ctx):
+        calls.append(1)
+        if len(calls) == 1:
+            head_input = next(c["root"] for c in ctx.stats["compressed"] if c["layer"] == "head")
+            raise cs.DenseSaved([head_input])
+        return real(fw, joint, ctx)
+
+    monkeypatch.setattr(cs, "run", flaky)
+    import passes.pipeline as pl
+
+    monkeypatch.setattr(pl, "POST_PARTITION_CHECKS", (("check_saved", flaky),))
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(4, 3, 24)
+    cfg = RazorConfig(sparsity=0.7, block_size=64, compiler="eager")
+    with razorpass.record_compiles() as records:
+        loss_of(razorpass.compile(model, cfg)(x)).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    rec = records[0]
+    assert rec["fallback"] is None and len(calls) == 2
+    assert [c["layer"] for c in rec["compressed"]] == ["fc2"]
+    model.zero_grad(set_to_none=True)
+    with reference.apply(model, cfg, exclude=("head",)):
+        loss_of(model(x)).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5)
