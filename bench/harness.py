@@ -1,0 +1,109 @@
+"""``razorpass-bench``: run the methods of one workload and write the table, CSV, JSON
+and plots.
+
+    razorpass-bench                              # default job: tweets, 4 methods, ~15 min on 2 cores
+    razorpass-bench --full                       # every method, larger subset, more steps
+    razorpass-bench --workload vit --methods baseline,razor0.9,checkpoint
+    razorpass-bench --tiny --methods baseline,razor0.9 --out /tmp/smoke   # CI smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+import warnings
+from typing import TYPE_CHECKING, Sequence
+
+from .methods import METHODS, resolve_methods
+from .workloads import DEFAULT_METHODS, WORKLOADS
+
+if TYPE_CHECKING:
+    from .runner import MethodResult
+    from .workloads import Workload
+
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="razorpass-bench",
+        description="Fine-tune a real model with each memory-saving method; measure accuracy, memory, time, FLOPs.",
+    )
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="tweets",
+                   help="tweets (default), bbc, fashion or vit (memory and speed only)")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--full", action="store_true", help="every method, larger subset, more steps")
+    scale.add_argument("--tiny", action="store_true", help="smoke test: a few steps on a tiny subset, 2-block model")
+    p.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} "
+                                     f"(default: {','.join(DEFAULT_METHODS)}; --full: all)")
+    p.add_argument("--steps", type=int, help="training steps (default: from the scale's epochs)")
+    p.add_argument("--train-size", type=int, help="training examples")
+    p.add_argument("--test-size", type=int, help="test examples")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits, the head and the data order")
+    p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import outputs
+    from .runner import MIN_STEPS, run_method
+    from .workloads import load_workload
+
+    scale = "full" if args.full else "tiny" if args.tiny else "default"
+    methods = resolve_methods(args.methods or (list(METHODS) if args.full else list(DEFAULT_METHODS)))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    started = time.perf_counter()
+
+    workload = load_workload(args.workload, scale, seed=args.seed, train_size=args.train_size,
+                             test_size=args.test_size, steps=args.steps)
+    if workload.steps < MIN_STEPS:
+        raise SystemExit(f"razorpass-bench: --steps must be >= {MIN_STEPS} (2 warm-up, 1 profiled, >= 1 timed)")
+    env = outputs.environment(device)
+    print(f"razorpass-bench {workload.name} ({scale}) on {env['device']}, torch {env['torch']}, "
+          f"commit {env['commit'][:12]}\n  {workload.data.description}\n  {workload.steps} steps, "
+          f"methods: {', '.join(m.name for m in methods)}", flush=True)
+
+    # Cold compiles: compile_s means what a fresh machine pays, and razorpass'
+    # partitioner always runs (an AOTAutograd cache hit skips it, and with it the
+    # records the memory breakdown needs). Patched, not set: nothing outlives the run.
+    with torch._inductor.config.patch(force_disable_caches=True), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
+        results = [run_method(workload, m, device, args.seed)
+                   for m in tqdm(methods, desc=workload.name, unit="method")]
+    base = next((r for r in results if r.method == "baseline" and r.ok), None)
+    for r in results:
+        r.baseline_step_s = base.step_s if base else None
+
+    print(outputs.format_table(results, workload))
+    meta = {**env, "scale": scale, "argv": list(argv) if argv is not None else sys.argv[1:],
+            "wall_s": time.perf_counter() - started, **workload.describe()}
+    written = _write_outputs(results, workload, scale, env, meta, args.out)
+    print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _write_outputs(results: Sequence[MethodResult], workload: Workload, scale: str, env: dict, meta: dict,
+                   out: pathlib.Path) -> list[pathlib.Path]:
+    """CSV, JSON and the two plots, named ``<workload>_<scale>*`` in ``out``."""
+    from . import outputs, plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{workload.name}_{scale}"
+    outputs.write_csv(outputs.metric_rows(results, workload, scale, env), stem.with_suffix(".csv"))
+    outputs.write_json(results, meta, stem.with_suffix(".json"))
+    title = f"{workload.name} ({scale}): {workload.model_summary}"
+    figures = [plots.plot_tradeoff(results, title, stem.with_name(stem.name + "_tradeoff.png")),
+               plots.plot_breakdown(results, title, stem.with_name(stem.name + "_breakdown.png"))]
+    return [stem.with_suffix(".csv"), stem.with_suffix(".json"), *(f for f in figures if f)]

@@ -1,0 +1,223 @@
+"""How the benchmark measures a training step: time, peak memory, bytes saved for
+backward, FLOPs, and test accuracy.
+
+* **Peak memory** of one step (``zero_grad(set_to_none=True)``, forward, loss,
+  backward, optimizer step), over the whole step and up to the end of backward.
+  CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the
+  step. CPU: ``torch.profiler.profile(profile_memory=True)`` records every allocation
+  and free of the CPU allocator as a ``[memory]`` event; the events are sorted by time
+  and summed; the peak of that running sum is the peak above the memory held when the
+  step started (parameters, optimizer state and data are held before, so they do not
+  count). Deterministic, unlike process RSS.
+* **Saved for backward**: one forward under ``saved_tensors_hooks``
+  (:func:`razorpass.report.measure_saved`): every distinct storage autograd keeps,
+  parameters, buffers and inputs excluded. It sees the tensors a compiled graph
+  saves (compressed ones included) and, under checkpointing, only the block inputs.
+* **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` around one forward +
+  backward. Dynamo does not compile under a dispatch mode (it runs the original
+  module), so the count is that of the method's *eager* module; the caller freezes
+  what the compiled step left without gradient. Counted: ops with a registered
+  formula — matmul, linear, convolution, attention, forward and backward, recomputed
+  checkpointed blocks included — at 2 FLOPs per multiply-add. Not counted: pointwise
+  ops, norms, softmax, the optimizer, razorpass' compress / decompress, and
+  recomputation chosen by the compiled partitioner.
+* **Step time**: wall clock of the whole step (CUDA: synchronised).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .methods import Context, Prepared
+
+__all__ = [
+    "batch_indices",
+    "linear_warmup_decay",
+    "StepRunner",
+    "PeakMemory",
+    "saved_bytes",
+    "count_flops",
+    "evaluate",
+    "binomial_se",
+    "timed",
+]
+
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+
+
+def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """``steps`` batches of indices into ``range(n)``: epoch ``e`` visits a permutation
+    seeded with ``seed + e``; the last incomplete batch of an epoch is dropped, so every
+    step has the same shapes (no recompilation)."""
+    if n < batch_size:
+        raise ValueError(f"the training split has {n} examples, fewer than one batch of {batch_size}")
+    per_epoch = n // batch_size
+    for step in range(steps):
+        epoch, i = divmod(step, per_epoch)
+        if i == 0:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        yield order[i * batch_size:(i + 1) * batch_size]
+
+
+def linear_warmup_decay(optimizer: torch.optim.Optimizer, steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup * steps`` steps, then linear decay to 0."""
+    warm = max(1, round(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (steps - step) / max(1, steps - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepRunner:
+    """One training step of a prepared method: the unit every measurement wraps."""
+
+    def __init__(self, prepared: Prepared, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device):
+        self.prepared = prepared
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.device = device
+
+    def forward(self, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        """The training loss (a graph for backward), of the compiled or the eager module."""
+        module = self.prepared.eager_module if eager else self.prepared.train_module
+        with self.prepared.forward_context():
+            logits = module(*inputs)
+        return nn.functional.cross_entropy(logits.float(), labels)
+
+    def __call__(self, batch: Batch, after_backward: Callable[[], None] | None = None) -> torch.Tensor:
+        """zero_grad(set_to_none=True), forward, backward, ``after_backward()``, optimizer
+        and LR step; returns the loss (detached, not synchronised)."""
+        inputs, labels = batch
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.prepared.step_context():
+            loss = self.forward(inputs, labels)
+            loss.backward()
+        if after_backward is not None:
+            after_backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach()
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float, float]:
+    """(result, wall seconds, process CPU seconds) of ``fn()``, synchronised on CUDA.
+
+    CPU seconds (all threads of this process) are less sensitive than wall time to
+    other processes sharing the cores, though not immune (spinning worker threads)."""
+    _sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+class PeakMemory:
+    """Peak bytes allocated inside a ``with`` block above what was allocated at its
+    start: ``.peak`` over the whole block and ``.peak_at_mark`` up to the last
+    :meth:`mark` (e.g. the end of backward, before the optimizer step)."""
+
+    _MARK = "razorpass_bench::mark"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = self.peak_at_mark = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            _sync(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def mark(self) -> None:
+        if self.device.type == "cuda":
+            _sync(self.device)
+            self.peak_at_mark = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            with torch.profiler.record_function(self._MARK):  # a timestamp on the profiler's clock
+                pass
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            _sync(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
+            return
+        self._prof.__exit__(*exc)
+        if exc[0] is not None:
+            return
+        # The raw event stream: FunctionEvent folds allocations into the op that made them.
+        events = self._prof.profiler.kineto_results.events()
+        marks = [e.start_ns() for e in events if e.name() == self._MARK]
+        memory = sorted((e.start_ns(), e.nbytes()) for e in events
+                        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+        running = 0
+        for t, nbytes in memory:
+            running += nbytes
+            self.peak = max(self.peak, running)
+            if marks and t <= marks[-1]:
+                self.peak_at_mark = self.peak
+
+
+def saved_bytes(forward: Callable[[], object], exclude: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``forward``
+    runs (the graph is freed afterwards)."""
+    from razorpass.report import measure_saved
+
+    return sum(nbytes for _, nbytes in measure_saved(forward, exclude))
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of the ops with a FlopCounterMode formula while ``fn`` runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with warnings.catch_warnings():
+        # FlopCounterMode's module tracker installs global module hooks, which makes
+        # torch.compile warn on every call of a compiled module.
+        warnings.filterwarnings("ignore", message=".*global hooks on modules.*")
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, batches: Iterator[Batch], context: Context, device: torch.device) -> tuple[int, int]:
+    """(correct, total) of ``module`` in eval mode over ``batches``."""
+    was_training = module.training
+    module.eval()
+    correct = total = 0
+    try:
+        for inputs, labels in batches:
+            inputs = tuple(t.to(device) for t in inputs)
+            with context():
+                logits = module(*inputs)
+            correct += (logits.argmax(-1).cpu() == labels).sum().item()
+            total += len(labels)
+    finally:
+        module.train(was_training)
+    return correct, total
+
+
+def binomial_se(correct: int, total: int) -> float:
+    """Standard error of an accuracy measured on ``total`` independent examples."""
+    p = correct / total
+    return math.sqrt(p * (1 - p) / total)

