@@ -12,6 +12,7 @@ budget0.5      baseline compiled under
                ``torch._functorch.config.activation_memory_budget = 0.5``
 razor0.9       ``razorpass.compile(model, sparsity=0.9)`` (default RazorConfig)
 razor0.97      ``razorpass.compile(model, sparsity=0.97)``
+razor0.9-all   ``razorpass.compile(model, sparsity=0.9, targets=("all",))`` (also razor0.97-all)
 bsr            ``razorpass.compile`` with the workload's BSR options, no compression
 bsr+razor0.9   BSR options + sparsity 0.9
 head-only      baseline with every parameter but the head frozen (linear probe)
@@ -63,6 +64,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("budget0.5", "torch.compile, activation_memory_budget=0.5", memory_budget=0.5),
     Method("razor0.9", "razorpass, sparsity 0.9", razor={"sparsity": 0.9}),
     Method("razor0.97", "razorpass, sparsity 0.97", razor={"sparsity": 0.97}),
+    Method("razor0.9-all", "razorpass, sparsity 0.9, every target class (GELU input too)",
+           razor={"sparsity": 0.9, "targets": ("all",)}),
+    Method("razor0.97-all", "razorpass, sparsity 0.97, every target class",
+           razor={"sparsity": 0.97, "targets": ("all",)}),
     Method("bsr", "razorpass BSR (selected blocks, token dropping), no compression", razor={"targets": ()}, bsr=True),
     Method("bsr+razor0.9", "razorpass BSR + sparsity 0.9", razor={"sparsity": 0.9}, bsr=True),
     Method("head-only", "torch.compile, only the head trains (linear probe)", head_only=True),
