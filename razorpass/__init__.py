@@ -27,6 +27,7 @@ __all__ = [
     "compressed_nbytes",
     "memory_report",
     "record_compiles",
+    "reference",
 ]
 
 
@@ -39,6 +40,10 @@ def __getattr__(name: str) -> Any:  # lazy: keep `import razorpass` light
         from .report import memory_report
 
         return memory_report
+    if name == "reference":
+        import importlib
+
+        return importlib.import_module(".reference", __name__)
     raise AttributeError(f"module 'razorpass' has no attribute {name!r}")
 
 
