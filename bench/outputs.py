@@ -56,12 +56,14 @@ def _git(*args: str) -> subprocess.CompletedProcess:
 
 
 def _git_commit() -> str:
-    """HEAD's hash, "+dirty" when tracked files differ from it (read-only git only)."""
+    """HEAD's hash, "+dirty" when the working tree differs from it (modified or
+    untracked files). Read-only: ``--no-optional-locks`` keeps git status from
+    refreshing the index."""
     try:
         head = _git("rev-parse", "HEAD")
         if head.returncode != 0:
             return "unknown"
-        dirty = _git("diff-index", "--quiet", "HEAD", "--").returncode != 0
+        dirty = bool(_git("--no-optional-locks", "status", "--porcelain").stdout.strip())
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -168,9 +170,11 @@ def format_table(results: Sequence[MethodResult], workload: Workload) -> str:
     baseline row (memory) or N.N times the baseline (step time)."""
     base = next((r for r in results if r.method == "baseline" and r.ok), None)
     rows = [_cells(r, base) for r in results if r.ok]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(TABLE_HEADER)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(TABLE_HEADER)]
+
+    def line(cells: Sequence[str]) -> str:  # method left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     lines = [line(TABLE_HEADER), "-" * (sum(widths) + 2 * (len(widths) - 1))]
     cells = iter(rows)
     for r in results:

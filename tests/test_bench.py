@@ -116,6 +116,22 @@ def test_method_names_resolve():
     assert METHODS["baseline"].razor_options({"trainable_blocks": (1,)}) is None
 
 
+def test_na_rows_keep_their_reason_and_leave_metrics_empty():
+    import types
+
+    from bench.outputs import METRICS, format_table, metric_rows
+    from bench.runner import MethodResult
+
+    na = MethodResult("bsr", "BSR", batch_size=8, status="n/a (NotImplementedError: not yet)", wall_s=1.0)
+    workload = types.SimpleNamespace(name="w", scale=types.SimpleNamespace(batch_size=8), model_summary="m", steps=6,
+                                     data=types.SimpleNamespace(train=[0] * 8, test=[0] * 4), measures_accuracy=True)
+    env = {"date": "d", "commit": "c", "device": "cpu"}
+    rows = metric_rows([na], workload, "tiny", env)
+    assert len(rows) == len(METRICS) and {r["status"] for r in rows} == {na.status}
+    assert {r["metric"] for r in rows if r["value"] is not None} == {"batch_size", "wall_s"}
+    assert "bsr     n/a (NotImplementedError: not yet)" in format_table([na], workload)
+
+
 @pytest.mark.timeout(300)
 def test_harness_tiny_end_to_end(tmp_path):
     pytest.importorskip("transformers")
