@@ -246,6 +246,7 @@ def _walk_to_root(operand: fx.Node, bwd: set[fx.Node], op_class: str) -> tuple[f
 
 
 def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
+    """One plan per (root, group size): every targeted backward use of a saved activation."""
     cfg = ctx.config
     if not cfg.targets:
         return []
@@ -257,7 +258,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     # activations of an earlier graph (a graph break) and are compressed.
     held_by_caller = {p for p, g in ctx.grad_outputs(gm) if g is None}
     full = _full_sizes(gm, bwd, static)
-    plans: dict[fx.Node, Plan] = {}
+    plans: dict[tuple[fx.Node, int], Plan] = {}
     skipped: list[str] = []
     for node in gm.graph.nodes:
         if node not in bwd or node.op != "call_function":
