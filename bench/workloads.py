@@ -196,11 +196,12 @@ def _truncation_note(split: datasets.Split, seq_len: int) -> str:
 
 
 # -------------------------------------------------------------------------- workloads
-def _tweets(scale: Scale, seed: int) -> Workload:
+def _minilm_workload(name: str, load, scale: Scale, seed: int, note_suffix: str = "") -> Workload:
+    """MiniLM text classification on the data set ``load`` returns (tweets, BBC News)."""
     tokenize = _minilm_tokenizer(scale.seq_len)
-    data = datasets.load_tweets(tokenize, scale.train_size, scale.test_size, seed)
+    data = load(tokenize, scale.train_size, scale.test_size, seed)
     return Workload(
-        name="tweets",
+        name=name,
         model_summary="all-MiniLM-L6-v2 (pretrained, 22.7M params), masked mean pooling + linear head",
         scale=scale,
         model=_minilm_classifier(len(data.classes)),
@@ -210,24 +211,17 @@ def _tweets(scale: Scale, seed: int) -> Workload:
         # BSR's ViT-B recipe (train blocks 3, 7, 11; drop at 3, 6, 9; keep 0.5) scaled
         # to 6 blocks.
         bsr={"trainable_blocks": (1, 3, 5), "drop_layers": (1, 3), "keep_rate": 0.5},
-        notes=(_truncation_note(data.train, scale.seq_len),),
+        notes=(_truncation_note(data.train, scale.seq_len) + note_suffix,),
     )
+
+
+def _tweets(scale: Scale, seed: int) -> Workload:
+    return _minilm_workload("tweets", datasets.load_tweets, scale, seed)
 
 
 def _bbc(scale: Scale, seed: int) -> Workload:
-    tokenize = _minilm_tokenizer(scale.seq_len)
-    data = datasets.load_bbc_news(tokenize, scale.train_size, scale.test_size, seed)
-    return Workload(
-        name="bbc",
-        model_summary="all-MiniLM-L6-v2 (pretrained, 22.7M params), masked mean pooling + linear head",
-        scale=scale,
-        model=_minilm_classifier(len(data.classes)),
-        data=data,
-        lr=1e-4,
-        head_lr=1e-3,
-        bsr={"trainable_blocks": (1, 3, 5), "drop_layers": (1, 3), "keep_rate": 0.5},
-        notes=(_truncation_note(data.train, scale.seq_len) + " (articles: the headline and first paragraph)",),
-    )
+    return _minilm_workload("bbc", datasets.load_bbc_news, scale, seed,
+                            " (articles: the headline and first paragraph)")
 
 
 def _fashion(scale: Scale, seed: int) -> Workload:
