@@ -54,13 +54,17 @@ def test_decompress_equals_reference_bitwise(name, granularity, block, sparsity,
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("granularity", ["block", "sample"])
 def test_native_cpu_kernel_equals_pytorch_kernel(name, granularity):
+    x = CASES[name]
+    group = 16 if granularity == "block" else max(1, x.numel() // x.shape[0])
+    _assert_native_equals_pytorch(x, group, RazorConfig(sparsity=0.6).keep_count(group))
+
+
+def _assert_native_equals_pytorch(x, group, k):
+    """The native CPU kernel ("auto" on CPU) against the PyTorch kernel, both ways."""
     from razorpass import ops
     from triton_kernels import topk_compress_cpu
 
     assert topk_compress_cpu.load() is not None, "the native CPU kernel did not build"
-    x = CASES[name]
-    group = 16 if granularity == "block" else max(1, x.numel() // x.shape[0])
-    k = RazorConfig(sparsity=0.6).keep_count(group)
     m1, v1 = ops.compress(x, group, k, torch.bfloat16, "torch")
     m2, v2 = ops.compress(x, group, k, torch.bfloat16, "auto")
     assert torch.equal(m1, m2)
@@ -68,6 +72,32 @@ def test_native_cpu_kernel_equals_pytorch_kernel(name, granularity):
     d1 = ops.decompress(m1, v1, list(x.shape), group, x.dtype, "torch")
     d2 = ops.decompress(m2, v2, list(x.shape), group, x.dtype, "auto")
     assert_bitwise_equal(d1, d2)
+
+
+def _selection_cases():
+    """Inputs that drive every branch of the native kernel's selection: a threshold bin
+    kept whole or split (nth_element), ties inside the group, a ReLU-like majority of
+    zeros, magnitudes spread over many exponents, reduced-precision inputs."""
+    g = torch.Generator().manual_seed(1)
+    return {
+        "randn": torch.randn(7, 333, generator=g),
+        "relu": torch.relu(torch.randn(5, 1000, generator=g)),
+        "small_ints": torch.randint(-3, 4, (6, 517), generator=g).float(),
+        "quarters": (torch.randn(4, 2048, generator=g) * 4).round() / 4,
+        "wide_range": torch.randn(2, 5000, generator=g) * torch.logspace(-30, 30, 5000),
+        "bf16": torch.randn(3, 1001, generator=g).bfloat16(),
+        "fp16": torch.randn(3, 999, generator=g).half(),
+    }
+
+
+SELECTION_CASES = _selection_cases()
+
+
+@pytest.mark.parametrize("name", list(SELECTION_CASES))
+@pytest.mark.parametrize("group", [8, 1000, 1024, 4096])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.97, 0.999])
+def test_native_cpu_kernel_selection_paths(name, group, sparsity):
+    _assert_native_equals_pytorch(SELECTION_CASES[name], group, RazorConfig(sparsity=sparsity).keep_count(group))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -121,11 +151,14 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize("granularity", ["block", "sample"])
-def test_native_kernel_reads_permuted_views_in_logical_order(granularity):
+@pytest.mark.parametrize("view", ["heads", "keys_transposed"])
+def test_native_kernel_reads_permuted_views_in_logical_order(granularity, view):
     from razorpass import ops
 
     base = torch.randn(2, 37, 3, 8)
-    x = base.transpose(1, 2)  # (2, 3, 37, 8), not contiguous: the q/k/v layout of attention
+    # (2, 3, 37, 8): the q/k/v layout of attention (innermost dim contiguous);
+    # (2, 3, 8, 37): kᵀ (innermost dim strided)
+    x = base.transpose(1, 2) if view == "heads" else base.permute(0, 2, 3, 1)
     group = 16 if granularity == "block" else x.numel() // x.shape[0]
     k = RazorConfig(sparsity=0.7).keep_count(group)
     m1, v1 = ops.compress(x.contiguous(), group, k, torch.bfloat16, "torch")

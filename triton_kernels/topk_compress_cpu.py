@@ -2,8 +2,9 @@
 
 Built on first use with ``torch.utils.cpp_extension`` (cached in the torch extensions
 directory) from ``csrc/topk_compress_cpu.cpp``; bit-identical to ``torch_compress`` /
-``torch_decompress`` in ``topk_compress.py``, about two orders of magnitude faster
-(one radix-select histogram pass plus one output pass per group instead of a top-k).
+``torch_decompress`` in ``topk_compress.py`` and about two orders of magnitude faster
+(a histogram pass, a small nth_element and a vectorised mask pass per group instead of
+a top-k; the C++ file's header describes the passes).
 ``load()`` returns None when the kernel cannot be built (no C++ compiler): the caller
 then uses the PyTorch kernel.
 """

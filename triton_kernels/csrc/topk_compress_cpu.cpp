@@ -5,10 +5,16 @@
 // index, NaN above +inf; mask bit j of byte i = element 8i+j; kept values in position
 // order. Bit-identical to the reference (tests compare them).
 //
-// Selection per group is an MSD radix select over the 31-bit magnitude key (|x| bit
-// pattern, sign cleared) with 8-bit digits: the first pass histograms every key, later
-// passes only the keys that share the digits chosen so far, so a 1024-element group
-// costs about one histogram pass plus one output pass. Groups run in parallel.
+// Selection per group works on the 31-bit magnitude key (|x| bit pattern, sign
+// cleared), in at most three passes over the group:
+//   1. keys + a histogram of their top 11 bits (8 exponent + 3 mantissa bits: a
+//      bell-shaped activation spreads over dozens of bins, so the bin that holds the
+//      k-th largest key holds a few percent of the group);
+//   2. only when that bin is not kept whole: copy its keys out and nth_element them;
+//   3. the mask, 8 comparisons per byte (AVX2 where the CPU has it), then the kept
+//      values, visiting only the set bits (count-trailing-zeros).
+// Decompress zero-fills the group and scatters the values to the set bits.
+// Groups run in parallel (at::parallel_for).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -18,9 +24,18 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define RAZOR_X86 1
+#endif
+
 namespace {
+
+constexpr int kBinShift = 20;                          // first-level bin = key >> 20
+constexpr int64_t kBins = int64_t{1} << (31 - kBinShift);  // 2048
 
 inline uint32_t magnitude_key(float v) {
   uint32_t bits;
@@ -28,42 +43,121 @@ inline uint32_t magnitude_key(float v) {
   return bits & 0x7FFFFFFFu;
 }
 
-// The `want`-th largest key (1-based) of keys[0..n) and how many keys equal to it
-// must be kept (ties: the first ones in position order). `hist0` is the histogram of
-// the top digit (bits 24..31) of all n keys; `scratch` holds >= n keys.
-inline uint32_t select_threshold(const uint32_t* keys, int64_t n, int64_t want, const int64_t* hist0,
-                                 uint32_t* scratch, int64_t* need_equal) {
-  const uint32_t* cand = keys;
-  int64_t ncand = n;
-  uint32_t prefix = 0;
-  int64_t remaining = want;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    int64_t local[256];
-    const int64_t* hist = hist0;
-    if (shift != 24) {
-      std::fill(local, local + 256, 0);
-      for (int64_t i = 0; i < ncand; ++i) local[(cand[i] >> shift) & 0xFF]++;
-      hist = local;
-    }
-    int digit = 255;
-    for (; digit > 0; --digit) {
-      if (hist[digit] >= remaining) break;
-      remaining -= hist[digit];
-    }
-    prefix |= static_cast<uint32_t>(digit) << shift;
-    if (shift == 0) break;
-    // keep the candidates whose digits so far equal the chosen prefix (branch-free)
-    const uint32_t hi_mask = ~((1u << shift) - 1u);
-    int64_t m = 0;
-    for (int64_t i = 0; i < ncand; ++i) {
-      scratch[m] = cand[i];
-      m += (cand[i] & hi_mask) == prefix;
-    }
-    cand = scratch;
-    ncand = m;
+// Kept elements are those with key > threshold, plus, when `ties`, the first
+// `need_equal` keys equal to it (position order); otherwise every key >= threshold.
+struct Selection {
+  uint32_t threshold;
+  int64_t need_equal;
+  bool ties;
+};
+
+// Copy the keys of first-level bin `bin` to cand (in order); returns how many.
+inline int64_t collect_bin_scalar(const uint32_t* keys, int64_t n, uint32_t bin, uint32_t* cand, int64_t from,
+                                  int64_t m) {
+  for (int64_t i = from; i < n; ++i) {  // a few percent of the keys: the branch predicts well
+    if ((keys[i] >> kBinShift) == bin) cand[m++] = keys[i];
   }
-  *need_equal = remaining;
-  return prefix;
+  return m;
+}
+
+#ifdef RAZOR_X86
+__attribute__((target("avx2,bmi"))) int64_t collect_bin_avx2(const uint32_t* keys, int64_t n, uint32_t bin,
+                                                             uint32_t* cand) {
+  const __m256i want = _mm256_set1_epi32(static_cast<int32_t>(bin));
+  int64_t m = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i));
+    const __m256i hit = _mm256_cmpeq_epi32(_mm256_srli_epi32(k, kBinShift), want);
+    unsigned bits = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(hit)));
+    while (bits) {
+      cand[m++] = keys[i + __builtin_ctz(bits)];
+      bits &= bits - 1;
+    }
+  }
+  return collect_bin_scalar(keys, n, bin, cand, i, m);
+}
+#endif
+
+inline int64_t collect_bin(const uint32_t* keys, int64_t n, uint32_t bin, uint32_t* cand);
+
+// Select the `keep` largest of keys[0..n) (0 < keep < n). `hist` holds the counts of
+// key >> kBinShift over the group for bins [lo, hi] and is zeroed again on return;
+// `cand` has room for n keys.
+Selection select_threshold(const uint32_t* keys, int64_t n, int64_t keep, uint32_t* hist, uint32_t lo,
+                           uint32_t hi, uint32_t* cand) {
+  int64_t remaining = keep;
+  uint32_t bin = hi;
+  for (; bin > lo; --bin) {
+    if (hist[bin] >= remaining) break;
+    remaining -= hist[bin];
+  }
+  const int64_t in_bin = hist[bin];
+  std::memset(hist + lo, 0, (hi - lo + 1) * sizeof(uint32_t));
+  if (in_bin == remaining) return {bin << kBinShift, 0, false};  // the whole bin is kept
+  const int64_t m = collect_bin(keys, n, bin, cand);
+  std::nth_element(cand, cand + (remaining - 1), cand + m, std::greater<uint32_t>());
+  const uint32_t t = cand[remaining - 1];
+  int64_t gt = 0, eq = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    gt += cand[j] > t;
+    eq += cand[j] == t;
+  }
+  const int64_t need_equal = remaining - gt;
+  return {t, need_equal, need_equal != eq};
+}
+
+// mask byte i = bits (keys[8i + j] >= t), j = 0..7, for the n keys (n's last partial
+// byte included); t > 0.
+inline void mask_ge_scalar(const uint32_t* keys, int64_t n, uint32_t t, uint8_t* out, int64_t from) {
+  for (int64_t i = from; i < n; i += 8) {
+    uint32_t byte = 0;
+    const int64_t end = std::min<int64_t>(8, n - i);
+    for (int64_t j = 0; j < end; ++j) byte |= static_cast<uint32_t>(keys[i + j] >= t) << j;
+    out[i >> 3] = static_cast<uint8_t>(byte);
+  }
+}
+
+#ifdef RAZOR_X86
+__attribute__((target("avx2"))) void mask_ge_avx2(const uint32_t* keys, int64_t n, uint32_t t, uint8_t* out) {
+  // keys < 2^31: a signed compare orders them; key >= t  <=>  key > t - 1.
+  const __m256i thr = _mm256_set1_epi32(static_cast<int32_t>(t - 1));
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i));
+    const __m256i c = _mm256_cmpgt_epi32(k, thr);
+    out[i >> 3] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_castsi256_ps(c)));
+  }
+  mask_ge_scalar(keys, n, t, out, i);
+}
+const bool kHasAvx2 = __builtin_cpu_supports("avx2");
+#endif
+
+inline int64_t collect_bin(const uint32_t* keys, int64_t n, uint32_t bin, uint32_t* cand) {
+#ifdef RAZOR_X86
+  if (kHasAvx2) return collect_bin_avx2(keys, n, bin, cand);
+#endif
+  return collect_bin_scalar(keys, n, bin, cand, 0, 0);
+}
+
+inline void mask_ge(const uint32_t* keys, int64_t n, uint32_t t, uint8_t* out) {
+#ifdef RAZOR_X86
+  if (kHasAvx2) return mask_ge_avx2(keys, n, t, out);
+#endif
+  mask_ge_scalar(keys, n, t, out, 0);
+}
+
+// Call f(i) for every set bit i of the first `bits` bits of mask, in increasing order.
+template <typename F>
+inline void for_each_set_bit(const uint8_t* mask, int64_t bits, F&& f) {
+  const int64_t nbytes = (bits + 7) / 8;
+  for (int64_t b = 0; b < nbytes; b += 8) {
+    uint64_t w = 0;
+    std::memcpy(&w, mask + b, static_cast<size_t>(std::min<int64_t>(8, nbytes - b)));  // little endian
+    while (w) {
+      f(b * 8 + __builtin_ctzll(w));
+      w &= w - 1;
+    }
+  }
 }
 
 // Logical (row-major) element order of a strided tensor: copies elements
@@ -82,9 +176,24 @@ struct StridedReader {
       rem /= sizes[d];
       offset += idx[d] * strides[d];
     }
-    for (int64_t i = 0; i < count; ++i) {
-      dst[i] = base[offset];
-      for (int64_t d = nd - 1; d >= 0; --d) {
+    // Runs along the innermost dim (a plain copy when its stride is 1), then carry.
+    const int64_t last = nd - 1, inner = sizes[last], s = strides[last];
+    int64_t i = 0;
+    while (i < count) {
+      const int64_t run = std::min(inner - idx[last], count - i);
+      const scalar_t* src = base + offset;
+      if (s == 1) {
+        std::memcpy(dst + i, src, run * sizeof(scalar_t));
+      } else {
+        for (int64_t j = 0; j < run; ++j) dst[i + j] = src[j * s];
+      }
+      i += run;
+      idx[last] += run;
+      offset += run * s;
+      if (idx[last] < inner) break;  // count exhausted inside a run
+      offset -= inner * s;
+      idx[last] = 0;
+      for (int64_t d = last - 1; d >= 0; --d) {
         offset += strides[d];
         if (++idx[d] < sizes[d]) break;
         offset -= strides[d] * sizes[d];
@@ -99,11 +208,9 @@ void compress_impl(const scalar_t* x, int64_t n, int64_t group, int64_t k,
                    uint8_t* mask, value_t* values, const StridedReader* strided) {
   const int64_t groups = (n + group - 1) / group;
   const int64_t mask_bytes = (group + 7) / 8;
-  std::memset(mask, 0, groups * mask_bytes);
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(group, 1));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    std::vector<uint32_t> keys(group), scratch(group);
-    std::vector<scalar_t> tmp(std::min(group, k) + 1);
+    std::vector<uint32_t> keys(group), cand(group), hist(kBins, 0);
     std::vector<scalar_t> gathered(strided ? group : 0);
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t real = std::min(group, n - g * group);
@@ -115,34 +222,39 @@ void compress_impl(const scalar_t* x, int64_t n, int64_t group, int64_t k,
       const int64_t keep = std::min(k, real);
       uint8_t* mg = mask + g * mask_bytes;
       value_t* vg = values + g * k;
-      int64_t hist0[256] = {0};
-      for (int64_t i = 0; i < real; ++i) {
-        const uint32_t key = magnitude_key(static_cast<float>(xg[i]));
-        keys[i] = key;
-        hist0[key >> 24]++;
-      }
-      uint32_t threshold = 0;
-      int64_t need_equal = real;  // keep == real: every key >= 0 is kept
-      if (keep == 0) {
-        threshold = 0xFFFFFFFFu;
-        need_equal = 0;
-      } else if (keep < real) {
-        threshold = select_threshold(keys.data(), real, keep, hist0, scratch.data(), &need_equal);
-      }
-      // Output pass, branch-free: a kept element sets its mask bit and is written at
-      // `slot` (a write at an unkept element is overwritten by the next kept one; the
-      // one extra slot at the end absorbs the last such write).
+      std::memset(mg, 0, mask_bytes);
       int64_t slot = 0;
-      for (int64_t i = 0; i < real; ++i) {
-        const uint32_t key = keys[i];
-        const bool tie = (key == threshold) & (need_equal > 0);
-        const bool kept = (key > threshold) | tie;
-        need_equal -= tie;
-        mg[i >> 3] |= static_cast<uint8_t>(static_cast<uint32_t>(kept) << (i & 7));
-        tmp[slot] = xg[i];
-        slot += kept;
+      if (keep == real) {
+        for (int64_t i = 0; i < real; ++i) mg[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
+        for (int64_t i = 0; i < real; ++i) vg[slot++] = static_cast<value_t>(static_cast<float>(xg[i]));
+      } else if (keep > 0) {
+        uint32_t kmin = 0xFFFFFFFFu, kmax = 0;
+        for (int64_t i = 0; i < real; ++i) {  // vectorises
+          const uint32_t key = magnitude_key(static_cast<float>(xg[i]));
+          keys[i] = key;
+          kmin = std::min(kmin, key);
+          kmax = std::max(kmax, key);
+        }
+        for (int64_t i = 0; i < real; ++i) hist[keys[i] >> kBinShift]++;
+        const uint32_t lo = kmin >> kBinShift, hi = kmax >> kBinShift;
+        const Selection sel = select_threshold(keys.data(), real, keep, hist.data(), lo, hi, cand.data());
+        if (!sel.ties) {
+          // threshold > 0 here: keep < real, so some key lies below it
+          mask_ge(keys.data(), real, sel.threshold, mg);
+        } else {
+          int64_t need_equal = sel.need_equal;
+          for (int64_t i = 0; i < real; ++i) {
+            const uint32_t key = keys[i];
+            const bool tie = (key == sel.threshold) & (need_equal > 0);
+            const bool kept = (key > sel.threshold) | tie;
+            need_equal -= tie;
+            mg[i >> 3] |= static_cast<uint8_t>(static_cast<uint32_t>(kept) << (i & 7));
+          }
+        }
+        for_each_set_bit(mg, real, [&](int64_t i) {
+          vg[slot++] = static_cast<value_t>(static_cast<float>(xg[i]));
+        });
       }
-      for (int64_t j = 0; j < slot; ++j) vg[j] = static_cast<value_t>(static_cast<float>(tmp[j]));
       for (; slot < k; ++slot) vg[slot] = static_cast<value_t>(0.0f);
     }
   });
@@ -156,18 +268,14 @@ void decompress_impl(const uint8_t* mask, const value_t* values, int64_t n, int6
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(group, 1));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
-      const uint8_t* mg = mask + g * mask_bytes;
       const value_t* vg = values + g * k;
       out_t* og = out + g * group;
       const int64_t real = std::min(group, n - g * group);
+      std::memset(og, 0, real * sizeof(out_t));  // +0.0 is all-zero bits in every float type
       int64_t slot = 0;
-      for (int64_t i = 0; i < real; ++i) {
-        if ((mg[i >> 3] >> (i & 7)) & 1) {
-          og[i] = static_cast<out_t>(static_cast<float>(vg[slot++]));
-        } else {
-          og[i] = static_cast<out_t>(0.0f);
-        }
-      }
+      for_each_set_bit(mask + g * mask_bytes, real, [&](int64_t i) {
+        og[i] = static_cast<out_t>(static_cast<float>(vg[slot++]));
+      });
     }
   });
 }
@@ -195,7 +303,7 @@ std::vector<at::Tensor> compress(const at::Tensor& x_in, int64_t group, int64_t 
   }
   const int64_t n = x.numel();
   const int64_t groups = (n + group - 1) / group;
-  at::Tensor mask = at::empty({groups, (group + 7) / 8}, x.options().dtype(at::kByte));
+  at::Tensor mask = at::empty({groups, (group + 7) / 8}, x.options().dtype(at::kByte));  // zeroed per group
   at::Tensor values = at::empty({groups, k}, x.options().dtype(value_dtype));
   if (groups == 0) return {mask, values};
   RAZOR_FLOAT_TYPES(x.scalar_type(), [&] {
