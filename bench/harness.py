@@ -85,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = next((r for r in results if r.method == "baseline" and r.ok), None)
     for r in results:
         r.baseline_step_s = base.step_s if base else None
+        r.baseline_hits = base.hits if base else None
 
     print(outputs.format_table(results, workload))
     meta = {**env, "scale": scale, "argv": list(argv) if argv is not None else sys.argv[1:],

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -200,24 +200,43 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, batches: Iterator[Batch], context: Context, device: torch.device) -> tuple[int, int]:
-    """(correct, total) of ``module`` in eval mode over ``batches``."""
+def evaluate(module: nn.Module, batches: Iterator[Batch], context: Context, device: torch.device) -> list[bool]:
+    """Whether ``module`` (in eval mode) classifies each example of ``batches`` right,
+    in order (the per-example outcomes pair methods on the same test examples)."""
     was_training = module.training
     module.eval()
-    correct = total = 0
+    hits: list[bool] = []
     try:
         for inputs, labels in batches:
             inputs = tuple(t.to(device) for t in inputs)
             with context():
                 logits = module(*inputs)
-            correct += (logits.argmax(-1).cpu() == labels).sum().item()
-            total += len(labels)
+            hits += (logits.argmax(-1).cpu() == labels).tolist()
     finally:
         module.train(was_training)
-    return correct, total
+    return hits
 
 
 def binomial_se(correct: int, total: int) -> float:
     """Standard error of an accuracy measured on ``total`` independent examples."""
     p = correct / total
     return math.sqrt(p * (1 - p) / total)
+
+
+def paired_difference(mine: Sequence[bool], ref: Sequence[bool]) -> tuple[float, float]:
+    """(accuracy difference, its standard error) of two methods on the same examples.
+
+    Paired: the SE comes from the per-example differences d_i = mine_i - ref_i, so it
+    only counts the examples on which the two methods disagree; two methods that
+    agree on most examples can be told apart far below the unpaired SE of either
+    accuracy.
+    """
+    if len(mine) != len(ref) or not mine:
+        raise ValueError(f"paired outcomes need equal, non-empty lengths, got {len(mine)} and {len(ref)}")
+    n = len(mine)
+    d = [int(a) - int(b) for a, b in zip(mine, ref)]
+    mean = sum(d) / n
+    if n == 1:
+        return mean, 0.0
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return mean, math.sqrt(var / n)

@@ -30,6 +30,8 @@ METRICS: dict[str, tuple[str, Any]] = {
     "accuracy": ("fraction", lambda r: r.accuracy),
     "accuracy_se": ("fraction", lambda r: r.accuracy_se),
     "test_size": ("examples", lambda r: r.test_size),
+    "accuracy_diff": ("fraction", lambda r: r.accuracy_diff and r.accuracy_diff[0]),
+    "accuracy_diff_se": ("fraction", lambda r: r.accuracy_diff and r.accuracy_diff[1]),
     "saved_bytes_per_sample": ("bytes", lambda r: r.per_sample(r.saved_bytes)),
     "peak_fwd_bwd_bytes": ("bytes", lambda r: r.peak_fwd_bwd_bytes),
     "peak_step_bytes": ("bytes", lambda r: r.peak_bytes),
@@ -124,7 +126,8 @@ def _result_dict(r: MethodResult) -> dict[str, Any]:
     d = {"method": r.method, "summary": r.summary, "status": r.status}
     d.update({metric: read(r) if r.ok or metric in _ALWAYS else None for metric, (_, read) in METRICS.items()})
     d.update(step_times=r.step_times, step_cpu_times=r.step_cpu_times, losses=r.losses, razor_options=r.razor_options,
-             breakdown_bytes_per_sample=r.breakdown, notes=r.notes, error=r.error)
+             breakdown_bytes_per_sample=r.breakdown, notes=r.notes, error=r.error,
+             test_hits=None if r.hits is None else "".join("1" if h else "0" for h in r.hits))
     return d
 
 
@@ -147,9 +150,12 @@ def _times(mine: float | None, ref: float | None) -> str:
 def _cells(r: MethodResult, base: MethodResult | None) -> list[str]:
     ref = base if base is not None else MethodResult("", "", r.batch_size)
     acc = "n/a (no labels)" if r.accuracy is None else f"{r.accuracy:.3f} ± {r.accuracy_se:.3f}"
+    diff = "-" if r.accuracy_diff is None or r.method == "baseline" else (
+        f"{100 * r.accuracy_diff[0]:+.1f} ± {100 * r.accuracy_diff[1]:.1f}")
     return [
         r.method,
         acc,
+        diff,
         f"{r.per_sample(r.saved_bytes) / MiB:.3f}" + _ratio(r.saved_bytes, ref.saved_bytes),
         f"{r.peak_fwd_bwd_bytes / MiB:.1f}" + _ratio(r.peak_fwd_bwd_bytes, ref.peak_fwd_bwd_bytes),
         f"{r.peak_bytes / MiB:.1f}" + _ratio(r.peak_bytes, ref.peak_bytes),
@@ -161,7 +167,7 @@ def _cells(r: MethodResult, base: MethodResult | None) -> list[str]:
     ]
 
 
-TABLE_HEADER = ("method", "accuracy ± SE", "saved MiB/sample (less)", "peak fwd+bwd MiB (less)",
+TABLE_HEADER = ("method", "accuracy ± SE", "vs base pts ± paired SE", "saved MiB/sample (less)", "peak fwd+bwd MiB (less)",
                 "peak step MiB (less)", "step s (x base)", "min step s", "GFLOP/step", "compile s", "trained")
 
 

@@ -53,8 +53,9 @@ class MethodResult:
     summary: str
     batch_size: int
     status: str = "ok"
-    correct: int | None = None
-    test_size: int | None = None
+    # Per test example, in a fixed order: classified right (pairs methods, see
+    # measure.paired_difference).
+    hits: list[bool] | None = None
     saved_bytes: int | None = None  # saved for backward by one training batch
     peak_bytes: int | None = None  # peak above the start of one training step
     peak_fwd_bwd_bytes: int | None = None  # the same peak up to the end of backward
@@ -68,6 +69,7 @@ class MethodResult:
     breakdown: dict[str, tuple[float, float]] | None = None
     razor_options: dict[str, Any] | None = None
     baseline_step_s: float | None = None  # the baseline's median, set by the caller
+    baseline_hits: list[bool] | None = None  # the baseline's test outcomes, set by the caller
     wall_s: float = 0.0
     # Highest 1-minute load average seen during the training steps: above the core
     # count, other processes shared the CPU and step times are inflated.
@@ -80,12 +82,27 @@ class MethodResult:
         return self.status == "ok"
 
     @property
+    def correct(self) -> int | None:
+        return None if self.hits is None else sum(self.hits)
+
+    @property
+    def test_size(self) -> int | None:
+        return None if self.hits is None else len(self.hits)
+
+    @property
     def accuracy(self) -> float | None:
-        return None if self.correct is None else self.correct / self.test_size
+        return None if not self.hits else self.correct / self.test_size
 
     @property
     def accuracy_se(self) -> float | None:
-        return None if self.correct is None else measure.binomial_se(self.correct, self.test_size)
+        return None if not self.hits else measure.binomial_se(self.correct, self.test_size)
+
+    @property
+    def accuracy_diff(self) -> tuple[float, float] | None:
+        """(accuracy - baseline accuracy, paired SE) on the same test examples."""
+        if not self.hits or not self.baseline_hits:
+            return None
+        return measure.paired_difference(self.hits, self.baseline_hits)
 
     @staticmethod
     def _median_timed(times: list[float | None]) -> float | None:
@@ -222,8 +239,7 @@ def _run(workload: Workload, method: Method, device: torch.device, seed: int, re
     if workload.measures_accuracy:
         batches = tqdm(_test_batches(workload), desc="  test", leave=False,
                        total=-(-len(workload.data.test) // workload.eval_batch_size))
-        result.correct, result.test_size = measure.evaluate(prepared.eager_module, batches,
-                                                            prepared.forward_context, device)
+        result.hits = measure.evaluate(prepared.eager_module, batches, prepared.forward_context, device)
     _breakdown(workload, prepared, result)
 
 

@@ -116,6 +116,25 @@ def test_method_names_resolve():
     assert METHODS["baseline"].razor_options({"trainable_blocks": (1,)}) is None
 
 
+def test_paired_accuracy_difference_matches_numpy():
+    import numpy as np
+
+    from bench.measure import binomial_se, paired_difference
+
+    rng = np.random.default_rng(0)
+    ref = rng.random(500) < 0.8
+    mine = ref.copy()
+    flip = rng.choice(500, 12, replace=False)
+    mine[flip] = ~mine[flip]
+    diff, se = paired_difference(mine.tolist(), ref.tolist())
+    d = mine.astype(float) - ref.astype(float)
+    assert diff == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / np.sqrt(500))
+    # 12 disagreements out of 500: far tighter than the unpaired SE of either accuracy
+    assert se < binomial_se(int(ref.sum()), 500) / 2
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_difference([True], [True, False])
+
+
 def test_na_rows_keep_their_reason_and_leave_metrics_empty():
     import types
 
@@ -158,6 +177,8 @@ def test_harness_tiny_end_to_end(tmp_path):
         assert value[method, "step_s"] > 0 and value[method, "flops_per_step"] > 0
     assert value["razor0.9", "saved_bytes_per_sample"] < value["baseline", "saved_bytes_per_sample"]
     assert value["baseline", "step_ratio"] == 1.0
+    assert value["razor0.9", "accuracy_diff"] == pytest.approx(
+        value["razor0.9", "accuracy"] - value["baseline", "accuracy"])
 
     doc = json.loads((tmp_path / "tweets_tiny.json").read_text())
     for key in ("date", "commit", "device", "torch", "transformers", "python", "data", "scale", "sizes", "steps"):
