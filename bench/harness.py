@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps (default: from the scale's epochs)")
     p.add_argument("--train-size", type=int, help="training examples")
     p.add_argument("--test-size", type=int, help="test examples")
+    p.add_argument("--batch-size", type=int, help="training batch size (default: the scale's)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, the head and the data order")
     p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
 
     workload = load_workload(args.workload, scale, seed=args.seed, train_size=args.train_size,
-                             test_size=args.test_size, steps=args.steps)
+                             test_size=args.test_size, steps=args.steps, batch_size=args.batch_size)
     if workload.steps < MIN_STEPS:
         raise SystemExit(f"razorpass-bench: --steps must be >= {MIN_STEPS} (2 warm-up, 1 profiled, >= 1 timed)")
     env = outputs.environment(device)
@@ -88,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         r.baseline_hits = base.hits if base else None
 
     print(outputs.format_table(results, workload))
-    meta = {**env, "scale": scale, "argv": list(argv) if argv is not None else sys.argv[1:],
-            "wall_s": time.perf_counter() - started, **workload.describe()}
+    meta = {**env, "scale": scale, "batch_override": args.batch_size,
+            "argv": list(argv) if argv is not None else sys.argv[1:], "wall_s": time.perf_counter() - started, **workload.describe()}
     written = _write_outputs(results, workload, scale, env, meta, args.out)
     print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - started:.0f} s")
     return 0
@@ -97,11 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _write_outputs(results: Sequence[MethodResult], workload: Workload, scale: str, env: dict, meta: dict,
                    out: pathlib.Path) -> list[pathlib.Path]:
-    """CSV, JSON and the two plots, named ``<workload>_<scale>*`` in ``out``."""
+    """CSV, JSON and the two plots, named ``<workload>_<scale>[_b<batch>]*`` in ``out``
+    (the batch size appears when ``--batch-size`` overrides the scale's)."""
     from . import outputs, plots
 
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{workload.name}_{scale}"
+    batch = "" if meta.get("batch_override") is None else f"_b{meta['batch_override']}"
+    stem = out / f"{workload.name}_{scale}{batch}"
     outputs.write_csv(outputs.metric_rows(results, workload, scale, env), stem.with_suffix(".csv"))
     outputs.write_json(results, meta, stem.with_suffix(".json"))
     title = f"{workload.name} ({scale}): {workload.model_summary}"

@@ -14,7 +14,7 @@ vit          ViT-B/16 at 224 px, RANDOM INIT              random images: memory 
 Each workload has three scales: ``tiny`` (a CI smoke test: a few steps, a tiny subset
 and a 2-block model — its numbers mean nothing), ``default`` (sized for ~15 minutes of
 the default methods on 2 CPU cores) and ``full`` (every method, larger subsets, more
-steps). ``--train-size``, ``--test-size`` and ``--steps`` override a scale.
+steps). ``--train-size``, ``--test-size``, ``--batch-size`` and ``--steps`` override a scale.
 """
 
 from __future__ import annotations
@@ -292,7 +292,8 @@ WORKLOADS: dict[str, tuple[Callable[[Scale, int], Workload], dict[str, Scale]]] 
 
 
 def load_workload(name: str, scale_name: str = "default", *, seed: int = 0, train_size: int | None = None,
-                  test_size: int | None = None, steps: int | None = None) -> Workload:
+                  test_size: int | None = None, steps: int | None = None,
+                  batch_size: int | None = None) -> Workload:
     """Build workload ``name`` at one of ``SCALES``, with optional size overrides.
 
     The model is built under ``torch.manual_seed(seed)`` (the new head's weights)."""
@@ -301,9 +302,11 @@ def load_workload(name: str, scale_name: str = "default", *, seed: int = 0, trai
     if scale_name not in SCALES:
         raise ValueError(f"unknown scale {scale_name!r}; choose from {SCALES}")
     build, scales = WORKLOADS[name]
-    overrides = {k: v for k, v in dict(train_size=train_size, test_size=test_size, steps=steps).items()
-                 if v is not None}
+    overrides = {k: v for k, v in dict(train_size=train_size, test_size=test_size, steps=steps,
+                                       batch_size=batch_size).items() if v is not None}
     scale = dataclasses.replace(scales[scale_name], **overrides)
+    if scale.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {scale.batch_size}")
     if scale.num_steps < 1:
         raise ValueError(f"--steps must be >= 1, got {scale.num_steps}")
     torch.manual_seed(seed)
