@@ -1,8 +1,10 @@
-"""The ``razor::compress`` / ``razor::decompress`` custom ops.
+"""The ``razor::compress`` / ``razor::decompress`` and ``razor::pack_bits`` /
+``razor::unpack_bits`` custom ops.
 
-Both have static output shapes (no host sync): a fake kernel computes them from sizes
+All have static output shapes (no host sync): a fake kernel computes them from sizes
 with ceil-division only, so they trace under dynamic shapes. CPU runs the chunked
-PyTorch kernel; CUDA runs the Triton kernels where Triton is installed.
+PyTorch kernel; CUDA runs the Triton kernels where Triton is installed. The bit
+packing of boolean masks is lossless and plain PyTorch on every device.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from triton_kernels import topk_compress_cpu
 from triton_kernels.topk_compress import torch_compress, torch_decompress
 
-__all__ = ["compress", "decompress", "compressed_shapes"]
+__all__ = ["compress", "decompress", "compressed_shapes", "pack_bits", "unpack_bits", "packed_numel"]
 
 _TRITON_BACKEND: dict[str, str] = {"default": "auto"}
 
@@ -85,3 +87,54 @@ def decompress(
 @decompress.register_fake
 def _(mask, values, shape, group_size, dtype, backend="auto"):
     return values.new_empty(shape, dtype=dtype)
+
+
+def packed_numel(numel):
+    """Bytes of a packed boolean tensor of ``numel`` elements; ceil-div only (SymInt-safe)."""
+    return (numel + 7) // 8
+
+
+def _bit_weights(device) -> torch.Tensor:
+    return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+
+
+@torch.library.custom_op("razor::pack_bits", mutates_args=())
+def pack_bits(x: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor 8 elements per byte: bit ``j`` of byte ``i`` is element
+    ``8i + j`` of the flattened (logical, row-major) order, as in the compressed
+    mask format; the padding bits of the last byte are 0. Lossless."""
+    if x.dtype != torch.bool:
+        raise ValueError(f"razor::pack_bits expects a bool tensor, got {x.dtype}")
+    flat = x.reshape(-1)  # logical order, whatever the strides
+    n = flat.numel()
+    nbytes = packed_numel(n)
+    if nbytes * 8 != n:
+        flat = torch.cat([flat, flat.new_zeros(nbytes * 8 - n)])
+    bits = flat.view(nbytes, 8).to(torch.uint8)
+    # distinct powers of two: the sum is the bitwise or and never exceeds 255
+    return (bits * _bit_weights(x.device)).sum(dim=1, dtype=torch.uint8)
+
+
+@pack_bits.register_fake
+def _(x):
+    return x.new_empty((packed_numel(x.numel()),), dtype=torch.uint8)
+
+
+@torch.library.custom_op("razor::unpack_bits", mutates_args=())
+def unpack_bits(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """The boolean tensor of ``shape`` that ``pack_bits`` packed (contiguous)."""
+    n = 1
+    for s in shape:
+        n *= s
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_numel(n):
+        raise ValueError(
+            f"razor::unpack_bits expects {packed_numel(n)} uint8 bytes for shape {list(shape)}, "
+            f"got {packed.dtype} of shape {tuple(packed.shape)}"
+        )
+    bits = (packed.unsqueeze(1) & _bit_weights(packed.device)) != 0
+    return bits.view(-1)[:n].clone().view(shape)
+
+
+@unpack_bits.register_fake
+def _(packed, shape):
+    return packed.new_empty(shape, dtype=torch.bool)
