@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 aten = torch.ops.aten
 
-__all__ = ["BailOut", "PassContext", "VIEW_OPS", "module_path", "matches", "fake_mode_of"]
+__all__ = ["BailOut", "PassContext", "VIEW_OPS", "module_path", "matches", "fake_mode_of", "size_args"]
 
 
 class BailOut(Exception):
@@ -129,3 +130,18 @@ def fake_mode_of(gm: fx.GraphModule):
         if isinstance(v, torch._subclasses.fake_tensor.FakeTensor):
             return v.fake_mode
     raise BailOut("no fake tensor metadata on the joint graph")
+
+
+def size_args(graph: fx.Graph, root: fx.Node, val: torch.Tensor) -> list:
+    """The sizes of ``root`` as op arguments: ints where static, forward
+    ``sym_size`` nodes (inserted at the current insertion point) where symbolic."""
+    sizes = []
+    for d, s in enumerate(val.shape):
+        if is_concrete_int(s):
+            sizes.append(int(s))
+        else:
+            node = graph.call_function(aten.sym_size.int, (root, d))
+            node.meta["val"] = s
+            node.meta["partitioner_tag"] = "is_forward"
+            sizes.append(node)
+    return sizes

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
-from .common import VIEW_OPS, PassContext, backward_nodes, fake_mode_of, matches, module_path
+from .common import VIEW_OPS, PassContext, backward_nodes, fake_mode_of, matches, module_path, size_args
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -292,19 +292,6 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     return out
 
 
-def _size_args(graph: fx.Graph, root: fx.Node, val: torch.Tensor) -> list:
-    sizes = []
-    for d, s in enumerate(val.shape):
-        if is_concrete_int(s):
-            sizes.append(int(s))
-        else:
-            node = graph.call_function(aten.sym_size.int, (root, d))
-            node.meta["val"] = s
-            node.meta["partitioner_tag"] = "is_forward"
-            sizes.append(node)
-    return sizes
-
-
 def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[dict]:
     from razorpass.format import value_dtype_of
 
@@ -326,7 +313,7 @@ def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[dict]
         with graph.inserting_after(mask):
             values = graph.call_function(operator.getitem, (comp, 1))
         with graph.inserting_after(values):
-            sizes = _size_args(graph, root, val)
+            sizes = size_args(graph, root, val)
         with fake_mode:
             mval, vval = torch.ops.razor.compress.default(val, plan.group_size, plan.keep, vdtype)
         comp.meta["val"] = (mval, vval)
