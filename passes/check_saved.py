@@ -1,8 +1,9 @@
-"""check-saved: the post-partition invariant of compress-saved.
+"""check-saved: the post-partition invariant of compress-saved and pack-masks.
 
 No dense activation may be saved for backward only to feed a weight gradient that was
-meant to be compressed. Concretely: every saved tensor of the forward graph is walked
-back through views to its root; a root that compress-saved compressed may be saved
+meant to be compressed, and no boolean mask that was packed may be saved unpacked.
+Concretely: every saved tensor of the forward graph is walked back through views to
+its root; a root that compress-saved compressed (or pack-masks packed) may be saved
 dense only if some *untargeted* backward op still reads it in the rewritten joint
 graph.
 The min-cut partitioner can break this (e.g. under ``activation_memory_budget < 1``,
@@ -38,7 +39,7 @@ def still_read_dense(joint: fx.GraphModule, roots: set[str]) -> set[str]:
             cur = todo.pop()
             for u in cur.users:
                 if u in bwd or u.meta.get("partitioner_tag") in ("is_backward", "must_be_in_backward"):
-                    if u.target is not torch.ops.razor.compress.default:
+                    if u.target not in (torch.ops.razor.compress.default, torch.ops.razor.pack_bits.default):
                         keep.add(n.name)
                 elif u.op == "call_function" and u.target in VIEW_OPS:
                     todo.append(u)
@@ -58,7 +59,7 @@ def _root(n: fx.Node) -> fx.Node:
 
 
 def run(fw_module: fx.GraphModule, joint: fx.GraphModule, ctx: PassContext) -> None:
-    records = ctx.stats.get("compressed", [])
+    records = [*ctx.stats.get("compressed", []), *ctx.stats.get("packed", [])]
     if not records:
         return
     roots = {r["root"] for r in records}

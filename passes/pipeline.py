@@ -1,7 +1,7 @@
 """The razorpass pipeline: which passes run on the joint graph, in which order, and how
 a pass that cannot apply falls back.
 
-    joint graph --canonicalize--compress_saved--> rewritten joint --min-cut--> (fw, bw) --check_saved
+    joint graph --canonicalize--compress_saved--pack_masks--> rewritten joint --min-cut--> (fw, bw) --check_saved
 
 A pass that raises ``BailOut`` (or fails unexpectedly) is logged and the *unmodified*
 joint graph is partitioned instead: compilation never crashes because of razorpass and
@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
-from . import bsr_token_check, canonicalize, check_saved, compress_saved, decompose_sdpa, freeze_blocks
+from . import bsr_token_check, canonicalize, check_saved, compress_saved, decompose_sdpa, freeze_blocks, pack_masks
 from .common import PassContext
 
 log = logging.getLogger("razorpass")
@@ -26,6 +26,7 @@ log = logging.getLogger("razorpass")
 JOINT_PASSES: tuple[tuple[str, Callable[[fx.GraphModule, PassContext], fx.GraphModule]], ...] = (
     ("canonicalize", canonicalize.run),
     ("compress_saved", compress_saved.run),
+    ("pack_masks", pack_masks.run),
 )
 # Checks on the partitioned forward graph.
 POST_PARTITION_CHECKS = (("check_saved", check_saved.run),)
@@ -64,13 +65,16 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
 def describe_saved(fw: fx.GraphModule, ctx: PassContext) -> list[dict[str, Any]]:
     """One entry per tensor the forward graph saves, in order: shape, dtype, whether it
     is a graph input, and which layer / op class it belongs to (mask and values of a
-    compressed root carry the root's dense size on the mask entry)."""
+    compressed root carry the root's dense size on the mask entry; a packed boolean
+    mask, op class "mask", carries its dense size itself)."""
     from .common import module_path
 
     owners: dict[str, tuple[dict[str, Any], bool]] = {}
     for c in ctx.stats.get("compressed", []):
         owners[c["outputs"][0]] = (c, True)
         owners[c["outputs"][1]] = (c, False)
+    for c in ctx.stats.get("packed", []):
+        owners[c["outputs"][0]] = (c, True)
     entries = []
     for n in check_saved.saved_nodes(fw, ctx.num_fwd_outputs):
         val = n.meta.get("val")
@@ -115,6 +119,7 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_f
         log.warning("razorpass: compiling this graph without compression (%s)", reason)
         record["fallback"] = reason
         ctx.stats["compressed"] = []
+        ctx.stats["packed"] = []
         fw, bw = partition_fn(joint, joint_inputs, **kwargs)
     record.update(ctx.stats)
     record["saved"] = describe_saved(fw, ctx)

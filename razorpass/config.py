@@ -26,11 +26,13 @@ __all__ = ["RazorConfig", "TARGETS", "DEFAULT_TARGETS", "VALUE_DTYPES", "GRANULA
 #   gelu:      the saved GELU input (Back Razor keeps it dense)
 #   sdpa:      scaled_dot_product_attention runs as explicit math so that its Q·Kᵀ / P·V
 #              operands and softmax output are compressed; implies "matmul" and "softmax"
+#   mask:      boolean masks saved for backward, e.g. dropout: packed 8 per byte, lossless
 #   all:       every class above
-TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "gelu", "sdpa", "all")
+TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "gelu", "sdpa", "mask", "all")
 # Back Razor's coverage of a ViT: every Linear input, both operands of Q·Kᵀ, the softmax
-# output and V of P·V, the LayerNorm inputs; convolution inputs for CNNs.
-DEFAULT_TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "sdpa")
+# output and V of P·V, the LayerNorm inputs; convolution inputs for CNNs. Plus the
+# boolean masks, packed losslessly (free in accuracy).
+DEFAULT_TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "sdpa", "mask")
 VALUE_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32", "same")
 GRANULARITIES: tuple[str, ...] = ("block", "sample")
 COMPILERS: tuple[str, ...] = ("inductor", "eager")

@@ -1,0 +1,256 @@
+"""The "mask" target: boolean tensors saved for backward (dropout masks) are packed
+8 per byte by ``razor::pack_bits`` and unpacked in backward. Lossless: the loss and
+every gradient are bit-identical to the same compilation without it."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import razorpass
+from razorpass import RazorConfig, ops
+from triton_kernels.topk_compress import torch_compress
+
+from .models import loss_of
+
+# ---------------------------------------------------------------- the ops
+
+SHAPES = [(), (0,), (1,), (7,), (8,), (9,), (3, 5, 7), (2, 0, 3), (4, 1, 13, 3)]
+
+
+def _np_packed(x: torch.Tensor) -> np.ndarray:
+    return np.packbits(x.numpy().reshape(-1), bitorder="little")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_pack_bits_equals_numpy_packbits(shape):
+    g = torch.Generator().manual_seed(sum(shape) + len(shape))
+    x = torch.rand(shape, generator=g) > 0.5
+    packed = ops.pack_bits(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (math.ceil(x.numel() / 8),)
+    np.testing.assert_array_equal(packed.numpy(), _np_packed(x))
+    out = ops.unpack_bits(packed, list(shape))
+    assert out.dtype == torch.bool and out.is_contiguous() and torch.equal(out, x)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x.transpose(0, 2),
+        lambda x: x[:, ::2, 1:],
+        lambda x: x[..., 3],
+        lambda x: x[:1, :1].expand(4, 3, 7),
+    ],
+    ids=["transpose", "slice", "select", "expand"],
+)
+def test_pack_bits_non_contiguous_uses_logical_order(make):
+    x = make(torch.rand(5, 6, 7, generator=torch.Generator().manual_seed(3)) > 0.3)
+    packed = ops.pack_bits(x)
+    np.testing.assert_array_equal(packed.numpy(), _np_packed(x))
+    assert torch.equal(ops.unpack_bits(packed, list(x.shape)), x)
+
+
+def test_pack_bits_has_the_compressed_mask_bit_order():
+    # A single group of compress keeping exactly the True positions (all > 0, the rest
+    # 0) yields the same mask bytes as packing the booleans.
+    g = torch.Generator().manual_seed(5)
+    b = torch.rand(200, generator=g) > 0.6
+    x = b.float() * (1 + torch.rand(200, generator=g))
+    mask, _ = torch_compress(x, 200, int(b.sum()), torch.float32)
+    assert torch.equal(mask.reshape(-1), ops.pack_bits(b))
+
+
+def test_pack_bits_rejects_other_dtypes():
+    with pytest.raises(ValueError, match="bool"):
+        ops.pack_bits(torch.zeros(3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="2 uint8 bytes"):
+        ops.unpack_bits(torch.zeros(3, dtype=torch.uint8), [2, 5])
+
+
+@pytest.mark.parametrize("shape", [(0,), (9,), (3, 5, 7)])
+def test_opcheck(shape):
+    x = torch.rand(shape) > 0.5
+    torch.library.opcheck(torch.ops.razor.pack_bits.default, (x,))
+    torch.library.opcheck(torch.ops.razor.unpack_bits.default, (ops.pack_bits(x), list(shape)))
+    torch.library.opcheck(torch.ops.razor.pack_bits.default, (x.t() if x.dim() == 2 else x.flip(0),))
+
+
+# ---------------------------------------------------------------- the pass
+
+
+class DropMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(24, 40)
+        self.drop1 = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(40, 40)
+        self.drop2 = nn.Dropout(0.3)
+        self.head = nn.Linear(40, 6)
+
+    def forward(self, x):
+        return self.head(self.drop2(torch.tanh(self.fc2(self.drop1(F.gelu(self.fc1(x)))))))
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return DropMLP().train(), (torch.randn(4, 3, 24),)
+
+
+def _dims(model, inputs):
+    """Masks of each model, from its config and input shape (never hard-coded)."""
+    if isinstance(model, DropMLP):
+        (x,) = inputs
+        return [(*x.shape[:-1], model.fc1.out_features), (*x.shape[:-1], model.fc2.out_features)]
+    cfg, (b, t) = model.config, inputs[0].shape
+    hidden = (b, t, cfg.hidden_size)
+    per_layer = [(b, cfg.num_attention_heads, t, t), hidden, hidden]  # attention probs, 2 hidden dropouts
+    return [hidden] + per_layer * cfg.num_hidden_layers  # embeddings dropout first
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.1,
+                     attention_probs_dropout_prob=0.1)
+    ids = torch.randint(0, 64, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    return BertModel(cfg, add_pooling_layer=False).train(), (ids, mask)
+
+
+BUILDERS = {"mlp": _mlp, "bert": _bert}
+
+
+@pytest.fixture
+def fallback_random():
+    # aten's RNG in compiled code: the same seed draws the same dropout masks in
+    # every compilation, so two compilations can be compared bit for bit.
+    with torch._inductor.config.patch(fallback_random=True):
+        yield
+
+
+def _step(name, **options):
+    model, inputs = BUILDERS[name]()
+    with razorpass.record_compiles() as records:
+        compiled = razorpass.compile(model, fullgraph=True, **options)
+        torch.manual_seed(1)
+        loss = loss_of(compiled(*inputs))
+        loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None for g in grads.values())
+    return loss.detach(), grads, records, model, inputs
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+@pytest.mark.parametrize("name", ["mlp", "bert"])
+def test_packed_masks_give_bit_identical_gradients(name, compiler, fallback_random):
+    loss0, grads0, _, _, _ = _step(name, compiler=compiler, targets=())
+    loss1, grads1, records, model, inputs = _step(name, compiler=compiler, targets=("mask",))
+    (rec,) = records
+    assert rec["fallback"] is None and rec["compressed"] == []
+    dims = _dims(model, inputs)
+    assert [p["shape"] for p in rec["packed"]] == dims
+    assert all(p["op_classes"] == ["mask"] and p["dtype"] == torch.bool for p in rec["packed"])
+    # nothing boolean is saved any more: one packed uint8 tensor per mask instead
+    saved = rec["saved"]
+    assert not [e for e in saved if e["dtype"] == torch.bool]
+    assert sorted(e["shape"] for e in saved if e["op_class"] == "mask") == sorted(
+        (math.ceil(math.prod(d) / 8),) for d in dims)
+    assert torch.equal(loss0, loss1)
+    assert grads0.keys() == grads1.keys()
+    for k in grads0:
+        assert torch.equal(grads0[k], grads1[k]), k
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+@pytest.mark.parametrize("name", ["mlp", "bert"])
+def test_memory_report_counts_packed_masks_exactly(name, compiler):
+    model, inputs = BUILDERS[name]()
+    dims = _dims(model, inputs)
+    dense = sum(math.prod(d) for d in dims)
+    packed = sum(math.ceil(math.prod(d) / 8) for d in dims)
+    rep = razorpass.memory_report(model, inputs, targets=("mask",), compiler=compiler)
+    assert rep.fallbacks == []
+    assert rep.by_op_class()["mask"] == (dense, packed)
+    assert rep.baseline_bytes - rep.saved_bytes == dense - packed
+    # the dropout masks were the only booleans: the rest is saved exactly as before
+    assert rep.by_op_class()["dense"][1] == rep.baseline_bytes - dense
+
+
+def test_mask_is_a_default_target_and_part_of_all():
+    assert "mask" in RazorConfig().targets
+    assert "mask" in RazorConfig(targets=("all",)).targets
+    assert "mask" not in RazorConfig(targets=("linear",)).targets
+
+
+def test_include_exclude_globs_select_masks():
+    _, _, records, _, _ = _step("bert", compiler="eager", targets=("mask",), exclude=("encoder.layer.0.*",))
+    layers = [p["layer"] for p in records[0]["packed"]]
+    assert layers == ["embeddings.dropout", "encoder.layer.1.attention.self",
+                      "encoder.layer.1.attention.output.dropout", "encoder.layer.1.output.dropout"]
+    bools = [e for e in records[0]["saved"] if e["dtype"] == torch.bool]
+    assert len(bools) == 3 and all(e["layer"].startswith("encoder.layer.0.") for e in bools)
+
+
+def test_roots_excluded_by_the_retry_are_left_dense(monkeypatch):
+    from passes import pack_masks, pipeline
+
+    def run(gm, ctx):
+        ctx.stats["exclude_roots"] = [n.name for n in gm.graph.nodes if n.name == first]
+        return pack_masks.run(gm, ctx)
+
+    _, _, records, _, _ = _step("mlp", compiler="eager", targets=("mask",))
+    first = records[0]["packed"][0]["root"]
+    torch._dynamo.reset()
+    passes = tuple((n, run if n == "pack_masks" else f) for n, f in pipeline.JOINT_PASSES)
+    monkeypatch.setattr(pipeline, "JOINT_PASSES", passes)
+    _, _, records, _, _ = _step("mlp", compiler="eager", targets=("mask",))
+    (rec,) = records
+    assert rec["fallback"] is None
+    roots = [p["root"] for p in rec["packed"]]
+    assert len(roots) == 1 and first not in roots
+    assert [e["shape"] for e in rec["saved"] if e["dtype"] == torch.bool] == [(4, 3, 40)]
+
+
+def test_dynamic_batch_packs_with_symbolic_sizes(fallback_random):
+    models = {t: _mlp()[0] for t in ((), ("mask",))}
+    compiled = {t: razorpass.compile(m, compiler="eager", targets=t) for t, m in models.items()}
+    with razorpass.record_compiles() as records:
+        for batch in (2, 3, 5):
+            x = torch.randn(batch, 3, 24)
+            torch._dynamo.mark_dynamic(x, 0)
+            grads = {}
+            for t, m in models.items():
+                m.zero_grad(set_to_none=True)
+                torch.manual_seed(batch)
+                loss_of(compiled[t](x)).backward()
+                grads[t] = [p.grad for p in m.parameters()]
+            assert all(torch.equal(a, b) for a, b in zip(grads[()], grads[("mask",)]))
+    packed = [r for r in records if r["config"].targets == ("mask",)]
+    assert len(packed) == 1 and packed[0]["fallback"] is None  # compiled once
+    assert len(packed[0]["packed"]) == 2
+    assert not [e for e in packed[0]["saved"] if e["dtype"] == torch.bool]
+
+
+def test_masks_computed_from_inputs_alone_are_left_to_the_partitioner():
+    # nanoGPT's causal mask is a function of constants (no random op): the partitioner
+    # decides how to keep it (recompute it or save it, maybe as smaller factors), so it
+    # is not packed and the saved set is exactly that of the same graph without "mask".
+    from .models import NanoGPT
+
+    saved = {}
+    for targets in ((), ("mask",)):
+        torch.manual_seed(0)
+        model, x = NanoGPT().train(), torch.randint(0, 50, (3, 16))
+        with razorpass.record_compiles() as records:
+            loss_of(razorpass.compile(model, compiler="eager", targets=targets)(x)).backward()
+        (rec,) = records
+        assert rec["fallback"] is None and rec.get("packed", []) == []
+        saved[targets] = [(e["shape"], e["dtype"]) for e in rec["saved"]]
+    assert saved[()] == saved[("mask",)]
+    assert any("recomputable from graph inputs" in s for s in rec["pack_skipped"])
