@@ -90,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(outputs.format_table(results, workload))
     meta = {**env, "scale": scale, "batch_override": args.batch_size,
-            "argv": list(argv) if argv is not None else sys.argv[1:], "wall_s": time.perf_counter() - started, **workload.describe()}
+            "argv": list(argv) if argv is not None else sys.argv[1:], "wall_s": time.perf_counter() - started,
+            **workload.describe()}
     written = _write_outputs(results, workload, scale, env, meta, args.out)
     print(f"wrote {', '.join(str(p) for p in written)} in {time.perf_counter() - started:.0f} s")
     return 0
