@@ -229,8 +229,10 @@ def _run(workload: Workload, method: Method, device: torch.device, seed: int, re
     prepared = prepare(method, model, lr=workload.lr, head_lr=workload.head_lr, bsr_options=workload.bsr,
                        device_type=device.type)
     result.razor_options = prepared.razor_options
+    # fused: one kernel per step, no full-size temporaries (foreach AdamW allocates
+    # several parameter-sized buffers per step, which would set every method's peak)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=prepared.lr,
-                                  weight_decay=workload.weight_decay)
+                                  weight_decay=workload.weight_decay, fused=True)
     scheduler = measure.linear_warmup_decay(optimizer, workload.steps, workload.warmup)
     step = measure.StepRunner(prepared, optimizer, scheduler, device)
 
