@@ -64,11 +64,56 @@ class MemoryReport:
         )
         return "\n".join(lines)
 
+    def backrazor_analytic(self) -> dict[str, float]:
+        """Back Razor's own analytic accounting of the tensors this report measured,
+        per op class plus "total", in bytes for the whole batch.
+
+        Back Razor (TinyTL-style profiler) counts a sparse fp32 tensor of ``n``
+        elements at density ``d`` as ``n*4*d*(0.5 if fp16 values) + n/8`` bytes. Its ViT
+        recipe: fp16 values, fp32 for LayerNorm inputs; the GELU input stays dense in
+        fp16 (``n*2``); every Linear keeps its own copy of its input (q, k and v
+        projections: three). Tensors razorpass leaves dense (statistics, masks) count
+        at their measured size. The density is this report's ``1 - sparsity``.
+        Needs a report made with every class labelled (``targets=("all",)``), so that
+        the GELU input can be told from other dense tensors.
+        """
+        labelled = {"linear", "matmul", "softmax", "layernorm", "gelu"}
+        if not labelled <= set(self.config.targets):
+            raise ValueError("backrazor_analytic needs a report made with targets=('all',) "
+                             f"(this one has {self.config.targets})")
+        d = 1.0 - self.config.sparsity
+        out: dict[str, float] = defaultdict(float)
+        for r in self.rows:
+            classes = set(r.op_class.split("+"))
+            n = r.dense_bytes / 4
+            if r.op_class == "gelu":
+                nbytes = n * 2
+            elif classes <= _BACKRAZOR_SPARSE:
+                fp16 = classes != {"layernorm"}
+                copies = _linear_copies(r.layer) if classes == {"linear"} else 1
+                nbytes = copies * (n * 4 * d * (0.5 if fp16 else 1.0) + n / 8)
+            else:
+                nbytes = r.saved_bytes
+            out[r.op_class] += nbytes
+        out["total"] = sum(out.values())
+        return dict(out)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["config"] = dataclasses.asdict(self.config)
         d["ratio"] = self.ratio
         return d
+
+
+# The classes Back Razor stores sparse (see MemoryReport.backrazor_analytic).
+_BACKRAZOR_SPARSE = frozenset({"linear", "conv", "matmul", "softmax", "layernorm"})
+
+
+def _linear_copies(layer: str) -> int:
+    """How many Linear layers share one compressed input: "a.{key,query,value}" -> 3."""
+    if "{" in layer and layer.endswith("}"):
+        return layer[layer.index("{") + 1:-1].count(",") + 1
+    return 1
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int]:

@@ -62,3 +62,30 @@ def test_memory_report_rows_add_up_and_match_measurement():
     cfg = rep.config
     assert rep.by_op_class()["linear"] == (2 * 6 * 5 * 40 * 4, 2 * compressed_nbytes((6, 5, 40), cfg, torch.float32))
     assert "total (measured)" in rep.table()
+
+
+def test_backrazor_analytic_accounting_matches_the_architecture():
+    """Back Razor's formula, applied to a tiny HF ViT, against the count of tensors its
+    recipe stores, derived from the architecture alone: per layer the q, k, v, output,
+    fc1 and fc2 Linear inputs (q/k/v: three copies of T x H), the GELU input dense fp16."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=128)
+    model = transformers.ViTModel(cfg, add_pooling_layer=False)
+    batch, sparsity = 2, 0.9
+    report = razorpass.memory_report(model, torch.randn(batch, 3, 32, 32), sparsity=sparsity, targets=("all",))
+    got = report.backrazor_analytic()
+
+    tokens = (32 // 8) ** 2 + 1
+    hidden, inter, layers, density = 64, 128, 2, 1 - sparsity
+
+    def sparse(n):  # n fp32 elements, fp16 values + 1-bit mask
+        return n * 4 * density * 0.5 + n / 8
+
+    linear = layers * batch * (3 * sparse(tokens * hidden) + 2 * sparse(tokens * hidden) + sparse(tokens * inter))
+    assert got["linear"] == pytest.approx(linear)
+    assert got["gelu"] == pytest.approx(layers * batch * tokens * inter * 2)
+    assert got["total"] == pytest.approx(sum(v for k, v in got.items() if k != "total"))
+    with pytest.raises(ValueError, match="targets=\\('all',\\)"):
+        razorpass.memory_report(model, torch.randn(batch, 3, 32, 32), sparsity=sparsity).backrazor_analytic()
