@@ -1,6 +1,6 @@
 """Offline datasets of the benchmark, with fixed, documented splits.
 
-Every dataset ships inside an installed package (see /work/shared/DATA.md); nothing
+Every dataset ships inside an installed package (the `bench` extra in pyproject.toml); nothing
 is downloaded. Splits are deterministic: a ``torch.randperm`` with a seeded
 generator orders the examples (files are listed in sorted order first, so the order
 does not depend on the file system), the first ``test_size`` examples form the test
