@@ -188,3 +188,18 @@ def test_harness_tiny_end_to_end(tmp_path):
     assert doc["results"][1]["breakdown_bytes_per_sample"]  # razor rows carry the per-op-class breakdown
     assert (tmp_path / "tweets_tiny_tradeoff.png").stat().st_size > 0
     assert (tmp_path / "tweets_tiny_breakdown.png").stat().st_size > 0
+
+
+def test_accounting_table_reports_both_ratios():
+    from bench.accounting import format_table
+
+    result = {"model": "m", "batch": 2, "runs": [
+        {"sparsity": 0.9, "targets": "default", "dense_mib": 100.0, "saved_mib": 25.0,
+         "by_op_class_mib": {"linear": (40.0, 3.0)}},
+        {"sparsity": 0.9, "targets": "all", "dense_mib": 100.0, "saved_mib": 10.0,
+         "by_op_class_mib": {"linear": (40.0, 3.0), "gelu": (30.0, 2.0)},
+         "backrazor_analytic_mib": {"linear": 5.0, "gelu": 15.0, "total": 20.0}},
+    ]}
+    table = format_table(result)
+    assert "4.0x" in table and "10.0x" in table and "5.0x" in table  # 100/25, 100/10, 100/20
+    assert "gelu" in table and "15.00" in table
