@@ -25,7 +25,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 aten = torch.ops.aten
 
-__all__ = ["BailOut", "PassContext", "VIEW_OPS", "module_path", "matches", "fake_mode_of", "size_args"]
+__all__ = ["BailOut", "PassContext", "VIEW_OPS", "module_path", "matches", "fake_mode_of", "size_args", "replay_chain"]
 
 
 class BailOut(Exception):
@@ -145,3 +145,21 @@ def size_args(graph: fx.Graph, root: fx.Node, val: torch.Tensor) -> list:
             node.meta["partitioner_tag"] = "is_forward"
             sizes.append(node)
     return sizes
+
+
+def replay_chain(graph: fx.Graph, fake_mode, chain: list[fx.Node], start: fx.Node, root: fx.Node) -> fx.Node:
+    """Replay ``chain`` (single-tensor-input nodes from ``root``, exclusive, to some
+    operand) on ``start`` at the current insertion point, as backward nodes; returns
+    the last replayed node (``start`` for an empty chain)."""
+    cur, prev = start, root
+    for link in chain:
+        # every link has one tensor input: the previous link (or the root)
+        args, kwargs = fx.node.map_arg((link.args, link.kwargs), lambda a: cur if a is prev else a)
+        new = graph.call_function(link.target, args, kwargs)
+        new.meta.update({k: v for k, v in link.meta.items() if k != "val"})
+        with fake_mode:
+            fargs, fkwargs = fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
+            new.meta["val"] = link.target(*fargs, **fkwargs)
+        new.meta["partitioner_tag"] = "is_backward"
+        cur, prev = new, link
+    return cur

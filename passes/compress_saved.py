@@ -31,7 +31,8 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
-from .common import VIEW_OPS, PassContext, backward_nodes, fake_mode_of, matches, module_path, size_args
+from .common import (VIEW_OPS, PassContext, backward_nodes, fake_mode_of, matches, module_path, replay_chain,
+                     size_args)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -333,18 +334,8 @@ def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[dict]
         dense.meta["partitioner_tag"] = "must_be_in_backward"
         dense.meta["fwd_nn_module_stack"] = first.meta.get("fwd_nn_module_stack", {})
         for site in plan.sites:
-            cur, prev = dense, root
             with graph.inserting_before(site.consumer):
-                for link in site.chain:
-                    # every link has one tensor input: the previous link (or the root)
-                    args, kwargs = torch.fx.node.map_arg((link.args, link.kwargs), lambda a: cur if a is prev else a)
-                    new = graph.call_function(link.target, args, kwargs)
-                    new.meta.update({k: v for k, v in link.meta.items() if k != "val"})
-                    with fake_mode:
-                        fargs, fkwargs = torch.fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
-                        new.meta["val"] = link.target(*fargs, **fkwargs)
-                    new.meta["partitioner_tag"] = "is_backward"
-                    cur, prev = new, link
+                cur = replay_chain(graph, fake_mode, site.chain, dense, root)
             site.consumer.update_arg(site.arg_index, cur)
         records.append(
             {

@@ -32,7 +32,8 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, statically_known_true
 
-from .common import VIEW_OPS, BailOut, PassContext, backward_nodes, fake_mode_of, matches, module_path, size_args
+from .common import (VIEW_OPS, BailOut, PassContext, backward_nodes, fake_mode_of, matches, module_path,
+                     replay_chain, size_args)
 from .compress_saved import layer_label
 
 OP_CLASS = "mask"
@@ -181,18 +182,8 @@ def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[dict]
         dense.meta["partitioner_tag"] = "must_be_in_backward"
         dense.meta["fwd_nn_module_stack"] = first.meta.get("fwd_nn_module_stack", {})
         for site in plan.sites:
-            cur, prev = dense, root
             with graph.inserting_before(site.consumer):
-                for link in site.chain:
-                    # a view: its one tensor input is the previous link (or the root)
-                    args, kwargs = torch.fx.node.map_arg((link.args, link.kwargs), lambda a: cur if a is prev else a)
-                    new = graph.call_function(link.target, args, kwargs)
-                    new.meta.update({k: v for k, v in link.meta.items() if k not in ("val", "partitioner_tag")})
-                    with fake_mode:
-                        fargs, fkwargs = torch.fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
-                        new.meta["val"] = link.target(*fargs, **fkwargs)
-                    new.meta["partitioner_tag"] = "is_backward"
-                    cur, prev = new, link
+                cur = replay_chain(graph, fake_mode, site.chain, dense, root)
             site.consumer.replace_input_with(site.operand, cur)
         left = [s.consumer.name for s in plan.sites if s.operand in s.consumer.all_input_nodes]
         if left:
