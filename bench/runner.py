@@ -175,15 +175,11 @@ def _only_trained(model: torch.nn.Module, trained: set[int]) -> Iterator[None]:
 def _breakdown(workload: Workload, prepared: Prepared, result: MethodResult) -> None:
     """Saved bytes per op class (per sample) of a razorpass method that compresses, from
     ``razorpass.memory_report`` with the eager inner compiler (same partitioner, same
-    saved tensors, no code generation) on a few training examples. Optional: a failure
-    is noted, the row stays valid. Skipped with token dropping, which memory_report
-    cannot apply (it compiles the model as given, and token selection is a model
-    transform of razorpass.compile)."""
+    saved tensors, no code generation; token dropping applied as razorpass.compile
+    applies it) on a few training examples. Optional: a failure is noted, the row
+    stays valid."""
     options = prepared.razor_options
     if not options or not options.get("targets", True):
-        return
-    if options.get("drop_layers"):
-        result.notes.append("no memory breakdown: razorpass.memory_report does not apply token dropping")
         return
     import razorpass
 

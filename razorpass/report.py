@@ -11,6 +11,7 @@ values or dense copy), matched one-to-one with the tensors seen at run time.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections import defaultdict
 from typing import Any, Callable
@@ -195,8 +196,16 @@ def memory_report(model: torch.nn.Module, example_inputs, config: RazorConfig | 
 
     ``example_inputs`` is a tensor or a tuple of positional inputs; the batch size used
     for per-sample figures is dim 0 of the first tensor input.
+
+    With BSR's ``drop_layers``, token selection is installed on a copy of ``model``
+    (what :func:`razorpass.compile` installs on the model itself), so both runs, dense
+    and compressed, see the tokens that survive; ``model`` is left as it was.
     """
     cfg = RazorConfig.from_options(config, **options)
+    if cfg.drop_layers:
+        from .backend import prepare_model
+
+        model = prepare_model(copy.deepcopy(model), cfg)
     base_cfg = dataclasses.replace(cfg, targets=())
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     batch = next(t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0)

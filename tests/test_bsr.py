@@ -432,3 +432,33 @@ def test_drop_layers_through_backend_name_points_to_razorpass_compile():
     compiled = torch.compile(tiny_vit(), backend="razor", options={"drop_layers": [1], "compiler": "eager"})
     with pytest.raises(Exception, match=r"razorpass\.compile\(model, drop_layers="):
         compiled(*vit_inputs())
+
+
+def test_memory_report_applies_token_dropping():
+    """memory_report with drop_layers measures what razorpass.compile's model saves
+    (fewer tokens after the selection block), dense and compressed, and leaves the
+    caller's model without token selection."""
+    from razorpass.report import measure_saved
+
+    torch.manual_seed(0)
+    model = tiny_vit().train()
+    (x,) = vit_inputs()
+    bsr = dict(drop_layers=(0,), keep_rate=0.5, compiler="eager")
+    report = razorpass.memory_report(model, x, sparsity=0.9, targets=("linear",), block_size=64, **bsr)
+    assert model(x).last_hidden_state.shape[1] == 17  # the caller's model keeps every token
+
+    def saved_by_compile(**options):
+        m = copy.deepcopy(model)
+        compiled = razorpass.compile(m, **bsr, **options)
+        compiled(x)  # compile outside the measurement
+        return sum(b for _, b in measure_saved(lambda: compiled(x), [*m.parameters(), *m.buffers(), x]))
+
+    torch._dynamo.reset()
+    assert report.baseline_bytes == saved_by_compile(targets=())
+    torch._dynamo.reset()
+    assert report.saved_bytes == saved_by_compile(sparsity=0.9, targets=("linear",), block_size=64)
+    torch._dynamo.reset()
+    no_drop = razorpass.memory_report(model, x, targets=(), compiler="eager")
+    assert report.baseline_bytes < no_drop.baseline_bytes
+    assert sum(r.saved_bytes for r in report.rows) == report.saved_bytes
+    assert report.by_op_class()["linear"][1] < report.by_op_class()["linear"][0]
