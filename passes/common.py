@@ -98,6 +98,19 @@ def backward_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     return bwd
 
 
+def tangent_closure(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value depends on a tangent (what the partitioner must place in
+    backward). Unlike :func:`backward_nodes`, pieces of a backward formula that read
+    forward values only (the ``x <= 0`` of a ReLU backward) are not in it."""
+    dep: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if (n.op == "placeholder" and "tangents" in str(n.target)) or (
+            n.op not in ("placeholder", "output") and any(a in dep for a in n.all_input_nodes)
+        ):
+            dep.add(n)
+    return dep
+
+
 _INDEX = re.compile(r"\[(?:'([^']*)'|(\d+))\]")
 
 

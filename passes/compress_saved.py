@@ -82,12 +82,14 @@ CONV_BACKWARD = aten.convolution_backward.default
 # op in ``meta["original_aten"]``), mapped to the target class of the activation they
 # read. With the compiler's decompositions the LayerNorm backward reads the normalized
 # input x̂ = (x - mean) * rstd saved in forward, the softmax backward reads the softmax
-# output, the GELU backward reads the GELU input.
+# output, the GELU backward reads the GELU input, the BatchNorm backward reads the
+# BatchNorm input (with the saved per-channel mean and invstd, which stay exact).
 # Keyed by name: graph copies may carry a copy of the OpOverload object.
 DECOMPOSED_CLASSES = {
     str(aten.native_layer_norm_backward.default): "layernorm",
     str(aten._softmax_backward_data.default): "softmax",
     str(aten.gelu_backward.default): "gelu",
+    str(aten.native_batch_norm_backward.default): "batchnorm",
 }
 
 
@@ -196,6 +198,7 @@ _FORWARD_OF = {
     "gelu": {str(aten.gelu.default), str(aten.gelu_backward.default)},
     "layernorm": set(),
     "softmax": set(),
+    "batchnorm": set(),
 }
 
 

@@ -3,7 +3,11 @@
 Runs on the AOTAutograd joint graph after ``compress_saved``. A boolean tensor that
 the forward pass computes and backward reads (a dropout mask: ``native_dropout``'s
 second output, or ``rand > p`` where Inductor decomposes dropout) is otherwise saved
-as one byte per element. For each such *root* this pass inserts
+as one byte per element. So is the mask of a ReLU-like backward (``x <= 0 | x >= 6``
+of ReLU6): its pieces read forward values only, and the partitioner computes them in
+forward and saves the mask once the float input is no longer saved dense (its copy
+is compressed). A *root* is a boolean node that reads no tangent and that a
+tangent-dependent node reads. For each root this pass inserts
 ``razor::pack_bits`` right after it in forward and one ``razor::unpack_bits`` right
 before its first backward use, replays the forward view chain from the root to each
 backward consumer on the unpacked tensor, and reroutes every backward use. Packing is
@@ -12,9 +16,9 @@ lossless: forward and backward compute exactly what they did before.
 Left alone (and listed in ``ctx.stats["pack_skipped"]``):
 
 * graph inputs (the caller holds them) and roots a forward output exposes;
-* masks computed from graph inputs and constants only, with no random op (a causal
-  or padding mask): the partitioner recomputes those in backward for free, a packed
-  copy would add bytes;
+* masks computed from graph inputs and constants by light ops only (no random op,
+  matmul, convolution or embedding: a causal or padding mask): the partitioner
+  recomputes those in backward for free, a packed copy would add bytes;
 * empty masks and masks whose shape has data-dependent (unbacked) sizes;
 * layers outside the config's ``include`` / ``exclude`` globs, and roots the
   pipeline's retry excluded (``ctx.stats["exclude_roots"]``).
@@ -33,7 +37,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, statically_known_true
 
 from .common import (VIEW_OPS, BailOut, PassContext, backward_nodes, fake_mode_of, matches, module_path,
-                     replay_chain, size_args)
+                     replay_chain, size_args, tangent_closure)
 from .compress_saved import layer_label
 
 OP_CLASS = "mask"
@@ -70,9 +74,17 @@ def _walk_to_root(operand: fx.Node, bwd: set[fx.Node]) -> tuple[fx.Node, list[fx
     return n, chain
 
 
-def _free_to_recompute(root: fx.Node, bwd: set[fx.Node], memo: dict[fx.Node, bool]) -> bool:
-    """True when ``root`` is a function of graph inputs and constants alone, with no
-    random op on the way: the partitioner can recompute it in backward for free."""
+aten = torch.ops.aten
+# Ops that make a value expensive (or impossible) to recompute in backward from the
+# graph inputs: a mask downstream of one is an activation's mask, worth saving packed.
+_HEAVY = frozenset({aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default,
+                    aten.convolution.default, aten.embedding.default})
+
+
+def _free_to_recompute(root: fx.Node, dep: set[fx.Node], memo: dict[fx.Node, bool]) -> bool:
+    """True when ``root`` is a function of graph inputs and constants through light
+    ops alone (no random op, matmul, convolution or embedding): the partitioner can
+    recompute it in backward for free."""
     todo, seen = [root], []
     while todo:
         n = todo.pop()
@@ -84,7 +96,7 @@ def _free_to_recompute(root: fx.Node, bwd: set[fx.Node], memo: dict[fx.Node, boo
         seen.append(n)
         if n.op == "placeholder":
             continue
-        if n.op != "call_function" or n in bwd or _is_random(n):
+        if n.op != "call_function" or n in dep or _is_random(n) or n.target in _HEAVY:
             memo.update((s, False) for s in seen)
             return False
         todo.extend(n.all_input_nodes)
@@ -104,6 +116,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     if OP_CLASS not in cfg.targets:
         return []
     bwd = backward_nodes(gm)
+    dep = tangent_closure(gm)
     excluded = set(ctx.stats.get("exclude_roots", ()))
     exposed = _forward_output_roots(gm, ctx, bwd)
     plans: dict[fx.Node, Plan] = {}
@@ -113,7 +126,9 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
         if node not in bwd or node.op != "call_function":
             continue
         for operand in dict.fromkeys(node.all_input_nodes):
-            if operand in bwd:
+            # a forward value, or the tangent-free end of a backward formula's mask
+            # (not its pieces, which only other tangent-free pieces read)
+            if operand in dep or (operand in bwd and node not in dep):
                 continue
             root, chain = _walk_to_root(operand, bwd)
             val = root.meta.get("val")
@@ -124,7 +139,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                 continue
             if root in rejected:
                 continue
-            reason = _reject_reason(root, val, node, bwd, exposed, excluded, memo, cfg)
+            reason = _reject_reason(root, val, node, dep, exposed, excluded, memo, cfg)
             if reason is not None:
                 rejected[root] = reason
                 continue
@@ -135,7 +150,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     return sorted(plans.values(), key=lambda p: order[p.root])
 
 
-def _reject_reason(root, val, consumer, bwd, exposed, excluded, memo, cfg) -> str | None:
+def _reject_reason(root, val, consumer, dep, exposed, excluded, memo, cfg) -> str | None:
     """Why ``root`` is not packed ("" when silently out of scope), or None to pack it."""
     if root.op != "call_function":
         return "" if root.op == "placeholder" else f"not a computed tensor ({root.op})"
@@ -150,7 +165,7 @@ def _reject_reason(root, val, consumer, bwd, exposed, excluded, memo, cfg) -> st
         return f"data-dependent shape {tuple(val.shape)}"
     if statically_known_true(val.numel() == 0):
         return "empty"
-    if _free_to_recompute(root, bwd, memo):
+    if _free_to_recompute(root, dep, memo):
         return "recomputable from graph inputs"
     return None
 

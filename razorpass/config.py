@@ -24,11 +24,14 @@ __all__ = ["RazorConfig", "TARGETS", "DEFAULT_TARGETS", "VALUE_DTYPES", "GRANULA
 #   softmax:   the saved softmax output
 #   layernorm: the saved normalized LayerNorm input x̂ = (x - mean) * rstd (mean, rstd exact)
 #   gelu:      the saved GELU input (Back Razor keeps it dense)
+#   batchnorm: the saved BatchNorm input (training mode; per-channel mean and invstd exact)
 #   sdpa:      scaled_dot_product_attention runs as explicit math so that its Q·Kᵀ / P·V
 #              operands and softmax output are compressed; implies "matmul" and "softmax"
-#   mask:      boolean masks saved for backward, e.g. dropout: packed 8 per byte, lossless
+#   mask:      boolean masks saved for backward (dropout, ReLU/ReLU6 backward masks): packed
+#              8 per byte, lossless
 #   all:       every class above
-TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "gelu", "sdpa", "mask", "all")
+TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "gelu", "batchnorm", "sdpa", "mask",
+                            "all")
 # Back Razor's coverage of a ViT: every Linear input, both operands of Q·Kᵀ, the softmax
 # output and V of P·V, the LayerNorm inputs; convolution inputs for CNNs. Plus the
 # boolean masks, packed losslessly (free in accuracy).

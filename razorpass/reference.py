@@ -126,6 +126,44 @@ class _LayerNorm(torch.autograd.Function):
         return gx, None, gw, gb, None, None
 
 
+class _BatchNorm(torch.autograd.Function):
+    """Saves the sparsified input x (what the decomposed BatchNorm backward reads); the
+    per-channel mean and invstd stay exact. Training mode normalizes with the batch
+    statistics (and updates the running ones, as F.batch_norm does), eval mode with
+    the running ones."""
+
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps, config):
+        axes = (0, *range(2, x.dim()))
+        if training:
+            mean = x.mean(axes)
+            invstd = torch.rsqrt(x.var(axes, unbiased=False) + eps)
+        else:
+            mean, invstd = running_mean, torch.rsqrt(running_var + eps)
+        ctx.save_for_backward(sparsify(x, config), mean, invstd, weight)
+        ctx.axes, ctx.training, ctx.has_bias = axes, training, bias is not None
+        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xs, mean, invstd, weight = ctx.saved_tensors
+        axes = ctx.axes
+        shape = [1, -1] + [1] * (grad.dim() - 2)
+        n = grad.numel() // grad.shape[1]
+        centered = xs - mean.view(shape)
+        g_sum = grad.sum(axes)
+        dot = (grad * centered).sum(axes)
+        scale = (invstd * weight if weight is not None else invstd).view(shape)
+        if ctx.training:
+            proj = centered * (dot / n * invstd * invstd).view(shape)
+            gx = (grad - proj - (g_sum / n).view(shape)) * scale
+        else:
+            gx = grad * scale
+        gw = dot * invstd if weight is not None and ctx.needs_input_grad[3] else None
+        gb = g_sum if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return gx, None, None, gw, gb, None, None, None, None
+
+
 class _Gelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, approximate, config):
@@ -228,6 +266,15 @@ class _ReferenceMode(TorchFunctionMode):
             a = {"weight": None, "bias": None, "eps": 1e-5, **dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args)), **kwargs}
             if self._selected(a["input"], a["weight"], a["bias"]):
                 return _LayerNorm.apply(a["input"], tuple(a["normalized_shape"]), a["weight"], a["bias"], a["eps"], self.config)
+        if func is F.batch_norm and "batchnorm" in targets:
+            names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+            a = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5,
+                 **dict(zip(names, args)), **kwargs}
+            if a["training"] or a["running_mean"] is not None:  # eval mode needs running statistics
+                x = a["input"]
+                if self._selected(x, a["weight"], a["bias"]):
+                    return _BatchNorm.apply(x, a["running_mean"], a["running_var"], a["weight"], a["bias"],
+                                            a["training"], a["momentum"], a["eps"], self.config if self._sp(x) else None)
         if func is F.gelu and "gelu" in targets and self._selected(args[0]):
             return _Gelu.apply(args[0], kwargs.get("approximate", args[1] if len(args) > 1 else "none"), self.config)
         if func in _SOFTMAX and "softmax" in targets and self._selected(args[0]):

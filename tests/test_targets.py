@@ -37,6 +37,38 @@ def test_all_targets_match_reference(name, compiler):
     check(name, compiler, "block", targets=("all",), n_roots=None)
 
 
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_batchnorm_matches_reference(compiler):
+    # SmallCNN: one training-mode BatchNorm, whose input (conv1's output) is compressed
+    check("cnn", compiler, "block", sparsity=0.97, targets=("batchnorm",), n_roots=1)
+
+
+def test_batchnorm_in_eval_mode_matches_reference():
+    """Eval mode (running statistics, trainable affine): the input gradient is exact and
+    only the weight gradient reads the sparsified input."""
+    from razorpass import reference
+
+    from .test_gradients import _run
+
+    torch.manual_seed(0)
+    model, inputs = CASES["cnn"][0]()
+    model.train()
+    model.bn1.eval()
+    cfg = RazorConfig(sparsity=0.7, block_size=64, compiler="eager", targets=("batchnorm", "conv"))
+    dense = _run(model, inputs, model)
+    with reference.apply(model, cfg):
+        ref = _run(model, inputs, model)
+    with razorpass.record_compiles() as records:
+        got = _run(model, inputs, razorpass.compile(model, cfg, fullgraph=True))
+    (rec,) = records
+    assert rec["fallback"] is None
+    assert "batchnorm" in {c for r in rec["compressed"] for c in r["op_classes"]}
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert (dense["bn1.weight"] - ref["bn1.weight"]).abs().max() > 1e-3
+    torch.testing.assert_close(ref["bn1.bias"], dense["bn1.bias"])  # bias gradient reads no input
+
+
 def test_sample_granularity_all_targets():
     check("vit", "eager", "sample", targets=("all",), n_roots=None)
 
