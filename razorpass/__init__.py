@@ -26,6 +26,7 @@ __all__ = [
     "Compressed",
     "compressed_nbytes",
     "memory_report",
+    "gradient_fidelity",
     "record_compiles",
     "reference",
 ]
@@ -40,6 +41,10 @@ def __getattr__(name: str) -> Any:  # lazy: keep `import razorpass` light
         from .report import memory_report
 
         return memory_report
+    if name == "gradient_fidelity":
+        from .fidelity import gradient_fidelity
+
+        return gradient_fidelity
     if name == "reference":
         import importlib
 

@@ -203,3 +203,21 @@ def test_accounting_table_reports_both_ratios():
     table = format_table(result)
     assert "4.0x" in table and "10.0x" in table and "5.0x" in table  # 100/25, 100/10, 100/20
     assert "gelu" in table and "15.00" in table
+
+
+def test_fidelity_script_on_real_minilm(capsys):
+    from bench.fidelity import main
+
+    assert main(["--workload", "tweets", "--batch-size", "4", "--targets", "linear,layernorm"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[3:]}
+    assert set(rows) == {"linear", "layernorm", "linear+layernorm"}
+    for name, cols in rows.items():
+        assert 0.0 < float(cols[1]) < 1.0, name  # a real cosine, not exact, not reversed
+
+
+def test_fidelity_script_rejects_bad_options():
+    from bench.fidelity import main
+
+    with pytest.raises(ValueError, match="sparsity"):
+        main(["--sparsity", "1.5"])
