@@ -3,22 +3,23 @@
 Every method trains a deep copy of the same model on the same batches with the same
 seed; they differ only in how the training step is compiled and what it trains:
 
-=============  ================================================================
-baseline       ``torch.compile(model)``, full fine-tune (the reference row)
-bf16           baseline under ``torch.autocast(dtype=torch.bfloat16)``
-checkpoint     baseline with ``torch.utils.checkpoint`` (non-reentrant) around
-               every block (found by :func:`bench.blocks.find_blocks`)
-budget0.5      baseline compiled under
-               ``torch._functorch.config.activation_memory_budget = 0.5``
-razor0.9       ``razorpass.compile(model, sparsity=0.9)`` (default RazorConfig)
-razor0.97      ``razorpass.compile(model, sparsity=0.97)``
-razor0.9-all   ``razorpass.compile(model, sparsity=0.9, targets=("all",))`` (also razor0.97-all)
-razor0.9-wgrad ``targets=("linear", "conv", "mask")``: only activations that feed weight
-               gradients are sparsified, so every input gradient stays exact
-bsr            ``razorpass.compile`` with the workload's BSR options, no compression
-bsr+razor0.9   BSR options + sparsity 0.9
-head-only      baseline with every parameter but the head frozen (linear probe)
-=============  ================================================================
+================  ================================================================
+baseline          ``torch.compile(model)``, full fine-tune (the reference row)
+bf16              baseline under ``torch.autocast(dtype=torch.bfloat16)``
+checkpoint        baseline with ``torch.utils.checkpoint`` (non-reentrant) around
+                  every block (found by :func:`bench.blocks.find_blocks`)
+budget0.5         baseline compiled under
+                  ``torch._functorch.config.activation_memory_budget = 0.5``
+razor0.9          ``razorpass.compile(model, sparsity=0.9)`` (default RazorConfig)
+razor0.97         ``razorpass.compile(model, sparsity=0.97)``
+razor0.9-all      ``razorpass.compile(model, sparsity=0.9, targets=("all",))`` (also razor0.97-all)
+razor0.9-wgrad    ``targets=("linear", "conv", "mask")``: only activations that feed weight
+                  gradients are sparsified, so every input gradient stays exact
+bsr               ``razorpass.compile`` with the workload's BSR options, no compression
+bsr+razor0.9      BSR options + sparsity 0.9
+bsr+razor0.9-all  BSR options + sparsity 0.9, every target class
+head-only         baseline with every parameter but the head frozen (linear probe)
+================  ================================================================
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            razor={"sparsity": 0.9, "targets": ("linear", "conv", "mask")}),
     Method("bsr", "razorpass BSR (selected blocks, token dropping), no compression", razor={"targets": ()}, bsr=True),
     Method("bsr+razor0.9", "razorpass BSR + sparsity 0.9", razor={"sparsity": 0.9}, bsr=True),
+    Method("bsr+razor0.9-all", "razorpass BSR + sparsity 0.9, every target class",
+           razor={"sparsity": 0.9, "targets": ("all",)}, bsr=True),
     Method("head-only", "torch.compile, only the head trains (linear probe)", head_only=True),
 )}
 

@@ -32,9 +32,10 @@ from .blocks import keep_first_blocks
 __all__ = ["Scale", "Workload", "WORKLOADS", "SCALES", "load_workload", "TextClassifier", "Logits"]
 
 SCALES = ("tiny", "default", "full")
-# The default job (``make demo``): baseline, the two headline razorpass methods and
-# the strongest exact baseline.
-DEFAULT_METHODS = ("baseline", "razor0.9", "bsr+razor0.9", "checkpoint")
+# The default job (``make demo``): baseline, razorpass with the default targets (Back
+# Razor's coverage) and with every target class, each alone and with BSR, and the
+# strongest exact baseline.
+DEFAULT_METHODS = ("baseline", "razor0.9", "razor0.9-all", "bsr+razor0.9", "bsr+razor0.9-all", "checkpoint")
 
 
 @dataclasses.dataclass(frozen=True)
