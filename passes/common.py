@@ -111,6 +111,46 @@ def tangent_closure(gm: fx.GraphModule) -> set[fx.Node]:
     return dep
 
 
+# Ops that make a value expensive (or impossible) to recompute in backward from the
+# graph inputs.
+HEAVY_OPS = frozenset({aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default,
+                       aten.convolution.default, aten.embedding.default})
+
+
+def is_random(n: fx.Node) -> bool:
+    return torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())
+
+
+def light_inputs(root: fx.Node, dep: set[fx.Node], memo: dict) -> frozenset[fx.Node] | None:
+    """The graph inputs ``root`` is computed from when it is computed through light ops
+    alone (no tangent, random op, matmul, convolution or embedding on the way), so the
+    partitioner can recompute it in backward for free from them; else None."""
+    if root in memo:
+        return memo[root]
+    order, todo, seen = [], [root], set()
+    while todo:  # iterative post-order over the ancestors not yet memoised
+        n = todo.pop()
+        if n in seen or n in memo:
+            continue
+        seen.add(n)
+        order.append(n)
+        if n.op == "call_function":
+            todo.extend(n.all_input_nodes)
+    if "__pos__" not in memo:
+        memo["__pos__"] = {m: i for i, m in enumerate(root.graph.nodes)}
+    for n in sorted(order, key=memo["__pos__"].__getitem__):  # graph order is topological
+        if n.op == "placeholder":
+            memo[n] = None if n in dep else frozenset({n})
+        elif n.op == "get_attr":
+            memo[n] = frozenset()
+        elif n.op != "call_function" or n in dep or is_random(n) or n.target in HEAVY_OPS:
+            memo[n] = None
+        else:
+            parts = [memo[a] for a in n.all_input_nodes]
+            memo[n] = None if any(p is None for p in parts) else frozenset().union(*parts)
+    return memo[root]
+
+
 _INDEX = re.compile(r"\[(?:'([^']*)'|(\d+))\]")
 
 

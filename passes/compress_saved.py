@@ -31,8 +31,8 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
-from .common import (VIEW_OPS, PassContext, backward_nodes, fake_mode_of, matches, module_path, replay_chain,
-                     size_args)
+from .common import (VIEW_OPS, PassContext, backward_nodes, fake_mode_of, light_inputs, matches, module_path,
+                     replay_chain, size_args, tangent_closure)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -202,6 +202,30 @@ _FORWARD_OF = {
 }
 
 
+_CASTS = frozenset({prims.convert_element_type.default, aten._to_copy.default})
+
+
+def _bn_centered(consumer: fx.Node, dep: set[fx.Node]) -> fx.Node | None:
+    """The ``input - mean`` node of a decomposed BatchNorm backward that reads the
+    input through ``consumer`` (that node itself, or a dtype cast feeding it), or None.
+
+    A BatchNorm backward reads its input only centered on the per-channel mean, so
+    razorpass compresses that centered tensor: a dropped element then stands for "at
+    the mean" (x̂ = 0). Compressing the raw input would put it at x̂ = -mean * invstd,
+    far from anything the channel holds when its mean is large.
+    """
+    key = str(consumer.meta.get("original_aten"))
+    if consumer.target is aten.sub.Tensor:
+        cands = [consumer]
+    elif consumer.target in _CASTS:
+        cands = [u for u in consumer.users if u.target is aten.sub.Tensor and u.args[0] is consumer
+                 and str(u.meta.get("original_aten")) == key]
+    else:
+        return None
+    cands = [c for c in cands if isinstance(c.args[1], fx.Node) and c.args[1] not in dep]
+    return cands[0] if len(cands) == 1 else None
+
+
 def _single_input(n: fx.Node) -> fx.Node | None:
     inputs = n.all_input_nodes
     return inputs[0] if len(inputs) == 1 else None
@@ -264,6 +288,10 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     full = _full_sizes(gm, bwd, static)
     plans: dict[tuple[fx.Node, int], Plan] = {}
     skipped: list[str] = []
+    bn_roots: set[fx.Node] = set()
+    dep = tangent_closure(gm)
+    light_memo: dict = {}
+    free_roots: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node not in bwd or node.op != "call_function":
             continue
@@ -274,11 +302,32 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
             path = module_path(node)
             if not matches(path, cfg.include, cfg.exclude):
                 continue
-            root, chain, received = _walk_to_root(node.args[idx], bwd, op_class)
+            if op_class == "batchnorm":
+                # the root is the centered input; every use of it is a site
+                root = _bn_centered(node, dep)
+                if root is None:
+                    skipped.append(f"{node.name}: a BatchNorm backward that does not read its input as input - mean")
+                    continue
+                if root in bn_roots:
+                    continue
+                bn_roots.add(root)
+                chain, received = [], root
+                sites = [Site(u, i, [], op_class, path) for u in root.users for i, a in enumerate(u.args) if a is root]
+            else:
+                root, chain, received = _walk_to_root(node.args[idx], bwd, op_class)
+                sites = [Site(node, idx, chain, op_class, path)]
             if root.name in ctx.stats.get("exclude_roots", ()):
                 continue
             val = root.meta.get("val")
             if root in static or root in held_by_caller or not isinstance(val, torch.Tensor) or not val.is_floating_point():
+                continue
+            src = light_inputs(root, dep, light_memo)
+            if src is not None and src & held_by_caller and src <= held_by_caller | static:
+                # e.g. a padded copy of the batch: the partitioner recomputes it from
+                # what the caller holds, so a compressed copy would only lose precision
+                if root not in free_roots:
+                    free_roots.add(root)
+                    skipped.append(f"{root.name}: recomputable from the inputs the caller holds")
                 continue
             if cfg.granularity == "sample":
                 shape = received.meta["val"].shape
@@ -290,7 +339,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
             else:
                 group = cfg.block_size
             plan = plans.setdefault((root, group), Plan(root, group_size=group, keep=int(cfg.keep_count(group))))
-            plan.sites.append(Site(node, idx, chain, op_class, path))
+            plan.sites.extend(sites)
     out = list(plans.values())
     ctx.stats["skipped"] = skipped
     return out

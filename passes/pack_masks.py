@@ -36,8 +36,8 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, statically_known_true
 
-from .common import (VIEW_OPS, BailOut, PassContext, backward_nodes, fake_mode_of, matches, module_path,
-                     replay_chain, size_args, tangent_closure)
+from .common import (VIEW_OPS, BailOut, PassContext, backward_nodes, fake_mode_of, light_inputs, matches,
+                     module_path, replay_chain, size_args, tangent_closure)
 from .compress_saved import layer_label
 
 OP_CLASS = "mask"
@@ -59,11 +59,6 @@ class Plan:
     sites: list[Site] = field(default_factory=list)
 
 
-def _is_random(n: fx.Node) -> bool:
-    tags = getattr(n.target, "tags", ())
-    return torch.Tag.nondeterministic_seeded in tags
-
-
 def _walk_to_root(operand: fx.Node, bwd: set[fx.Node]) -> tuple[fx.Node, list[fx.Node]]:
     chain: list[fx.Node] = []
     n = operand
@@ -74,34 +69,10 @@ def _walk_to_root(operand: fx.Node, bwd: set[fx.Node]) -> tuple[fx.Node, list[fx
     return n, chain
 
 
-aten = torch.ops.aten
-# Ops that make a value expensive (or impossible) to recompute in backward from the
-# graph inputs: a mask downstream of one is an activation's mask, worth saving packed.
-_HEAVY = frozenset({aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default,
-                    aten.convolution.default, aten.embedding.default})
-
-
-def _free_to_recompute(root: fx.Node, dep: set[fx.Node], memo: dict[fx.Node, bool]) -> bool:
+def _free_to_recompute(root: fx.Node, dep: set[fx.Node], memo: dict) -> bool:
     """True when ``root`` is a function of graph inputs and constants through light
-    ops alone (no random op, matmul, convolution or embedding): the partitioner can
-    recompute it in backward for free."""
-    todo, seen = [root], []
-    while todo:
-        n = todo.pop()
-        if n in memo:
-            if not memo[n]:
-                memo.update((s, False) for s in seen)
-                return False
-            continue
-        seen.append(n)
-        if n.op == "placeholder":
-            continue
-        if n.op != "call_function" or n in dep or _is_random(n) or n.target in _HEAVY:
-            memo.update((s, False) for s in seen)
-            return False
-        todo.extend(n.all_input_nodes)
-    memo.update((s, True) for s in seen)
-    return True
+    ops alone: the partitioner can recompute it in backward for free."""
+    return light_inputs(root, dep, memo) is not None
 
 
 def _forward_output_roots(gm: fx.GraphModule, ctx: PassContext, bwd: set[fx.Node]) -> set[fx.Node]:

@@ -24,7 +24,7 @@ __all__ = ["RazorConfig", "TARGETS", "DEFAULT_TARGETS", "VALUE_DTYPES", "GRANULA
 #   softmax:   the saved softmax output
 #   layernorm: the saved normalized LayerNorm input x̂ = (x - mean) * rstd (mean, rstd exact)
 #   gelu:      the saved GELU input (Back Razor keeps it dense)
-#   batchnorm: the saved BatchNorm input (training mode; per-channel mean and invstd exact)
+#   batchnorm: the BatchNorm input centered on its channel mean, x - mean (mean, invstd exact)
 #   sdpa:      scaled_dot_product_attention runs as explicit math so that its Q·Kᵀ / P·V
 #              operands and softmax output are compressed; implies "matmul" and "softmax"
 #   mask:      boolean masks saved for backward (dropout, ReLU/ReLU6 backward masks): packed

@@ -127,10 +127,10 @@ class _LayerNorm(torch.autograd.Function):
 
 
 class _BatchNorm(torch.autograd.Function):
-    """Saves the sparsified input x (what the decomposed BatchNorm backward reads); the
-    per-channel mean and invstd stay exact. Training mode normalizes with the batch
-    statistics (and updates the running ones, as F.batch_norm does), eval mode with
-    the running ones."""
+    """Saves the sparsified centered input x - mean (the BatchNorm backward reads its
+    input only that way); the per-channel mean and invstd stay exact. Training mode
+    normalizes with the batch statistics (and updates the running ones, as
+    F.batch_norm does), eval mode with the running ones."""
 
     @staticmethod
     def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps, config):
@@ -140,17 +140,17 @@ class _BatchNorm(torch.autograd.Function):
             invstd = torch.rsqrt(x.var(axes, unbiased=False) + eps)
         else:
             mean, invstd = running_mean, torch.rsqrt(running_var + eps)
-        ctx.save_for_backward(sparsify(x, config), mean, invstd, weight)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        ctx.save_for_backward(sparsify(x - mean.view(shape), config), invstd, weight)
         ctx.axes, ctx.training, ctx.has_bias = axes, training, bias is not None
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
     @staticmethod
     def backward(ctx, grad):
-        xs, mean, invstd, weight = ctx.saved_tensors
+        centered, invstd, weight = ctx.saved_tensors
         axes = ctx.axes
         shape = [1, -1] + [1] * (grad.dim() - 2)
         n = grad.numel() // grad.shape[1]
-        centered = xs - mean.view(shape)
         g_sum = grad.sum(axes)
         dot = (grad * centered).sum(axes)
         scale = (invstd * weight if weight is not None else invstd).view(shape)
@@ -195,8 +195,8 @@ class _Matmul(torch.autograd.Function):
     """activation x activation: each operand's gradient reads the other, sparsified."""
 
     @staticmethod
-    def forward(ctx, a, b, config):
-        ctx.save_for_backward(sparsify(a, config), sparsify(b, config))
+    def forward(ctx, a, b, config_a, config_b):
+        ctx.save_for_backward(sparsify(a, config_a), sparsify(b, config_b))
         return torch.matmul(a, b)
 
     @staticmethod
@@ -204,7 +204,8 @@ class _Matmul(torch.autograd.Function):
         a, b = ctx.saved_tensors
         ga = grad @ b.transpose(-2, -1) if ctx.needs_input_grad[0] else None
         gb = a.transpose(-2, -1) @ grad if ctx.needs_input_grad[1] else None
-        return _unbroadcast(ga, ctx.needs_input_grad[0] and a.shape), _unbroadcast(gb, ctx.needs_input_grad[1] and b.shape), None
+        return (_unbroadcast(ga, ctx.needs_input_grad[0] and a.shape), _unbroadcast(gb, ctx.needs_input_grad[1] and b.shape),
+                None, None)
 
 
 def _unbroadcast(g, shape):
@@ -218,7 +219,8 @@ def _unbroadcast(g, shape):
     return g
 
 
-def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, config):
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, config,
+          free=lambda t: False):
     """The reference of the "sdpa" target: attention as math with the matmul and
     softmax rules (razorpass.attention.math_sdpa with reference autograd Functions)."""
     L, S = query.size(-2), key.size(-2)
@@ -226,7 +228,8 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     if enable_gqa and key.size(-3) != query.size(-3):
         rep = query.size(-3) // key.size(-3)
         key, value = key.repeat_interleave(rep, dim=-3), value.repeat_interleave(rep, dim=-3)
-    scores = _Matmul.apply(query, key.transpose(-2, -1), config) * scale
+    cfg = lambda t: None if free(t) else config  # noqa: E731
+    scores = _Matmul.apply(query, key.transpose(-2, -1), cfg(query), cfg(key)) * scale
     if is_causal:
         scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
     if attn_mask is not None:
@@ -234,21 +237,48 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
     probs = _Softmax.apply(scores, -1, config)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    return _Matmul.apply(probs, value, config)
+    return _Matmul.apply(probs, value, config, cfg(value))
 
 
+# Functions that are not "light" (the compiled path's HEAVY_OPS and random ops): their
+# outputs are never free to recompute.
+_HEAVY = frozenset({
+    F.linear, F.bilinear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+    F.conv_transpose3d, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
+    torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.addmm, torch.baddbmm, torch.einsum,
+    F.embedding, F.scaled_dot_product_attention, F.multi_head_attention_forward, F.dropout, F.dropout1d,
+    F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, torch.rand, torch.rand_like, torch.randn,
+    torch.randn_like, torch.randint, torch.bernoulli, torch.Tensor.bernoulli_, torch.Tensor.uniform_,
+    torch.Tensor.normal_,
+})
 _SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
 _MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
 
 
 class _ReferenceMode(TorchFunctionMode):
-    def __init__(self, config: RazorConfig, paths: list[str], inputs: set[int]):
+    def __init__(self, config: RazorConfig, paths: list[str], inputs: set[int], state: set[int]):
         super().__init__()
-        self.config, self.paths, self.inputs = config, paths, inputs
+        self.config, self.paths, self.inputs, self.state = config, paths, inputs, state
+        self.derived: dict[int, torch.Tensor] = {}
+
+    def _free(self, t: torch.Tensor) -> bool:
+        """Held by the caller (a model input, parameter or buffer that needs no gradient)
+        or computed from such tensors (and parameters) by light functions alone: the
+        compiled path recomputes those instead of saving them, so they are never
+        sparsified."""
+        if self.derived.get(id(t)) is t:
+            return True
+        return (id(t) in self.inputs or id(t) in self.state) and not t.requires_grad
 
     def _sp(self, x: torch.Tensor) -> bool:
-        """Model inputs that need no gradient are held by the caller: never sparsified."""
-        return not (id(x) in self.inputs and not x.requires_grad)
+        return not self._free(x)
+
+    def _light_of_free(self, func, args, kwargs) -> bool:
+        if func in _HEAVY:
+            return False
+        ts = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        free = [self._free(t) for t in ts]
+        return any(free) and all(f or id(t) in self.state for f, t in zip(free, ts))
 
     def _selected(self, *needs_grad) -> bool:
         path = self.paths[-1] if self.paths else ""
@@ -261,6 +291,12 @@ class _ReferenceMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self._light_of_free(func, args, kwargs):
+            out = func(*args, **kwargs)
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.derived[id(t)] = t
+            return out
         targets = self.config.targets
         if func is F.layer_norm and "layernorm" in targets:
             a = {"weight": None, "bias": None, "eps": 1e-5, **dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args)), **kwargs}
@@ -284,9 +320,9 @@ class _ReferenceMode(TorchFunctionMode):
         if func in _MATMUL and "matmul" in targets and len(args) == 2 and self._selected(*args):
             a, b = args
             if not isinstance(a, torch.nn.Parameter) and not isinstance(b, torch.nn.Parameter):
-                return _Matmul.apply(a, b, self.config)
+                return _Matmul.apply(a, b, self.config if self._sp(a) else None, self.config if self._sp(b) else None)
         if func is F.scaled_dot_product_attention and "sdpa" in targets and self._selected(*args[:3]):
-            return _sdpa(*args, **kwargs, config=self.config)
+            return _sdpa(*args, **kwargs, config=self.config, free=self._free)
         if func is F.linear and "linear" in self.config.targets:
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -326,8 +362,9 @@ def apply(model: torch.nn.Module, config: RazorConfig | None = None, **options) 
     for name, mod in model.named_modules():
         handles.append(mod.register_forward_pre_hook(enter(name)))
         handles.append(mod.register_forward_hook(leave))
+    state = {id(t) for t in [*model.parameters(), *model.buffers()]}
     try:
-        with _ReferenceMode(config, paths, inputs):
+        with _ReferenceMode(config, paths, inputs, state):
             yield
     finally:
         for h in handles:

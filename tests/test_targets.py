@@ -110,3 +110,46 @@ def test_default_targets_are_back_razors_vit_coverage():
     dense = [e for e in rec["saved"] if e["op_class"] == "dense" and not e["input"] and e["shape"][-1] != 1]
     # only the GELU inputs (fc1 outputs) stay dense, as in Back Razor
     assert [e["layer"] for e in dense] == ["layers.0.mlp.fc1", "layers.1.mlp.fc1"]
+
+
+class _PaddedStem(torch.nn.Module):
+    """EfficientNet's stem: the batch is padded (and scaled) inside the model, then
+    convolved; a second convolution reads a real activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.scale = torch.nn.Parameter(torch.tensor(0.5))
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.nn.functional.pad(x, (0, 1, 0, 1)) * self.scale
+        return self.conv(torch.relu(self.stem(x))).mean((2, 3))
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_inputs_recomputable_from_the_batch_are_not_compressed(compiler):
+    """A padded, scaled copy of the batch is recomputed from what the caller holds: it
+    is not compressed (and the stem's weight gradient stays exact), in the compiled
+    path and in the reference alike; the real activation is."""
+    from razorpass import reference
+
+    from .test_gradients import _run
+
+    torch.manual_seed(0)
+    model, x = _PaddedStem().train(), torch.randn(2, 3, 15, 15)
+    cfg = RazorConfig(sparsity=0.9, block_size=64, compiler=compiler, targets=("conv",))
+    dense = _run(model, (x,), model)
+    with reference.apply(model, cfg):
+        ref = _run(model, (x,), model)
+    with razorpass.record_compiles() as records:
+        got = _run(model, (x,), razorpass.compile(model, cfg, fullgraph=True))
+    (rec,) = records
+    assert rec["fallback"] is None
+    assert [c["layer"] for c in rec["compressed"]] == ["conv"]
+    assert any("recomputable from the inputs the caller holds" in s for s in rec["skipped"])
+    tol = dict(rtol=1e-4, atol=1e-5) if compiler == "eager" else dict(rtol=2e-3, atol=2e-4)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], **tol, msg=lambda m: f"{k}: {m}")
+    torch.testing.assert_close(ref["stem.weight"], dense["stem.weight"], **tol)
+    assert (ref["conv.weight"] - dense["conv.weight"]).abs().max() > 1e-3
