@@ -1,7 +1,7 @@
 """``razorpass-bench``: run the methods of one workload and write the table, CSV, JSON
 and plots.
 
-    razorpass-bench                              # default job: tweets, 4 methods, ~15 min on 2 cores
+    razorpass-bench                              # default job: tweets, 6 methods, ~15 min on 2 cores
     razorpass-bench --full                       # every method, larger subset, more steps
     razorpass-bench --workload vit --methods baseline,razor0.9,checkpoint
     razorpass-bench --tiny --methods baseline,razor0.9 --out /tmp/smoke   # CI smoke test
