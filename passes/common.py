@@ -25,7 +25,8 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 aten = torch.ops.aten
 
-__all__ = ["BailOut", "PassContext", "VIEW_OPS", "module_path", "matches", "fake_mode_of", "size_args", "replay_chain"]
+__all__ = ["BailOut", "PassContext", "VIEW_OPS", "HEAVY_OPS", "module_path", "matches", "fake_mode_of", "size_args",
+           "replay_chain", "backward_nodes", "tangent_closure", "is_random", "light_inputs"]
 
 
 class BailOut(Exception):
@@ -121,25 +122,20 @@ def is_random(n: fx.Node) -> bool:
     return torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())
 
 
-def light_inputs(root: fx.Node, dep: set[fx.Node], memo: dict) -> frozenset[fx.Node] | None:
+def light_inputs(root: fx.Node, dep: set[fx.Node], memo: dict[fx.Node, frozenset | None]) -> frozenset | None:
     """The graph inputs ``root`` is computed from when it is computed through light ops
     alone (no tangent, random op, matmul, convolution or embedding on the way), so the
-    partitioner can recompute it in backward for free from them; else None."""
-    if root in memo:
-        return memo[root]
-    order, todo, seen = [], [root], set()
-    while todo:  # iterative post-order over the ancestors not yet memoised
-        n = todo.pop()
-        if n in seen or n in memo:
+    partitioner can recompute it in backward for free from them; else None. ``memo``
+    carries the answers for ancestors across calls on one graph."""
+    todo = [(root, False)]
+    while todo:  # iterative post-order: a node is decided after all of its inputs
+        n, inputs_done = todo.pop()
+        if n in memo:
             continue
-        seen.add(n)
-        order.append(n)
-        if n.op == "call_function":
-            todo.extend(n.all_input_nodes)
-    if "__pos__" not in memo:
-        memo["__pos__"] = {m: i for i, m in enumerate(root.graph.nodes)}
-    for n in sorted(order, key=memo["__pos__"].__getitem__):  # graph order is topological
-        if n.op == "placeholder":
+        if n.op == "call_function" and not inputs_done:
+            todo.append((n, True))
+            todo.extend((a, False) for a in n.all_input_nodes if a not in memo)
+        elif n.op == "placeholder":
             memo[n] = None if n in dep else frozenset({n})
         elif n.op == "get_attr":
             memo[n] = frozenset()

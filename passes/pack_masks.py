@@ -69,12 +69,6 @@ def _walk_to_root(operand: fx.Node, bwd: set[fx.Node]) -> tuple[fx.Node, list[fx
     return n, chain
 
 
-def _free_to_recompute(root: fx.Node, dep: set[fx.Node], memo: dict) -> bool:
-    """True when ``root`` is a function of graph inputs and constants through light
-    ops alone: the partitioner can recompute it in backward for free."""
-    return light_inputs(root, dep, memo) is not None
-
-
 def _forward_output_roots(gm: fx.GraphModule, ctx: PassContext, bwd: set[fx.Node]) -> set[fx.Node]:
     out = next(iter(gm.graph.find_nodes(op="output")))
     flat = torch.utils._pytree.arg_tree_leaves(*out.args)
@@ -136,7 +130,7 @@ def _reject_reason(root, val, consumer, dep, exposed, excluded, memo, cfg) -> st
         return f"data-dependent shape {tuple(val.shape)}"
     if statically_known_true(val.numel() == 0):
         return "empty"
-    if _free_to_recompute(root, dep, memo):
+    if light_inputs(root, dep, memo) is not None:  # the partitioner recomputes it for free
         return "recomputable from graph inputs"
     return None
 

@@ -220,15 +220,15 @@ def _unbroadcast(g, shape):
 
 
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, config,
-          free=lambda t: False):
+          cfg):
     """The reference of the "sdpa" target: attention as math with the matmul and
-    softmax rules (razorpass.attention.math_sdpa with reference autograd Functions)."""
+    softmax rules (razorpass.attention.math_sdpa with reference autograd Functions).
+    ``cfg(t)`` is the config that sparsifies the input operand ``t`` (None: exact)."""
     L, S = query.size(-2), key.size(-2)
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
     if enable_gqa and key.size(-3) != query.size(-3):
         rep = query.size(-3) // key.size(-3)
         key, value = key.repeat_interleave(rep, dim=-3), value.repeat_interleave(rep, dim=-3)
-    cfg = lambda t: None if free(t) else config  # noqa: E731
     scores = _Matmul.apply(query, key.transpose(-2, -1), cfg(query), cfg(key)) * scale
     if is_causal:
         scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
@@ -270,8 +270,9 @@ class _ReferenceMode(TorchFunctionMode):
             return True
         return (id(t) in self.inputs or id(t) in self.state) and not t.requires_grad
 
-    def _sp(self, x: torch.Tensor) -> bool:
-        return not self._free(x)
+    def _cfg(self, x: torch.Tensor) -> RazorConfig | None:
+        """The config that sparsifies ``x``, or None for a free tensor (kept exact)."""
+        return None if self._free(x) else self.config
 
     def _light_of_free(self, func, args, kwargs) -> bool:
         if func in _HEAVY:
@@ -310,7 +311,7 @@ class _ReferenceMode(TorchFunctionMode):
                 x = a["input"]
                 if self._selected(x, a["weight"], a["bias"]):
                     return _BatchNorm.apply(x, a["running_mean"], a["running_var"], a["weight"], a["bias"],
-                                            a["training"], a["momentum"], a["eps"], self.config if self._sp(x) else None)
+                                            a["training"], a["momentum"], a["eps"], self._cfg(x))
         if func is F.gelu and "gelu" in targets and self._selected(args[0]):
             return _Gelu.apply(args[0], kwargs.get("approximate", args[1] if len(args) > 1 else "none"), self.config)
         if func in _SOFTMAX and "softmax" in targets and self._selected(args[0]):
@@ -320,21 +321,21 @@ class _ReferenceMode(TorchFunctionMode):
         if func in _MATMUL and "matmul" in targets and len(args) == 2 and self._selected(*args):
             a, b = args
             if not isinstance(a, torch.nn.Parameter) and not isinstance(b, torch.nn.Parameter):
-                return _Matmul.apply(a, b, self.config if self._sp(a) else None, self.config if self._sp(b) else None)
+                return _Matmul.apply(a, b, self._cfg(a), self._cfg(b))
         if func is F.scaled_dot_product_attention and "sdpa" in targets and self._selected(*args[:3]):
-            return _sdpa(*args, **kwargs, config=self.config, free=self._free)
+            return _sdpa(*args, **kwargs, config=self.config, cfg=self._cfg)
         if func is F.linear and "linear" in self.config.targets:
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             if self._selected(w) and w.requires_grad:
-                return _Linear.apply(x, w, b, self.config if self._sp(x) else None)
+                return _Linear.apply(x, w, b, self._cfg(x))
         if func in (F.conv1d, F.conv2d, F.conv3d) and "conv" in self.config.targets:
             names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
             defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
             a = {**defaults, **dict(zip(names, args)), **kwargs}
             if self._selected(a["weight"]) and a["weight"].requires_grad and not isinstance(a["padding"], str):
                 return _Conv.apply(a["input"], a["weight"], a["bias"], a["stride"], a["padding"],
-                                   a["dilation"], a["groups"], self.config if self._sp(a["input"]) else None)
+                                   a["dilation"], a["groups"], self._cfg(a["input"]))
         return func(*args, **kwargs)
 
 
