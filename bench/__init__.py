@@ -1,4 +1,4 @@
 """The razorpass benchmark harness: fine-tune real pre-trained models on real data with
 each memory-saving method and measure accuracy, saved-for-backward bytes, step peak
 memory, step time and FLOPs side by side. Run ``razorpass-bench --help`` or
-``python -m bench``; see bench/README.md."""
+``python -m razorpass.bench``; see bench/README.md."""

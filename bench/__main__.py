@@ -1,4 +1,4 @@
-"""``python -m bench``: the same as the ``razorpass-bench`` console script."""
+"""``python -m razorpass.bench``: the same as the ``razorpass-bench`` console script."""
 
 import sys
 

@@ -1,7 +1,7 @@
 """Saved-for-backward accounting of ViT-B/16 per op class: measured vs Back Razor's formula.
 
-    .venv/bin/python -m bench.accounting                 # ViT-B/16, batch 2, ~6 min on 2 CPU cores
-    .venv/bin/python -m bench.accounting --layers 2 --json out.json
+    .venv/bin/python -m razorpass.bench.accounting                 # ViT-B/16, batch 2, ~6 min on 2 CPU cores
+    .venv/bin/python -m razorpass.bench.accounting --layers 2 --json out.json
 
 For sparsity 0.9 and 0.97, one ``razorpass.memory_report`` per target set (the default
 targets, and ``("all",)``) on ``ViTModel(ViTConfig())`` at 224 px (random weights, SDPA
@@ -67,7 +67,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.accounting", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m razorpass.bench.accounting", description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=12, help="ViT blocks (default 12: ViT-B/16)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--json", type=pathlib.Path, help="also write the figures here")

@@ -3,7 +3,7 @@
 The benchmark applies per-block activation checkpointing, truncates models for smoke
 tests and freezes everything but the head on models it has never seen by name:
 
-* the **blocks** are those of razorpass' own rule (:func:`razorpass.blocks.find_blocks`,
+* the **blocks** are those of razorpass' own rule (:func:`razorpass.find_blocks`,
   the blocks BSR indexes): the children of the ``nn.ModuleList`` / ``nn.Sequential``
   of two or more same-class children that holds the most parameters —
   ``encoder.layer`` of BERT / MiniLM / ViT, ``_blocks`` of EfficientNet. The
@@ -26,7 +26,7 @@ def num_params(module: nn.Module) -> int:
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, module) of every block, in order. Raises ValueError (razorpass'
     ``BlockError``, listing the candidates) when the model has no block list."""
-    from razorpass.blocks import find_blocks as razor_find_blocks
+    from razorpass import find_blocks as razor_find_blocks
 
     blocks = razor_find_blocks(model, None, runs_attention=lambda path, block: True)
     return [(path, model.get_submodule(path)) for path in blocks.paths]

@@ -1,7 +1,7 @@
 """BSR on ViT-B/16 and MiniLM-L6: FLOPs, tokens per block, saved bytes, CPU step time.
 
-    .venv/bin/python -m bench.bsr_flops                  # both models, ~8 min on 2 CPU cores
-    .venv/bin/python -m bench.bsr_flops --models vit --batch 2 --json out.json
+    .venv/bin/python -m razorpass.bench.bsr_flops                  # both models, ~8 min on 2 CPU cores
+    .venv/bin/python -m razorpass.bench.bsr_flops --models vit --batch 2 --json out.json
 
 Per model, dense full fine-tuning against BSR (``trainable_blocks`` + ``drop_layers`` +
 ``keep_rate``):

@@ -1,7 +1,7 @@
 """Gradient fidelity per target class on a workload's real model and data.
 
-    .venv/bin/python -m bench.fidelity                        # tweets (MiniLM), batch 32, ~1 min
-    .venv/bin/python -m bench.fidelity --workload fashion --targets all --sparsity 0.97
+    .venv/bin/python -m razorpass.bench.fidelity                        # tweets (MiniLM), batch 32, ~1 min
+    .venv/bin/python -m razorpass.bench.fidelity --workload fashion --targets all --sparsity 0.97
 
 One training batch of the workload (its first ``--batch-size`` examples, the model in
 training mode, cross-entropy on the labels) and :func:`razorpass.gradient_fidelity`:
@@ -21,7 +21,7 @@ from .workloads import WORKLOADS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m razorpass.bench.fidelity", description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="tweets")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--targets", help="comma-separated target classes (default: razorpass's defaults; 'all')")

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from .runner import MethodResult
     from .workloads import Workload
 
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "results"
+# Relative to the current directory, so an installed harness never writes into its
+# own package (the repository's `make demo` passes --out bench/results).
+DEFAULT_OUT = pathlib.Path("razorpass-results")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Throughput of the top-k compress / decompress kernels: ``python -m bench.kernels``.
+"""Throughput of the top-k compress / decompress kernels: ``python -m razorpass.bench.kernels``.
 
 For activations from 1 MB to 1 GB (fp32 and bf16; block granularity 1024 and sample
 granularity, one ViT-B sample = 197 * 768 elements), measures on a CUDA GPU:
@@ -13,7 +13,7 @@ must read plus write (compress: input + mask + values; decompress: mask + values
 output; copy: 2 x input); ``ratio`` = GB/s / copy GB/s. Before timing, the Triton
 kernels are checked bit-exact against the reference at the smallest size.
 
-Prints a table and writes a long-format CSV under ``bench/results/``. Without CUDA it
+Prints a table and writes a long-format CSV under ``razorpass-results/`` (or ``--out``). Without CUDA it
 exits with a message; ``--interpret-smoke`` instead runs one small size per case
 under Triton's CPU interpreter (wall-clock timings, meaningless as throughput) to
 prove the script works end to end.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path("razorpass-results")  # under the current directory
 COLUMNS = [
     "kernel", "dtype", "granularity", "bytes", "ms", "gbps", "copy_gbps", "ratio",
     "device", "torch_version", "triton_version", "date",
@@ -86,7 +86,7 @@ def _timer(interpret: bool) -> Callable[[Callable[[], object]], float]:
 
 def _check_exact(tk, x: torch.Tensor, group_size: int, k: int, value_dtype: torch.dtype) -> None:
     """The Triton kernels equal the PyTorch reference bit for bit on ``x``."""
-    from triton_kernels.topk_compress import torch_compress, torch_decompress
+    from razorpass.kernels.topk_compress import torch_compress, torch_decompress
 
     mask, values = tk.triton_compress(x, group_size, k, value_dtype)
     ref_mask, ref_values = torch_compress(x, group_size, k, value_dtype)
@@ -105,7 +105,7 @@ def _check_exact(tk, x: torch.Tensor, group_size: int, k: int, value_dtype: torc
 def measure_case(tk, x: torch.Tensor, granularity: str, sparsity: float, value_dtype: torch.dtype,
                  timer, with_torch: bool) -> list[dict]:
     """Time every kernel on ``x`` (plus the copy roofline); one row per kernel."""
-    from triton_kernels.topk_compress import torch_compress, torch_decompress
+    from razorpass.kernels.topk_compress import torch_compress, torch_decompress
 
     group_size = BLOCK_SIZE if granularity == "block" else x[0].numel()
     k = keep_count(group_size, sparsity)
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     interpret = args.interpret_smoke
     import triton
 
-    from triton_kernels import topk_compress_triton as tk
+    from razorpass.kernels import topk_compress_triton as tk
 
     device = "cpu" if interpret else "cuda"
     common = {
@@ -197,7 +197,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m razorpass.bench.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes-mb", type=float, nargs="+", default=list(SIZES_MB), help="input sizes in MiB")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--granularity", nargs="+", choices=["block", "sample"], default=["block", "sample"])
@@ -205,7 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--value-dtype", choices=[*DTYPES, "same"], default="bfloat16")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference kernels")
     p.add_argument("--torch-max-mb", type=float, default=1024, help="time the reference only up to this size")
-    p.add_argument("--out", type=Path, default=None, help="CSV path (default: bench/results/kernels-<date>.csv)")
+    p.add_argument("--out", type=Path, default=None, help="CSV path (default: razorpass-results/kernels-<date>.csv)")
     p.add_argument(
         "--interpret-smoke", action="store_true",
         help="no GPU needed: one small case per config under TRITON_INTERPRET=1 (checks the script, not speed)",

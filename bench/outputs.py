@@ -61,6 +61,8 @@ def _git_commit() -> str:
     """HEAD's hash, "+dirty" when the working tree differs from it (modified or
     untracked files). Read-only: ``--no-optional-locks`` keeps git status from
     refreshing the index."""
+    if not (REPO / ".git").exists():  # an installed package, not a checkout
+        return "unknown"
     try:
         head = _git("rev-parse", "HEAD")
         if head.returncode != 0:

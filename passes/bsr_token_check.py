@@ -14,9 +14,10 @@ Mutates nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch.fx as fx
+
+from ..kernels.ops import RANK_TOKENS_OP
+from .common import PreAutogradContext
 
 __all__ = ["run"]
 
@@ -25,11 +26,10 @@ class TokenSelectionMissing(ValueError):
     """drop_layers is set but the traced model has no token selection in it."""
 
 
-def run(gm: fx.GraphModule, example_inputs: Sequence, config) -> fx.GraphModule:
+def run(gm: fx.GraphModule, ctx: PreAutogradContext) -> fx.GraphModule:
+    config = ctx.config
     if not config.drop_layers:
         return gm
-    from razorpass.bsr import RANK_TOKENS_OP
-
     if any(n.op == "call_function" and n.target is RANK_TOKENS_OP for n in gm.graph.nodes):
         return gm
     raise TokenSelectionMissing(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .common import VIEW_OPS, BailOut, PassContext, backward_nodes
+from .common import VIEW_OPS, BailOut, PassContext, backward_nodes, forward_outputs, strip_views
 
 
 class DenseSaved(BailOut):
@@ -47,30 +47,30 @@ def still_read_dense(joint: fx.GraphModule, roots: set[str]) -> set[str]:
 
 
 def saved_nodes(fw_module: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:
-    out = next(iter(fw_module.graph.find_nodes(op="output")))
-    flat = torch.utils._pytree.arg_tree_leaves(*out.args)
-    return [n for n in flat[num_fwd_outputs:] if isinstance(n, fx.Node)]
+    """The tensors a partitioned forward graph saves for backward (its outputs after the
+    user outputs)."""
+    return [n for n in forward_outputs(fw_module, num_fwd_outputs)[1] if isinstance(n, fx.Node)]
 
 
-def _root(n: fx.Node) -> fx.Node:
-    while n.op == "call_function" and n.target in VIEW_OPS:
-        n = n.args[0]
-    return n
+def root_of(n: fx.Node) -> fx.Node:
+    return strip_views(n)[0]
 
 
-def run(fw_module: fx.GraphModule, joint: fx.GraphModule, ctx: PassContext) -> None:
-    records = [*ctx.stats.get("compressed", []), *ctx.stats.get("packed", [])]
+def run(fw_module: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Check the partitioned forward graph against ``ctx.joint`` (the rewritten joint graph)."""
+    records = [*ctx.compressed, *ctx.packed]
     if not records:
-        return
-    roots = {r["root"] for r in records}
-    allowed = still_read_dense(joint, roots)
+        return fw_module
+    roots = {r.root for r in records}
+    allowed = still_read_dense(ctx.joint, roots)
     saved = saved_nodes(fw_module, ctx.num_fwd_outputs)
-    bad = sorted({_root(n).name for n in saved if _root(n).name in roots - allowed})
+    bad = sorted({root_of(n).name for n in saved if root_of(n).name in roots - allowed})
     if bad:
         raise DenseSaved(bad)
     # A compress the partitioner moved into backward recomputes its root there from
     # tensors saved anyway (e.g. a LayerNorm output from the saved LayerNorm input):
     # correct and free in memory, so it is recorded, not rejected.
     fw_names = {n.name for n in fw_module.graph.nodes}
-    ctx.stats["recomputed_in_backward"] = sorted(r["root"] for r in records if r["mask"] not in fw_names)
-    ctx.stats["dense_kept"] = sorted(allowed)
+    ctx.recomputed_in_backward = sorted(r.root for r in records if r.encode_node not in fw_names)
+    ctx.dense_kept = sorted(allowed)
+    return fw_module

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +26,9 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 aten = torch.ops.aten
 
-__all__ = ["BailOut", "PassContext", "VIEW_OPS", "HEAVY_OPS", "module_path", "matches", "fake_mode_of", "size_args",
-           "replay_chain", "backward_nodes", "tangent_closure", "is_random", "light_inputs"]
+__all__ = ["BailOut", "PassContext", "PreAutogradContext", "VIEW_OPS", "ORDER_PRESERVING", "HEAVY_OPS", "module_path",
+           "matches", "fake_mode_of", "size_args", "replay_chain", "backward_nodes", "clean_fqn", "tangent_closure",
+           "is_random", "light_inputs", "strip_views", "primals", "forward_outputs"]
 
 
 class BailOut(Exception):
@@ -57,18 +59,80 @@ VIEW_OPS = frozenset(
 )
 
 
+# Of those, the reshapes that keep the flattened (logical) element order: walking back
+# through them in forward does not change which elements form a block. (Permutes,
+# transposes, expands and layout copies reorder elements or memory, so they are not.)
+ORDER_PRESERVING = VIEW_OPS - {aten.permute.default, aten.t.default, aten.transpose.int, aten.expand.default,
+                               aten.contiguous.default}
+
+
+def strip_views(node: fx.Node, ops: frozenset = VIEW_OPS, through=None) -> tuple[fx.Node, list[fx.Node]]:
+    """Walk ``node`` back through single-tensor view ops (``ops``, or any node for which
+    ``through(n)`` is true) to its root: ``(root, chain)`` where ``chain`` lists the
+    walked nodes from the root (exclusive) to ``node`` (inclusive), i.e. in replay order."""
+    chain: list[fx.Node] = []
+    n = node
+    while (n.op == "call_function" and isinstance(n.args[0] if n.args else None, fx.Node)
+           and (n.target in ops if through is None else through(n))):
+        chain.append(n)
+        n = n.args[0]
+    chain.reverse()
+    return n, chain
+
+
+def primals(gm: fx.GraphModule) -> list[fx.Node]:
+    """The joint graph's primal inputs (not tangents, not RNG seeds/offsets), in order."""
+    return [n for n in gm.graph.find_nodes(op="placeholder") if "tangents" not in str(n.target)
+            and not str(n.target).startswith(("fwd_seed", "fwd_base_offset", "bwd_seed", "bwd_base_offset"))]
+
+
+def forward_outputs(gm: fx.GraphModule, num_fwd_outputs: int) -> tuple[list, list]:
+    """(forward outputs, the rest) of a joint graph's (or a forward graph's) output node."""
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    flat = torch.utils._pytree.arg_tree_leaves(*out.args)
+    return flat[:num_fwd_outputs], flat[num_fwd_outputs:]
+
+
+@dataclass
+class PreAutogradContext:
+    """What a pass on the Dynamo (pre-autograd) graph sees: the config and the example
+    inputs (``nn.Parameter`` objects for the lifted parameters)."""
+
+    config: Any  # RazorConfig
+    example_inputs: Sequence[Any]
+    # set by freeze_blocks: parameters that trainable_blocks freezes at every use
+    frozen_params: list[Any] = field(default_factory=list)
+
+
 @dataclass
 class PassContext:
-    """Facts about one joint graph that the partitioner knows and the passes need."""
+    """Facts about one joint graph that the partitioner knows, and the typed records the
+    passes leave for the pipeline, the post-partition check and ``record_compiles()``.
+
+    ``compressed`` / ``packed`` / ``skipped`` / ``pack_skipped`` are rewritten by each
+    partition attempt; ``excluded_roots`` accumulates across the pipeline's retries
+    (roots the partitioner saved dense, left uncompressed on the next attempt).
+    """
 
     config: Any  # RazorConfig
     num_fwd_outputs: int
     static_lifetime_input_indices: list[int]
-    stats: dict[str, Any] = field(default_factory=dict)
+    excluded_roots: list[str] = field(default_factory=list)
+    compressed: list[Any] = field(default_factory=list)  # records.CompressedRoot
+    packed: list[Any] = field(default_factory=list)  # records.PackedMask
+    skipped: list[str] = field(default_factory=list)  # compress_saved: "root: why"
+    pack_skipped: list[str] = field(default_factory=list)  # pack_masks: "root: why"
+    recomputed_in_backward: list[str] = field(default_factory=list)  # set by check_saved
+    dense_kept: list[str] = field(default_factory=list)  # set by check_saved
+    joint: fx.GraphModule | None = None  # the rewritten joint graph, for the post-partition check
+
+    def reset(self) -> None:
+        """Forget what an attempt recorded (not the excluded roots)."""
+        self.compressed, self.packed, self.skipped, self.pack_skipped = [], [], [], []
+        self.recomputed_in_backward, self.dense_kept, self.joint = [], [], None
 
     def primals(self, gm: fx.GraphModule) -> list[fx.Node]:
-        return [n for n in gm.graph.find_nodes(op="placeholder") if "tangents" not in str(n.target)
-                and not str(n.target).startswith(("fwd_seed", "fwd_base_offset", "bwd_seed", "bwd_base_offset"))]
+        return primals(gm)
 
     def static_primals(self, gm: fx.GraphModule) -> set[fx.Node]:
         prim = self.primals(gm)
@@ -76,9 +140,7 @@ class PassContext:
 
     def grad_outputs(self, gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node | None]]:
         """(primal, its gradient output node or None) for every primal input."""
-        out = next(iter(gm.graph.find_nodes(op="output")))
-        flat = torch.utils._pytree.arg_tree_leaves(*out.args)
-        grads = flat[self.num_fwd_outputs :]
+        grads = forward_outputs(gm, self.num_fwd_outputs)[1]
         prim = self.primals(gm)
         return list(zip(prim, grads + [None] * (len(prim) - len(grads))))
 
@@ -150,11 +212,17 @@ def light_inputs(root: fx.Node, dep: set[fx.Node], memo: dict[fx.Node, frozenset
 _INDEX = re.compile(r"\[(?:'([^']*)'|(\d+))\]")
 
 
-def _clean_fqn(raw: str) -> str:
-    # "L['self'].encoder.layer[0]" / "L['self']._modules['encoder']" -> "encoder.layer.0"
+_CONTAINERS = re.compile(r"\.(?:__dict__|_modules)(?=\.|$)")
+
+
+def clean_fqn(raw: str) -> str:
+    """A module path from Dynamo's source name: "L['self'].encoder.layer[0]",
+    "L['self']._modules['encoder']" and (modules reached through ``__getattr__``
+    overrides, as in PEFT) "L['self'].__dict__['_modules']['base_model']" all become
+    plain dotted paths ("encoder.layer.0", "base_model")."""
     s = re.sub(r"^L\['[^']*'\]", "", raw)
-    s = s.replace("._modules", "")
     s = _INDEX.sub(lambda m: "." + (m.group(1) if m.group(1) is not None else m.group(2)), s)
+    s = _CONTAINERS.sub("", s)
     return s.lstrip(".")
 
 
@@ -164,7 +232,7 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     raw = list(stack.values())[-1][0]
-    return _clean_fqn(raw)
+    return clean_fqn(raw)
 
 
 def matches(path: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:

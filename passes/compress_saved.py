@@ -31,29 +31,14 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
-from .common import (VIEW_OPS, PassContext, backward_nodes, fake_mode_of, light_inputs, matches, module_path,
-                     replay_chain, size_args, tangent_closure)
+from ..kernels.ops import value_dtype_of
+from .common import (ORDER_PRESERVING, VIEW_OPS, PassContext, backward_nodes, light_inputs, matches, module_path,
+                     strip_views, tangent_closure)
+from .records import CompressedRoot
+from .rewrite import Rewriter, Use
 
 aten = torch.ops.aten
 prims = torch.ops.prims
-
-# Reshapes that keep the flattened (logical) element order: walking back through them
-# in forward does not change which elements form a block.
-ORDER_PRESERVING = frozenset(
-    {
-        aten.view.default,
-        aten._unsafe_view.default,
-        aten.reshape.default,
-        aten.unsqueeze.default,
-        aten.squeeze.dim,
-        aten.squeeze.dims,
-        aten.squeeze.default,
-        aten.alias.default,
-        aten.detach.default,
-        aten.clone.default,
-    }
-)
-
 
 def _order_preserving(n: fx.Node) -> bool:
     if n.target in ORDER_PRESERVING:
@@ -94,14 +79,11 @@ DECOMPOSED_CLASSES = {
 
 
 @dataclass
-class Site:
+class Site(Use):
     """One rerouted use: ``consumer.args[arg_index]`` reads the (sparsified) root."""
 
-    consumer: fx.Node
-    arg_index: int
-    chain: list[fx.Node]  # single-input nodes from the root (exclusive) to the operand (inclusive)
-    op_class: str
-    module: str
+    op_class: str = ""
+    module: str = ""
 
 
 @dataclass
@@ -186,9 +168,10 @@ def _is_activation_operand(n, bwd: set[fx.Node], static: set[fx.Node]) -> bool:
     """True when ``n`` is a forward value seen through views (no tangent in it) whose
     storage is not a parameter (the other operand of an input-gradient matmul is a
     transposed weight: that is not an activation)."""
-    while isinstance(n, fx.Node) and n.op == "call_function" and n.target in VIEW_OPS:
-        n = n.args[0]
-    return isinstance(n, fx.Node) and n not in bwd and n not in static
+    if not isinstance(n, fx.Node):
+        return False
+    n = strip_views(n)[0]
+    return n not in bwd and n not in static
 
 
 # The forward ops whose decomposed pieces a decomposed backward may share through CSE
@@ -312,11 +295,12 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                     continue
                 bn_roots.add(root)
                 chain, received = [], root
-                sites = [Site(u, i, [], op_class, path) for u in root.users for i, a in enumerate(u.args) if a is root]
+                sites = [Site(u, [], arg_index=i, op_class=op_class, module=path)
+                         for u in root.users for i, a in enumerate(u.args) if a is root]
             else:
                 root, chain, received = _walk_to_root(node.args[idx], bwd, op_class)
-                sites = [Site(node, idx, chain, op_class, path)]
-            if root.name in ctx.stats.get("exclude_roots", ()):
+                sites = [Site(node, chain, arg_index=idx, op_class=op_class, module=path)]
+            if root.name in ctx.excluded_roots:
                 continue
             val = root.meta.get("val")
             if root in static or root in held_by_caller or not isinstance(val, torch.Tensor) or not val.is_floating_point():
@@ -340,74 +324,25 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                 group = cfg.block_size
             plan = plans.setdefault((root, group), Plan(root, group_size=group, keep=int(cfg.keep_count(group))))
             plan.sites.extend(sites)
-    out = list(plans.values())
-    ctx.stats["skipped"] = skipped
-    return out
+    ctx.skipped = skipped
+    return list(plans.values())
 
 
-def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[dict]:
-    from razorpass.format import value_dtype_of
-
-    graph = gm.graph
-    fake_mode = fake_mode_of(gm)
-    order = {n: i for i, n in enumerate(graph.nodes)}
+def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[CompressedRoot]:
+    """Compress each plan's root after it is computed and decompress it before its first
+    targeted backward use."""
     records = []
-    for plan in plans:
-        root, val = plan.root, plan.root.meta["val"]
-        vdtype = value_dtype_of(ctx.config, val.dtype)
-        # -- forward: compress right after the root
-        anchor = root if root.op != "placeholder" else next(
-            n for n in graph.nodes if n.op != "placeholder"
-        ).prev
-        with graph.inserting_after(anchor):
-            comp = graph.call_function(torch.ops.razor.compress.default, (root, plan.group_size, plan.keep, vdtype))
-        with graph.inserting_after(comp):
-            mask = graph.call_function(operator.getitem, (comp, 0))
-        with graph.inserting_after(mask):
-            values = graph.call_function(operator.getitem, (comp, 1))
-        with graph.inserting_after(values):
-            sizes = size_args(graph, root, val)
-        with fake_mode:
-            mval, vval = torch.ops.razor.compress.default(val, plan.group_size, plan.keep, vdtype)
-        comp.meta["val"] = (mval, vval)
-        mask.meta["val"], values.meta["val"] = mval, vval
-        for n in (comp, mask, values):
-            n.meta["partitioner_tag"] = "is_forward"
-            if "nn_module_stack" in root.meta:
-                n.meta["nn_module_stack"] = root.meta["nn_module_stack"]
-        # -- backward: one decompress before the first consumer
-        first = min((s.consumer for s in plan.sites), key=order.__getitem__)
-        with graph.inserting_before(first):
-            dense = graph.call_function(
-                torch.ops.razor.decompress.default, (mask, values, sizes, plan.group_size, val.dtype)
-            )
-        with fake_mode:
-            dense.meta["val"] = torch.ops.razor.decompress.default(mval, vval, list(val.shape), plan.group_size, val.dtype)
-        dense.meta["partitioner_tag"] = "must_be_in_backward"
-        dense.meta["fwd_nn_module_stack"] = first.meta.get("fwd_nn_module_stack", {})
-        for site in plan.sites:
-            with graph.inserting_before(site.consumer):
-                cur = replay_chain(graph, fake_mode, site.chain, dense, root)
-            site.consumer.update_arg(site.arg_index, cur)
-        records.append(
-            {
-                "root": root.name,
-                "op_classes": sorted({s.op_class for s in plan.sites}),
-                "modules": [s.module for s in plan.sites],
-                "consumers": len(plan.sites),
-                "shape": tuple(val.shape),
-                "dtype": val.dtype,
-                "group_size": plan.group_size,
-                "keep": plan.keep,
-                "mask": comp.name,
-                "outputs": (mask.name, values.name),
-                "layer": layer_label([s.module for s in plan.sites]),
-                "dense_bytes": val.numel() * val.element_size(),
-            }
-        )
-    graph.eliminate_dead_code()
-    graph.lint()
-    gm.recompile()
+    with Rewriter(gm) as rw:
+        for plan in plans:
+            val, group = plan.root.meta["val"], plan.group_size
+            done = rw.reroute(plan.root, plan.sites, torch.ops.razor.compress.default,
+                              (group, plan.keep, value_dtype_of(ctx.config, val.dtype)),
+                              torch.ops.razor.decompress.default,
+                              lambda enc, sizes: (enc[0], enc[1], sizes, group, val.dtype))
+            modules = tuple(s.module for s in plan.sites)
+            records.append(CompressedRoot(**done.record_fields(), layer=layer_label(modules), modules=modules,
+                                          op_classes=tuple(sorted({s.op_class for s in plan.sites})),
+                                          consumers=len(plan.sites), group_size=group, keep=plan.keep))
     return records
 
 
@@ -428,5 +363,5 @@ def layer_label(modules: list[str]) -> str:
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     plans = analyse(gm, ctx)
-    ctx.stats["compressed"] = apply(gm, ctx, plans) if plans else []
+    ctx.compressed = apply(gm, ctx, plans) if plans else []
     return gm

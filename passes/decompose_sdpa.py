@@ -3,25 +3,30 @@
 
 The fused op saves q, k, v, its output and the log-sum-exp, and its backward
 recomputes the probabilities from them; compressing those would break that
-recomputation. Replacing the call with ``razorpass.attention.math_sdpa`` (same
+recomputation. Replacing the call with :func:`math_sdpa` (same
 signature and result) lets compress-saved handle attention with the "matmul" and
 "softmax" classes, as Back Razor does. Nothing else in the graph changes.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .common import PreAutogradContext
+
+__all__ = ["run", "math_sdpa"]
+
 SDPA_TARGETS = frozenset({F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention})
 
 
-def run(gm: fx.GraphModule, example_inputs, config) -> fx.GraphModule:
+def run(gm: fx.GraphModule, ctx: PreAutogradContext) -> fx.GraphModule:
+    config = ctx.config
     if "sdpa" not in config.targets:
         return gm
-    from razorpass.attention import math_sdpa
-
     changed = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in SDPA_TARGETS:
@@ -30,3 +35,28 @@ def run(gm: fx.GraphModule, example_inputs, config) -> fx.GraphModule:
     if changed:
         gm.recompile()
     return gm
+
+
+def math_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """softmax(Q·Kᵀ · scale + mask) · V, with the semantics of F.scaled_dot_product_attention
+    (same result up to floating-point rounding); its Q·Kᵀ / P·V operands and softmax
+    output are ordinary graph values that compress-saved can target."""
+    L, S = query.size(-2), key.size(-2)
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    if enable_gqa and key.size(-3) != query.size(-3):
+        rep = query.size(-3) // key.size(-3)
+        key = key.repeat_interleave(rep, dim=-3)
+        value = value.repeat_interleave(rep, dim=-3)
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, value)

@@ -20,7 +20,7 @@ LM head is frozen where the embedding reads it and trains where the head reads i
 Invariants: the pass adds one ``detach`` node per frozen parameter (right before its
 first frozen use, with ``example_value`` set) and reroutes frozen uses to it; it never
 changes a node's target and never touches non-parameter inputs. Block membership and
-order come from ``razorpass.blocks.find_blocks_in_graph`` (``nn_module_stack``). The
+order come from ``passes.blocks.find_blocks_in_graph`` (``nn_module_stack``). The
 pass raises (a ``BlockError``, i.e. ``ValueError``) instead of bailing out: silently
 skipping it would train parameters the user froze.
 """
@@ -34,6 +34,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .blocks import BlockError, find_blocks_in_graph
+from .common import PreAutogradContext, clean_fqn
+
 log = logging.getLogger("razorpass")
 
 __all__ = ["run", "plan"]
@@ -41,8 +44,6 @@ __all__ = ["run", "plan"]
 
 def plan(gm: fx.GraphModule, example_inputs: Sequence, config) -> dict[fx.Node, list[fx.Node]]:
     """frozen parameter placeholder -> its uses that must read a detached copy."""
-    from razorpass.blocks import BlockError, find_blocks_in_graph
-
     for node in gm.graph.find_nodes(op="get_attr"):
         value = _attr(gm, str(node.target))
         if isinstance(value, nn.Parameter) and value.requires_grad:
@@ -70,11 +71,16 @@ def plan(gm: fx.GraphModule, example_inputs: Sequence, config) -> dict[fx.Node, 
     return frozen
 
 
-def run(gm: fx.GraphModule, example_inputs: Sequence, config) -> fx.GraphModule:
+def run(gm: fx.GraphModule, ctx: PreAutogradContext) -> fx.GraphModule:
+    config = ctx.config
     if config.trainable_blocks is None:
         return gm
-    frozen = plan(gm, example_inputs, config)
+    frozen = plan(gm, ctx.example_inputs, config)
     graph = gm.graph
+    values = dict(zip((n for n in graph.nodes if n.op == "placeholder"), ctx.example_inputs))
+    # parameters that no use trains: the caller freezes them (requires_grad=False) so
+    # that an eager run, the optimizer and every later graph agree
+    ctx.frozen_params = [values[p] for p, uses in frozen.items() if len(uses) == len(p.users)]
     for param, uses in frozen.items():
         with graph.inserting_before(uses[0]):
             detached = graph.call_method("detach", (param,))
@@ -102,7 +108,5 @@ def _attr(gm: fx.GraphModule, target: str):
 
 def _param_name(node: fx.Node) -> str:
     """The parameter's path in the model, from Dynamo's source of the placeholder."""
-    from passes.common import _clean_fqn
-
     source = getattr(node.meta.get("grapharg"), "source", None)
-    return _clean_fqn(source.name).replace("._parameters.", ".") if source is not None else node.name
+    return clean_fqn(source.name).replace("._parameters.", ".") if source is not None else node.name

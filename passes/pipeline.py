@@ -1,58 +1,114 @@
-"""The razorpass pipeline: which passes run on the joint graph, in which order, and how
-a pass that cannot apply falls back.
+"""The razorpass pipeline: which passes run, in which order, and how a pass that cannot
+apply falls back.
 
-    joint graph --canonicalize--compress_saved--pack_masks--> rewritten joint --min-cut--> (fw, bw) --check_saved
+    Dynamo graph --bsr_token_check--freeze_blocks--decompose_sdpa--> (AOTAutograd)
+    joint graph  --canonicalize--compress_saved--pack_masks--> rewritten joint --min-cut--> (fw, bw) --check_saved
 
-A pass that raises ``BailOut`` (or fails unexpectedly) is logged and the *unmodified*
-joint graph is partitioned instead: compilation never crashes because of razorpass and
-never yields a gradient other than the dense one or the documented sparsified one.
+Every pass is a ``Pass(name, run)`` with ``run(gm, ctx) -> gm``: pre-autograd passes get
+a ``PreAutogradContext``, joint passes and the post-partition check a ``PassContext``
+(the check reads ``ctx.joint``, the rewritten joint graph). :func:`run_passes` runs a
+list in order, each under Inductor's ``GraphTransformObserver`` (so graph-transform
+logging sees it by name) and counted in ``torch._dynamo.utils.counters["razorpass"]``.
+
+A joint pass that raises ``BailOut`` (or fails unexpectedly) is logged and the
+*unmodified* joint graph is partitioned instead: compilation never crashes because of
+razorpass and never yields a gradient other than the dense one or the documented
+sparsified one. In strict mode (``RazorConfig.strict`` or ``RAZORPASS_STRICT=1``, which
+the test suite sets) the failure is raised instead, so a pass bug cannot pass as a
+silent fallback. Pre-autograd passes always raise: they change what is trained.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch.fx as fx
+from torch._dynamo.utils import counters
+from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from . import bsr_token_check, canonicalize, check_saved, compress_saved, decompose_sdpa, freeze_blocks, pack_masks
-from .common import PassContext
+from .common import PassContext, PreAutogradContext, module_path
+from .records import PartitionRecord, SavedTensor
+
+__all__ = ["Pass", "PRE_AUTOGRAD_PASSES", "JOINT_PASSES", "POST_PARTITION_CHECKS", "run_passes", "run_pre_autograd",
+           "partition", "recording", "strict_mode", "describe_saved", "MAX_ATTEMPTS", "STRICT_ENV"]
 
 log = logging.getLogger("razorpass")
 
+
+class Pass(NamedTuple):
+    name: str
+    run: Callable[[fx.GraphModule, Any], fx.GraphModule]
+
+
+# Passes on the Dynamo (pre-autograd, torch-level) graph, in order.
+PRE_AUTOGRAD_PASSES: tuple[Pass, ...] = (
+    Pass("bsr_token_check", bsr_token_check.run),  # drop_layers needs razorpass.compile
+    Pass("freeze_blocks", freeze_blocks.run),  # trainable_blocks: stop-gradient elsewhere
+    Pass("decompose_sdpa", decompose_sdpa.run),
+)
 # Joint-graph passes, in order (mutation last).
-JOINT_PASSES: tuple[tuple[str, Callable[[fx.GraphModule, PassContext], fx.GraphModule]], ...] = (
-    ("canonicalize", canonicalize.run),
-    ("compress_saved", compress_saved.run),
-    ("pack_masks", pack_masks.run),
+JOINT_PASSES: tuple[Pass, ...] = (
+    Pass("canonicalize", canonicalize.run),
+    Pass("compress_saved", compress_saved.run),
+    Pass("pack_masks", pack_masks.run),
 )
 # Checks on the partitioned forward graph.
-POST_PARTITION_CHECKS = (("check_saved", check_saved.run),)
+POST_PARTITION_CHECKS: tuple[Pass, ...] = (Pass("check_saved", check_saved.run),)
 
 # Partition attempts before giving up on compression for a graph.
 MAX_ATTEMPTS = 3
 
-# Every partition appends a record here while a recorder is active (see
-# ``razorpass.record_compiles``); nothing is kept otherwise.
-_RECORDERS: list[list[dict[str, Any]]] = []
+STRICT_ENV = "RAZORPASS_STRICT"
+
+# Every partition appends a record to each active recorder (see ``recording``).
+_recorders: list[list[PartitionRecord]] = []
 
 
-# Passes on the Dynamo (pre-autograd, torch-level) graph, in order. Each takes
-# (gm, example_inputs, config) and returns a GraphModule.
-PRE_AUTOGRAD_PASSES: list[tuple[str, Callable[..., fx.GraphModule]]] = [
-    ("bsr_token_check", bsr_token_check.run),  # drop_layers needs razorpass.compile
-    ("freeze_blocks", freeze_blocks.run),  # trainable_blocks: stop-gradient elsewhere
-    ("decompose_sdpa", decompose_sdpa.run),
-]
+@contextlib.contextmanager
+def recording() -> Iterator[list[PartitionRecord]]:
+    """Collect one :class:`PartitionRecord` per graph partitioned inside the block."""
+    records: list[PartitionRecord] = []
+    _recorders.append(records)
+    try:
+        yield records
+    finally:
+        _recorders.remove(records)
+
+
+def strict_mode(config) -> bool:
+    """Raise pass failures instead of falling back (config field or environment)."""
+    return bool(getattr(config, "strict", False)) or os.environ.get(STRICT_ENV, "") not in ("", "0")
+
+
+def run_passes(passes: tuple[Pass, ...], gm: fx.GraphModule, ctx) -> fx.GraphModule:
+    for p in passes:
+        log.debug("razorpass: pass %s", p.name)
+        with GraphTransformObserver(gm, p.name, subsystem="razorpass"):
+            gm = p.run(gm, ctx)
+        counters["razorpass"][p.name] += 1
+    return gm
 
 
 def run_pre_autograd(gm: fx.GraphModule, example_inputs, config) -> fx.GraphModule:
-    """Run the pre-autograd passes; a BailOut is raised to the caller (these passes
-    change what is trained, so silently skipping one would be wrong)."""
-    for name, fn in PRE_AUTOGRAD_PASSES:
-        gm = fn(gm, example_inputs, config)
+    """Run the pre-autograd passes; errors reach the caller (these passes change what is
+    trained, so silently skipping one would be wrong). ``trainable_blocks`` also freezes
+    the parameters no use trains (``requires_grad=False``), so that a graph Dynamo later
+    runs without razorpass (an eager fallback, a forced recompile) trains what this
+    one trains."""
+    ctx = PreAutogradContext(config, example_inputs)
+    gm = run_passes(PRE_AUTOGRAD_PASSES, gm, ctx)
+    frozen = [p for p in ctx.frozen_params if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    if frozen:
+        log.info("razorpass: trainable_blocks froze %d parameters (requires_grad=False)", len(frozen))
     return gm
 
 
@@ -62,67 +118,64 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
         return fx.GraphModule(gm, copy.deepcopy(gm.graph))
 
 
-def describe_saved(fw: fx.GraphModule, ctx: PassContext) -> list[dict[str, Any]]:
+def describe_saved(fw: fx.GraphModule, ctx: PassContext) -> list[SavedTensor]:
     """One entry per tensor the forward graph saves, in order: shape, dtype, whether it
-    is a graph input, and which layer / op class it belongs to (mask and values of a
-    compressed root carry the root's dense size on the mask entry; a packed boolean
-    mask, op class "mask", carries its dense size itself)."""
-    from .common import module_path
-
-    owners: dict[str, tuple[dict[str, Any], bool]] = {}
-    for c in ctx.stats.get("compressed", []):
-        owners[c["outputs"][0]] = (c, True)
-        owners[c["outputs"][1]] = (c, False)
-    for c in ctx.stats.get("packed", []):
-        owners[c["outputs"][0]] = (c, True)
+    is a graph input, and which layer / op class it belongs to (the first output of an
+    encoded root carries the root's dense size, its other outputs 0)."""
+    owners: dict[str, tuple[Any, bool]] = {}
+    for r in [*ctx.compressed, *ctx.packed]:
+        for i, name in enumerate(r.outputs):
+            owners[name] = (r, i == 0)
     entries = []
     for n in check_saved.saved_nodes(fw, ctx.num_fwd_outputs):
         val = n.meta.get("val")
         if not hasattr(val, "shape"):
             continue
-        entry = {"name": n.name, "shape": tuple(val.shape), "dtype": val.dtype, "input": n.op == "placeholder"}
+        common = dict(name=n.name, shape=tuple(val.shape), dtype=val.dtype, input=n.op == "placeholder")
         if n.name in owners:
-            c, is_mask = owners[n.name]
-            entry.update(layer=c["layer"], op_class="+".join(c["op_classes"]), dense_bytes=c["dense_bytes"] if is_mask else 0)
+            r, first = owners[n.name]
+            entries.append(SavedTensor(**common, layer=r.layer, op_class="+".join(r.op_classes),
+                                       dense_bytes=r.dense_bytes if first else 0))
         else:
-            nbytes = val.numel() * val.element_size()
-            entry.update(layer=module_path(check_saved._root(n)) or "(graph)", op_class="dense",
-                         dense_bytes=nbytes)
-        entries.append(entry)
+            entries.append(SavedTensor(**common, layer=module_path(check_saved.root_of(n)) or "(graph)",
+                                       op_class="dense", dense_bytes=val.numel() * val.element_size()))
     return entries
 
 
 def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_fn) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """Run the passes on a copy of ``joint``, partition it and check the result."""
-    record: dict[str, Any] = {"config": ctx.config, "fallback": None}
+    """Run the joint passes on a copy of ``joint``, partition it and check the result."""
+    record = PartitionRecord(config=ctx.config)
     kwargs = dict(num_fwd_outputs=ctx.num_fwd_outputs, static_lifetime_input_indices=ctx.static_lifetime_input_indices)
     try:
         # A root the partitioner still saves dense (it chose to recompute something
         # from it) is left uncompressed and the rest retried, a bounded number of times.
         for attempt in range(MAX_ATTEMPTS):
-            gm = _copy(joint)
-            for name, fn in JOINT_PASSES:
-                gm = fn(gm, ctx)
-            rewritten = _copy(gm)
+            ctx.reset()
+            gm = run_passes(JOINT_PASSES, _copy(joint), ctx)
+            ctx.joint = _copy(gm)
             fw, bw = partition_fn(gm, joint_inputs, **kwargs)
             try:
-                for name, check in POST_PARTITION_CHECKS:
-                    check(fw, rewritten, ctx)
+                run_passes(POST_PARTITION_CHECKS, fw, ctx)
                 break
             except check_saved.DenseSaved as e:
                 if attempt == MAX_ATTEMPTS - 1:
                     raise
                 log.info("razorpass: leaving %s uncompressed (the partitioner saves it dense)", e.roots)
-                ctx.stats["exclude_roots"] = [*ctx.stats.get("exclude_roots", []), *e.roots]
+                ctx.excluded_roots.extend(e.roots)
     except Exception as e:  # noqa: BLE001 - any failure of ours falls back, loudly
+        if strict_mode(ctx.config):
+            raise
         reason = f"{type(e).__name__}: {e}"
         log.warning("razorpass: compiling this graph without compression (%s)", reason)
-        record["fallback"] = reason
-        ctx.stats["compressed"] = []
-        ctx.stats["packed"] = []
+        counters["razorpass"]["fallback"] += 1
+        record.fallback = reason
+        ctx.reset()
         fw, bw = partition_fn(joint, joint_inputs, **kwargs)
-    record.update(ctx.stats)
-    record["saved"] = describe_saved(fw, ctx)
-    for rec in _RECORDERS:
+    record.compressed, record.packed = list(ctx.compressed), list(ctx.packed)
+    record.skipped, record.pack_skipped = list(ctx.skipped), list(ctx.pack_skipped)
+    record.excluded_roots = list(ctx.excluded_roots)
+    record.recomputed_in_backward, record.dense_kept = list(ctx.recomputed_in_backward), list(ctx.dense_kept)
+    record.saved = describe_saved(fw, ctx)
+    for rec in _recorders:
         rec.append(record)
     return fw, bw

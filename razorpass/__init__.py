@@ -29,6 +29,7 @@ __all__ = [
     "gradient_fidelity",
     "record_compiles",
     "reference",
+    "find_blocks",
 ]
 
 
@@ -45,6 +46,10 @@ def __getattr__(name: str) -> Any:  # lazy: keep `import razorpass` light
         from .fidelity import gradient_fidelity
 
         return gradient_fidelity
+    if name == "find_blocks":
+        from .passes.blocks import find_blocks
+
+        return find_blocks
     if name == "reference":
         import importlib
 
@@ -53,18 +58,16 @@ def __getattr__(name: str) -> Any:  # lazy: keep `import razorpass` light
 
 
 @contextlib.contextmanager
-def record_compiles() -> Iterator[list[dict[str, Any]]]:
-    """Collect one record per partitioned graph compiled inside the block: what was
-    compressed (roots, op classes, modules, group size, k), what stays saved, and the
-    fallback reason if a pass could not apply."""
-    from passes.pipeline import _RECORDERS
+def record_compiles() -> Iterator[list]:
+    """Collect one ``PartitionRecord`` per partitioned graph compiled inside the block
+    (``razorpass.passes.records``): what was compressed (``CompressedRoot``: root, op
+    classes, modules, group size, k) or packed (``PackedMask``), what stays saved
+    (``SavedTensor``), which roots a retry left dense, and the fallback reason if a
+    pass could not apply."""
+    from .passes.pipeline import recording
 
-    records: list[dict[str, Any]] = []
-    _RECORDERS.append(records)
-    try:
+    with recording() as records:
         yield records
-    finally:
-        _RECORDERS.remove(records)
 
 
 def _register_backend() -> None:

@@ -23,9 +23,9 @@ class RazorBackend:
         self.config = config
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, **kwargs: Any):
-        from passes.pipeline import run_pre_autograd
+        from .passes.pipeline import run_pre_autograd
 
-        from . import ops  # noqa: F401  (registers razor::compress / razor::decompress)
+        from .kernels import ops  # noqa: F401  (registers razor::compress / razor::decompress)
         from .partitioner import RazorPartitioner
 
         gm = run_pre_autograd(gm, example_inputs, self.config)

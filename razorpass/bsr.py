@@ -63,8 +63,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .blocks import SOFTMAX_FUNCTIONS, BlockList, find_blocks
 from .config import RazorConfig
+from .kernels.ops import RANK_TOKENS_OP, rank_tokens
+from .passes.blocks import SOFTMAX_FUNCTIONS, BlockList, find_blocks
 
 __all__ = [
     "TokenSelectionError",
@@ -90,18 +91,6 @@ class _CausalAttention(TokenSelectionError):
 
 
 # ----------------------------------------------------------------------------- the rule
-@torch.library.custom_op("razor::rank_tokens", mutates_args=())
-def rank_tokens(scores: torch.Tensor) -> torch.Tensor:
-    """Positions along the last dim in descending score order, ties to the lower position."""
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
-
-
-@rank_tokens.register_fake
-def _(scores):
-    return torch.empty(scores.shape, dtype=torch.long, device=scores.device)
-
-
-RANK_TOKENS_OP = torch.ops.razor.rank_tokens.default
 
 
 def keep_count(n_tokens: int, keep_rate: float) -> int:
@@ -409,7 +398,7 @@ def _find(model: nn.Module, config: RazorConfig):
 
 def attention_blocks(model: nn.Module, config: RazorConfig | None = None) -> BlockList:
     """The blocks token selection and ``trainable_blocks`` index (``config.blocks`` or
-    found; see :mod:`razorpass.blocks`)."""
+    found; see :mod:`razorpass.passes.blocks`)."""
     return _find(model, config or RazorConfig())[0]
 
 

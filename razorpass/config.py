@@ -110,6 +110,12 @@ class RazorConfig:
     # the block sequence automatically.
     blocks: str | None = None
 
+    # ---- debugging ----
+    # Raise when a pass cannot apply instead of compiling that graph without
+    # compression (the environment variable RAZORPASS_STRICT=1 does the same; the
+    # test suite sets it).
+    strict: bool = False
+
     def __post_init__(self) -> None:
         s = self.sparsity
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0.0 <= s < 1.0:
@@ -153,6 +159,8 @@ class RazorConfig:
         object.__setattr__(self, "keep_rate", float(r))
         if not isinstance(self.fuse_token, bool):
             raise ValueError(f"RazorConfig.fuse_token must be True or False, got {self.fuse_token!r}")
+        if not isinstance(self.strict, bool):
+            raise ValueError(f"RazorConfig.strict must be True or False, got {self.strict!r}")
         if self.blocks is not None and not isinstance(self.blocks, str):
             raise ValueError(f"RazorConfig.blocks must be a module-path glob string or None, got {self.blocks!r}")
 

@@ -16,12 +16,11 @@ from .config import RazorConfig
 
 __all__ = ["Compressed", "compress", "decompress", "group_size_for", "compressed_nbytes", "value_dtype_of"]
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
 def value_dtype_of(config: RazorConfig, activation_dtype: torch.dtype) -> torch.dtype:
     """The dtype kept values are stored in for an activation of ``activation_dtype``."""
-    return activation_dtype if config.value_dtype == "same" else _DTYPES[config.value_dtype]
+    from .kernels.ops import value_dtype_of as of
+
+    return of(config, activation_dtype)
 
 
 def group_size_for(shape, granularity: str, block_size: int):
@@ -75,7 +74,7 @@ def compress(
     if not x.is_floating_point():
         raise ValueError(f"razorpass.compress takes a floating-point tensor, got {x.dtype}")
     cfg = RazorConfig(sparsity=sparsity, granularity=granularity, block_size=block_size, value_dtype=value_dtype)
-    from . import ops
+    from .kernels import ops
 
     g = group_size_for(tuple(x.shape), granularity, block_size)
     mask, values = ops.compress(x, g, cfg.keep_count(g), value_dtype_of(cfg, x.dtype), backend)
@@ -84,6 +83,6 @@ def compress(
 
 def decompress(c: Compressed, backend: str = "auto") -> torch.Tensor:
     """The dense sparsified tensor: kept values (rounded through the value dtype), 0 elsewhere."""
-    from . import ops
+    from .kernels import ops
 
     return ops.decompress(c.mask, c.values, list(c.shape), c.group_size, c.dtype, backend)

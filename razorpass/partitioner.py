@@ -10,25 +10,33 @@ any option or any pass never reuses a stale compiled graph.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import os
 import pathlib
 from typing import Any
 
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 
+from . import kernels, passes
 from .config import RazorConfig
 
-_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Whatever shapes a generated graph: the API modules (config decides k), the passes,
+# and the kernels with their C++ source. Found from the packages' own folders, so a new
+# module is covered without being listed; the benchmark is not part of it.
+_PACKAGES = (importlib.import_module(__package__), passes, kernels)
+_SUFFIXES = (".py", ".cpp")
 
 
-def _code_files() -> tuple[str, ...]:
-    files = sorted((_ROOT / "passes").glob("*.py")) + [
-        _ROOT / "triton_kernels" / "topk_compress.py",
-        _ROOT / "razorpass" / "partitioner.py",
-        _ROOT / "razorpass" / "ops.py",
-        _ROOT / "razorpass" / "format.py",
-    ]
-    return tuple(str(f) for f in files if f.exists())
+@functools.cache
+def code_files() -> tuple[str, ...]:
+    files: set[pathlib.Path] = set()
+    for pkg in _PACKAGES:
+        for folder in pkg.__path__:
+            files.update(f for f in pathlib.Path(folder).rglob("*") if f.suffix in _SUFFIXES and f.is_file()
+                         and "__pycache__" not in f.parts)
+    return tuple(sorted(str(f) for f in files))
 
 
 class RazorPartitioner(CustomPartitionerFn):
@@ -38,8 +46,8 @@ class RazorPartitioner(CustomPartitionerFn):
     def __call__(self, gm: fx.GraphModule, joint_inputs, **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
         from functorch.compile import min_cut_rematerialization_partition
 
-        from passes.common import PassContext
-        from passes.pipeline import partition
+        from .passes.common import PassContext
+        from .passes.pipeline import partition
 
         compiler = kwargs.pop("compiler", "inductor")
         ctx = PassContext(
@@ -54,7 +62,9 @@ class RazorPartitioner(CustomPartitionerFn):
         return partition(gm, joint_inputs, ctx, min_cut)
 
     def uuid(self) -> bytes:
-        return get_hash_for_files(_code_files(), extra=repr(self.config))
+        from .passes.pipeline import STRICT_ENV
+
+        return get_hash_for_files(code_files(), extra=f"{self.config!r} strict={os.environ.get(STRICT_ENV, '')}")
 
     def __reduce__(self):
         return (RazorPartitioner, (self.config,))

@@ -222,7 +222,7 @@ def _unbroadcast(g, shape):
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, config,
           cfg):
     """The reference of the "sdpa" target: attention as math with the matmul and
-    softmax rules (razorpass.attention.math_sdpa with reference autograd Functions).
+    softmax rules (razorpass.passes.decompose_sdpa.math_sdpa with reference autograd Functions).
     ``cfg(t)`` is the config that sparsifies the input operand ``t`` (None: exact)."""
     L, S = query.size(-2), key.size(-2)
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from .config import RazorConfig
+from .passes.records import PartitionRecord
 
 __all__ = ["MemoryReport", "LayerRow", "memory_report", "measure_saved"]
 
@@ -143,7 +144,7 @@ def measure_saved(fn: Callable[[], Any], exclude: list[torch.Tensor]) -> list[tu
     return saved
 
 
-def _rows(records: list[dict[str, Any]], saved: list[tuple[torch.Tensor, int]]) -> list[LayerRow]:
+def _rows(records: list[PartitionRecord], saved: list[tuple[torch.Tensor, int]]) -> list[LayerRow]:
     """Attribute the measured tensors to layers with the partition records.
 
     Each record lists its graph's saved tensors in order, with their role (mask,
@@ -152,14 +153,14 @@ def _rows(records: list[dict[str, Any]], saved: list[tuple[torch.Tensor, int]]) 
     """
     # Graph inputs are excluded from the measurement unless the compiled graph saved a
     # copy of one (e.g. a layout conversion for a convolution): then it is matched here.
-    planned = [p for rec in records for p in rec.get("saved", [])]
+    planned = [p for rec in records for p in rec.saved]
     used = [False] * len(planned)
     rows: dict[tuple[str, str], list[int]] = {}
     cursor = 0
     for t, nbytes in saved:
         order = list(range(cursor, len(planned))) + list(range(cursor))
         hit = next(
-            (i for i in order if not used[i] and planned[i]["shape"] == tuple(t.shape) and planned[i]["dtype"] == t.dtype),
+            (i for i in order if not used[i] and planned[i].shape == tuple(t.shape) and planned[i].dtype == t.dtype),
             None,
         )
         if hit is None:
@@ -167,15 +168,15 @@ def _rows(records: list[dict[str, Any]], saved: list[tuple[torch.Tensor, int]]) 
         else:
             used[hit], cursor = True, hit + 1
             p = planned[hit]
-            layer = f"(copy of graph input {p['name']})" if p["input"] else p["layer"]
-            key, dense = (layer, p["op_class"]), p["dense_bytes"]
+            layer = f"(copy of graph input {p.name})" if p.input else p.layer
+            key, dense = (layer, p.op_class), p.dense_bytes
         row = rows.setdefault(key, [0, 0])
         row[0] += dense
         row[1] += nbytes
     return [LayerRow(k[0], k[1], v[0], v[1]) for k, v in rows.items()]
 
 
-def _run_once(model: torch.nn.Module, cfg: RazorConfig, example_inputs, dynamic) -> tuple[list, list[dict]]:
+def _run_once(model: torch.nn.Module, cfg: RazorConfig, example_inputs, dynamic) -> tuple[list, list[PartitionRecord]]:
     from . import record_compiles
     from .backend import RazorBackend
 
@@ -212,7 +213,7 @@ def memory_report(model: torch.nn.Module, example_inputs, config: RazorConfig | 
     base_saved, base_records = _run_once(model, base_cfg, inputs, dynamic)
     saved, records = _run_once(model, cfg, inputs, dynamic)
     torch._dynamo.reset()
-    fallbacks = [r["fallback"] for r in records if r.get("fallback")]
+    fallbacks = [r.fallback for r in records if r.fallback]
     return MemoryReport(
         batch_size=batch,
         baseline_bytes=sum(b for _, b in base_saved),

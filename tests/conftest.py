@@ -5,6 +5,9 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A pass failure raises instead of compiling without compression (tests of the
+# fallback itself unset it), so a pass bug cannot pass as a silent fallback.
+os.environ.setdefault("RAZORPASS_STRICT", "1")
 # Triton kernels run under the interpreter on machines without a GPU. The flag must
 # be in the environment before anything imports Triton (Inductor does, mid-session).
 if not os.path.exists("/dev/nvidia0") and "TRITON_INTERPRET" not in os.environ:

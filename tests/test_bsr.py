@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import razorpass
 from razorpass import RazorConfig
-from razorpass.blocks import BlockError
+from razorpass.passes.blocks import BlockError
 from razorpass.bsr import TokenSelectionError
 
 from .models import NanoGPT
@@ -225,7 +225,7 @@ def test_matches_eager_reference(name, compiler, trainable):
     compiled = razorpass.compile(model, compiler=compiler, targets=(), fullgraph=True, **bsr)
     with razorpass.record_compiles() as records:
         out, grads = _step(model, lambda *a: tuple(compiled(*a).values()), inputs)
-    assert [r["fallback"] for r in records] == [None]
+    assert [r.fallback for r in records] == [None]
     tol = dict(rtol=1e-3, atol=1e-4)  # SDPA vs explicit softmax, decomposed vs fused layer norms
     torch.testing.assert_close(out, ref_out, **tol)
     assert grads.keys() == ref_grads.keys()
@@ -275,8 +275,8 @@ def _capture_graphs(model, inputs, config):
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
 
-    from passes import freeze_blocks
-    from passes.pipeline import run_pre_autograd
+    from razorpass.passes import freeze_blocks
+    from razorpass.passes.pipeline import run_pre_autograd
 
     graphs = {}
 
@@ -322,6 +322,11 @@ def test_freezing_prunes_what_requires_grad_false_prunes(trainable):
     trains = tuple(f"layers.{i}." for i in trainable) + ("layernorm.", "pooler.")
     bsr = _capture_graphs(model, inputs, RazorConfig(trainable_blocks=trainable, targets=()))
     assert bsr["frozen"] == sum(not n.startswith(trains) for n, _ in model.named_parameters())
+    # the frozen parameters are frozen on the model too, so every later path agrees
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        n for n, _ in model.named_parameters() if n.startswith(trains)]
+    for p in model.parameters():
+        p.requires_grad_(True)
     full = _capture_graphs(model, inputs, RazorConfig(targets=()))
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(trains))
@@ -337,10 +342,10 @@ def test_nothing_saved_below_the_first_trainable_block():
     with razorpass.record_compiles() as records:
         compiled = razorpass.compile(model, compiler="eager", trainable_blocks=(2,))
         compiled(*inputs).last_hidden_state.sum().backward()
-    saved = [e for e in records[0]["saved"] if not e["input"]]
-    assert saved and not [e for e in saved if e["layer"].startswith(("embeddings", "layers.0"))]
+    saved = [e for e in records[0].saved if not e.input]
+    assert saved and not [e for e in saved if e.layer.startswith(("embeddings", "layers.0"))]
     # of block 1 only its output, the input of trainable block 2, may be saved
-    assert all(e["shape"] == (2, 17, 32) for e in saved if e["layer"].startswith("layers.1"))
+    assert all(e.shape == (2, 17, 32) for e in saved if e.layer.startswith("layers.1"))
 
 
 def test_config_blocks_glob_selects_the_same_blocks():

@@ -61,8 +61,8 @@ def test_native_cpu_kernel_equals_pytorch_kernel(name, granularity):
 
 def _assert_native_equals_pytorch(x, group, k):
     """The native CPU kernel ("auto" on CPU) against the PyTorch kernel, both ways."""
-    from razorpass import ops
-    from triton_kernels import topk_compress_cpu
+    from razorpass.kernels import ops
+    from razorpass.kernels import topk_compress_cpu
 
     assert topk_compress_cpu.load() is not None, "the native CPU kernel did not build"
     m1, v1 = ops.compress(x, group, k, torch.bfloat16, "torch")
@@ -142,7 +142,7 @@ def test_bytes_per_element_at_90_percent_bf16():
 
 
 def test_opcheck():
-    from razorpass import ops
+    from razorpass.kernels import ops
 
     x = torch.randn(3, 40)
     torch.library.opcheck(ops.compress, (x, 16, 5, torch.bfloat16))
@@ -153,7 +153,7 @@ def test_opcheck():
 @pytest.mark.parametrize("granularity", ["block", "sample"])
 @pytest.mark.parametrize("view", ["heads", "keys_transposed"])
 def test_native_kernel_reads_permuted_views_in_logical_order(granularity, view):
-    from razorpass import ops
+    from razorpass.kernels import ops
 
     base = torch.randn(2, 37, 3, 8)
     # (2, 3, 37, 8): the q/k/v layout of attention (innermost dim contiguous);

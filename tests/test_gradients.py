@@ -76,9 +76,9 @@ def check(name, compiler, granularity, sparsity=0.7, targets=("linear", "conv"),
         ref = _run(model, inputs, model)
     with razorpass.record_compiles() as records:
         got = _run(model, inputs, razorpass.compile(model, cfg, fullgraph=True))
-    assert [r["fallback"] for r in records] == [None]
+    assert [r.fallback for r in records] == [None]
     if n_roots is not None:
-        assert len(records[0]["compressed"]) == n_roots
+        assert len(records[0].compressed) == n_roots
     # "eager" runs the decomposed graph op by op: float rounding differs slightly from
     # the reference's fused ATen kernels; inductor fuses further.
     tol = dict(rtol=1e-4, atol=1e-5) if compiler == "eager" else dict(rtol=2e-3, atol=2e-4)
@@ -120,7 +120,7 @@ def test_dynamic_batch_compiles_once(compiler):
                 ref = _run(model, (x,), model)
             for k in ref:
                 torch.testing.assert_close(got[k], ref[k], rtol=2e-3, atol=2e-4)
-    assert len(records) == 1 and records[0]["fallback"] is None
+    assert len(records) == 1 and records[0].fallback is None
 
 
 def test_include_exclude_choose_layers():
@@ -130,7 +130,7 @@ def test_include_exclude_choose_layers():
     with razorpass.record_compiles() as records:
         got = _run(model, (x,), razorpass.compile(model, cfg))
     # fc1 reads the batch (held by the caller, never compressed), fc2 is excluded
-    assert [c["layer"] for c in records[0]["compressed"]] == ["head"]
+    assert [c.layer for c in records[0].compressed] == ["head"]
     with reference.apply(model, cfg):
         ref = _run(model, (x,), model)
     for k in ref:

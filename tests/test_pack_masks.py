@@ -11,8 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import razorpass
-from razorpass import RazorConfig, ops
-from triton_kernels.topk_compress import torch_compress
+from razorpass import RazorConfig
+from razorpass.kernels import ops
+from razorpass.kernels.topk_compress import torch_compress
 
 from .models import loss_of
 
@@ -152,14 +153,14 @@ def test_packed_masks_give_bit_identical_gradients(name, compiler, fallback_rand
     loss0, grads0, _, _, _ = _step(name, compiler=compiler, targets=())
     loss1, grads1, records, model, inputs = _step(name, compiler=compiler, targets=("mask",))
     (rec,) = records
-    assert rec["fallback"] is None and rec["compressed"] == []
+    assert rec.fallback is None and rec.compressed == []
     dims = _dims(model, inputs)
-    assert [p["shape"] for p in rec["packed"]] == dims
-    assert all(p["op_classes"] == ["mask"] and p["dtype"] == torch.bool for p in rec["packed"])
+    assert [p.shape for p in rec.packed] == dims
+    assert all(p.op_classes == ("mask",) and p.dtype == torch.bool for p in rec.packed)
     # nothing boolean is saved any more: one packed uint8 tensor per mask instead
-    saved = rec["saved"]
-    assert not [e for e in saved if e["dtype"] == torch.bool]
-    assert sorted(e["shape"] for e in saved if e["op_class"] == "mask") == sorted(
+    saved = rec.saved
+    assert not [e for e in saved if e.dtype == torch.bool]
+    assert sorted(e.shape for e in saved if e.op_class == "mask") == sorted(
         (math.ceil(math.prod(d) / 8),) for d in dims)
     assert torch.equal(loss0, loss1)
     assert grads0.keys() == grads1.keys()
@@ -190,31 +191,31 @@ def test_mask_is_a_default_target_and_part_of_all():
 
 def test_include_exclude_globs_select_masks():
     _, _, records, _, _ = _step("bert", compiler="eager", targets=("mask",), exclude=("encoder.layer.0.*",))
-    layers = [p["layer"] for p in records[0]["packed"]]
+    layers = [p.layer for p in records[0].packed]
     assert layers == ["embeddings.dropout", "encoder.layer.1.attention.self",
                       "encoder.layer.1.attention.output.dropout", "encoder.layer.1.output.dropout"]
-    bools = [e for e in records[0]["saved"] if e["dtype"] == torch.bool]
-    assert len(bools) == 3 and all(e["layer"].startswith("encoder.layer.0.") for e in bools)
+    bools = [e for e in records[0].saved if e.dtype == torch.bool]
+    assert len(bools) == 3 and all(e.layer.startswith("encoder.layer.0.") for e in bools)
 
 
 def test_roots_excluded_by_the_retry_are_left_dense(monkeypatch):
-    from passes import pack_masks, pipeline
+    from razorpass.passes import pack_masks, pipeline
 
     def run(gm, ctx):
-        ctx.stats["exclude_roots"] = [n.name for n in gm.graph.nodes if n.name == first]
+        ctx.excluded_roots[:] = [n.name for n in gm.graph.nodes if n.name == first]
         return pack_masks.run(gm, ctx)
 
     _, _, records, _, _ = _step("mlp", compiler="eager", targets=("mask",))
-    first = records[0]["packed"][0]["root"]
+    first = records[0].packed[0].root
     torch._dynamo.reset()
-    passes = tuple((n, run if n == "pack_masks" else f) for n, f in pipeline.JOINT_PASSES)
+    passes = tuple(pipeline.Pass(n, run if n == "pack_masks" else f) for n, f in pipeline.JOINT_PASSES)
     monkeypatch.setattr(pipeline, "JOINT_PASSES", passes)
     _, _, records, _, _ = _step("mlp", compiler="eager", targets=("mask",))
     (rec,) = records
-    assert rec["fallback"] is None
-    roots = [p["root"] for p in rec["packed"]]
+    assert rec.fallback is None
+    roots = [p.root for p in rec.packed]
     assert len(roots) == 1 and first not in roots
-    assert [e["shape"] for e in rec["saved"] if e["dtype"] == torch.bool] == [(4, 3, 40)]
+    assert [e.shape for e in rec.saved if e.dtype == torch.bool] == [(4, 3, 40)]
 
 
 def test_dynamic_batch_packs_with_symbolic_sizes(fallback_random):
@@ -231,10 +232,10 @@ def test_dynamic_batch_packs_with_symbolic_sizes(fallback_random):
                 loss_of(compiled[t](x)).backward()
                 grads[t] = [p.grad for p in m.parameters()]
             assert all(torch.equal(a, b) for a, b in zip(grads[()], grads[("mask",)]))
-    packed = [r for r in records if r["config"].targets == ("mask",)]
-    assert len(packed) == 1 and packed[0]["fallback"] is None  # compiled once
-    assert len(packed[0]["packed"]) == 2
-    assert not [e for e in packed[0]["saved"] if e["dtype"] == torch.bool]
+    packed = [r for r in records if r.config.targets == ("mask",)]
+    assert len(packed) == 1 and packed[0].fallback is None  # compiled once
+    assert len(packed[0].packed) == 2
+    assert not [e for e in packed[0].saved if e.dtype == torch.bool]
 
 
 def test_masks_computed_from_inputs_alone_are_left_to_the_partitioner():
@@ -250,10 +251,10 @@ def test_masks_computed_from_inputs_alone_are_left_to_the_partitioner():
         with razorpass.record_compiles() as records:
             loss_of(razorpass.compile(model, compiler="eager", targets=targets)(x)).backward()
         (rec,) = records
-        assert rec["fallback"] is None and rec.get("packed", []) == []
-        saved[targets] = [(e["shape"], e["dtype"]) for e in rec["saved"]]
+        assert rec.fallback is None and rec.packed == []
+        saved[targets] = [(e.shape, e.dtype) for e in rec.saved]
     assert saved[()] == saved[("mask",)]
-    assert any("recomputable from graph inputs" in s for s in rec["pack_skipped"])
+    assert any("recomputable from graph inputs" in s for s in rec.pack_skipped)
 
 
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
@@ -271,7 +272,7 @@ def test_relu6_masks_are_packed_once_their_input_is_compressed(compiler):
             compiled = razorpass.compile(model, compiler=compiler, targets=targets, block_size=64, fullgraph=True)
             loss_of(compiled(x)).backward()
         (rec,) = records
-        assert rec["fallback"] is None
+        assert rec.fallback is None
         return {n: p.grad for n, p in model.named_parameters()}, rec, model, x
 
     grads0, rec0, _, _ = step(("conv", "batchnorm"))
@@ -279,12 +280,12 @@ def test_relu6_masks_are_packed_once_their_input_is_compressed(compiler):
     # the two ReLU6 inputs: bn1's output and conv3's output (shapes from the model)
     h, w = x.shape[2:]
     dims = [(x.shape[0], model.bn1.num_features, h, w), (x.shape[0], model.conv3.out_channels, h, w)]
-    assert sorted(p["shape"] for p in rec1["packed"]) == sorted(dims)
-    assert sorted(e["shape"] for e in rec1["saved"] if e["op_class"] == "mask") == sorted(
+    assert sorted(p.shape for p in rec1.packed) == sorted(dims)
+    assert sorted(e.shape for e in rec1.saved if e.op_class == "mask") == sorted(
         (math.ceil(math.prod(d) / 8),) for d in dims)
-    assert not [e for e in rec1["saved"] if e["dtype"] == torch.bool]
+    assert not [e for e in rec1.saved if e.dtype == torch.bool]
     # without "mask" the partitioner keeps each ReLU6 mask (or its input) at >= 1 byte per element
-    big = [e for e in rec0["saved"] if e["op_class"] == "dense" and math.prod(e["shape"]) in {math.prod(d) for d in dims}]
+    big = [e for e in rec0.saved if e.op_class == "dense" and math.prod(e.shape) in {math.prod(d) for d in dims}]
     assert len(big) >= len(dims)
     assert grads0.keys() == grads1.keys()
     for k in grads0:

@@ -48,7 +48,7 @@ def test_frozen_layer_input_is_never_stored(compiler):
         got, saved = _saved_bytes(model, x, cfg)
     # layer 1 is frozen: its input (h0) is needed by no gradient and not saved at all;
     # x (layer 0's input) is the caller's; h1 (layer 2's input) is saved compressed.
-    assert [c["layer"] for c in records[0]["compressed"]] == ["2"]
+    assert [c.layer for c in records[0].compressed] == ["2"]
     assert len(saved) == 2
     assert got == compressed_nbytes((6, 5, 40), cfg, torch.float32)
 

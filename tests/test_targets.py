@@ -61,8 +61,8 @@ def test_batchnorm_in_eval_mode_matches_reference():
     with razorpass.record_compiles() as records:
         got = _run(model, inputs, razorpass.compile(model, cfg, fullgraph=True))
     (rec,) = records
-    assert rec["fallback"] is None
-    assert "batchnorm" in {c for r in rec["compressed"] for c in r["op_classes"]}
+    assert rec.fallback is None
+    assert "batchnorm" in {c for r in rec.compressed for c in r.op_classes}
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
     assert (dense["bn1.weight"] - ref["bn1.weight"]).abs().max() > 1e-3
@@ -77,8 +77,8 @@ def _classes(model, inputs, **options):
     with razorpass.record_compiles() as records:
         loss_of(razorpass.compile(model, compiler="eager", **options)(*inputs)).backward()
     (rec,) = records
-    assert rec["fallback"] is None
-    return rec, collections.Counter("+".join(c["op_classes"]) for c in rec["compressed"])
+    assert rec.fallback is None
+    return rec, collections.Counter("+".join(c.op_classes) for c in rec.compressed)
 
 
 def test_compressed_roots_per_class_on_nanogpt():
@@ -96,10 +96,10 @@ def test_vit_leaves_no_targeted_activation_dense():
     # the pixels, an input held by the caller); 2 LayerNorms per layer + the final one;
     # GELU; q, kᵀ, v; P shared by P·V and the softmax backward.
     assert counts == {"linear": 8, "layernorm": 5, "gelu": 2, "matmul": 6, "matmul+softmax": 2}
-    assert rec["dense_kept"] == []
-    dense = [e for e in rec["saved"] if e["op_class"] == "dense" and not e["input"]]
+    assert rec.dense_kept == []
+    dense = [e for e in rec.saved if e.op_class == "dense" and not e.input]
     # what remains dense is the per-row LayerNorm statistic rstd / C, one per LayerNorm
-    assert len(dense) == 5 and all(e["shape"][-1] == 1 for e in dense)
+    assert len(dense) == 5 and all(e.shape[-1] == 1 for e in dense)
 
 
 def test_default_targets_are_back_razors_vit_coverage():
@@ -107,9 +107,9 @@ def test_default_targets_are_back_razors_vit_coverage():
     rec, counts = _classes(model, (x,))
     assert "gelu" not in RazorConfig().targets
     assert counts == {"linear": 8, "layernorm": 5, "matmul": 6, "matmul+softmax": 2}
-    dense = [e for e in rec["saved"] if e["op_class"] == "dense" and not e["input"] and e["shape"][-1] != 1]
+    dense = [e for e in rec.saved if e.op_class == "dense" and not e.input and e.shape[-1] != 1]
     # only the GELU inputs (fc1 outputs) stay dense, as in Back Razor
-    assert [e["layer"] for e in dense] == ["layers.0.mlp.fc1", "layers.1.mlp.fc1"]
+    assert [e.layer for e in dense] == ["layers.0.mlp.fc1", "layers.1.mlp.fc1"]
 
 
 class _PaddedStem(torch.nn.Module):
@@ -145,9 +145,9 @@ def test_inputs_recomputable_from_the_batch_are_not_compressed(compiler):
     with razorpass.record_compiles() as records:
         got = _run(model, (x,), razorpass.compile(model, cfg, fullgraph=True))
     (rec,) = records
-    assert rec["fallback"] is None
-    assert [c["layer"] for c in rec["compressed"]] == ["conv"]
-    assert any("recomputable from the inputs the caller holds" in s for s in rec["skipped"])
+    assert rec.fallback is None
+    assert [c.layer for c in rec.compressed] == ["conv"]
+    assert any("recomputable from the inputs the caller holds" in s for s in rec.skipped)
     tol = dict(rtol=1e-4, atol=1e-5) if compiler == "eager" else dict(rtol=2e-3, atol=2e-4)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], **tol, msg=lambda m: f"{k}: {m}")

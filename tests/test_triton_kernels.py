@@ -26,9 +26,9 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import razorpass  # noqa: E402
-from triton_kernels.topk_compress import torch_compress, torch_decompress  # noqa: E402
+from razorpass.kernels.topk_compress import torch_compress, torch_decompress  # noqa: E402
 
-_MODULE = "triton_kernels.topk_compress_triton"
+_MODULE = "razorpass.kernels.topk_compress_triton"
 if _MODULE in sys.modules and not _ON_GPU:
     # Imported earlier without the interpreter: rebuild its kernels for the CPU.
     tk = importlib.reload(sys.modules[_MODULE])

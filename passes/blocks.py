@@ -35,7 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from passes.common import _clean_fqn  # "L['self'].encoder.layer[0]" -> "encoder.layer.0"
+from .common import clean_fqn  # "L['self'].encoder.layer[0]" -> "encoder.layer.0"
 
 __all__ = [
     "BlockError",
@@ -173,7 +173,7 @@ def _candidates_text(model: nn.Module) -> str:
 def _stack_paths(node: fx.Node) -> list[tuple[str, type | str]]:
     """(module path, module class) of every module the node ran inside, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
-    return [(_clean_fqn(raw), kind) for raw, kind in stack.values()]
+    return [(clean_fqn(raw), kind) for raw, kind in stack.values()]
 
 
 def is_attention_node(node: fx.Node) -> bool:

@@ -11,10 +11,20 @@ from __future__ import annotations
 
 import torch
 
-from triton_kernels import topk_compress_cpu
-from triton_kernels.topk_compress import torch_compress, torch_decompress
+from . import topk_compress_cpu
+from .topk_compress import torch_compress, torch_decompress
 
-__all__ = ["compress", "decompress", "compressed_shapes", "pack_bits", "unpack_bits", "packed_numel"]
+__all__ = ["compress", "decompress", "compressed_shapes", "pack_bits", "unpack_bits", "packed_numel", "rank_tokens",
+           "RANK_TOKENS_OP", "VALUE_DTYPES", "value_dtype_of"]
+
+# The dtypes a config's ``value_dtype`` names ("same": the activation's own dtype).
+VALUE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def value_dtype_of(config, activation_dtype: torch.dtype) -> torch.dtype:
+    """The dtype kept values are stored in for an activation of ``activation_dtype``
+    under ``config`` (anything with a ``value_dtype`` field: a RazorConfig)."""
+    return activation_dtype if config.value_dtype == "same" else VALUE_DTYPES[config.value_dtype]
 
 _TRITON_BACKEND: dict[str, str] = {"default": "auto"}
 
@@ -47,7 +57,7 @@ def compress(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the k largest |x| of every group of ``group_size`` elements (see the format doc)."""
     if _use_triton(x, backend):
-        from triton_kernels import topk_compress_triton as tk
+        from . import topk_compress_triton as tk
 
         return tk.triton_compress(x, group_size, k, value_dtype)
     if x.device.type == "cpu" and backend != "torch":
@@ -74,7 +84,7 @@ def decompress(
 ) -> torch.Tensor:
     """Dense tensor with the kept values at their positions and exact zeros elsewhere."""
     if _use_triton(values, backend):
-        from triton_kernels import topk_compress_triton as tk
+        from . import topk_compress_triton as tk
 
         return tk.triton_decompress(mask, values, shape, group_size, dtype)
     if values.device.type == "cpu" and backend != "torch":
@@ -138,3 +148,18 @@ def unpack_bits(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
 @unpack_bits.register_fake
 def _(packed, shape):
     return packed.new_empty(shape, dtype=torch.bool)
+
+
+@torch.library.custom_op("razor::rank_tokens", mutates_args=())
+def rank_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """Positions along the last dim in descending score order, ties to the lower position
+    (BSR's token ranking; an op so that graph passes can find it)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
+@rank_tokens.register_fake
+def _(scores):
+    return torch.empty(scores.shape, dtype=torch.long, device=scores.device)
+
+
+RANK_TOKENS_OP = torch.ops.razor.rank_tokens.default

@@ -1,0 +1,76 @@
+"""Typed records that the passes leave behind: what was encoded, what stays saved, and
+why a graph fell back. The pipeline collects them into one :class:`PartitionRecord`
+per partitioned graph; ``razorpass.record_compiles()`` yields those, and the memory
+report and the tests read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["EncodedRoot", "CompressedRoot", "PackedMask", "SavedTensor", "PartitionRecord"]
+
+
+@dataclass(frozen=True)
+class EncodedRoot:
+    """One forward tensor that backward reads through an encoded copy."""
+
+    root: str  # the joint-graph node that was encoded
+    layer: str  # one label for the layers that read it ("a.b.{query,key,value}")
+    modules: tuple[str, ...]  # module path of each backward use
+    op_classes: tuple[str, ...]  # target classes of its uses ("linear", "mask", ...)
+    consumers: int  # backward uses rerouted to the decoded copy
+    shape: tuple  # the root's shape (ints or SymInts)
+    dtype: torch.dtype  # the root's dtype
+    dense_bytes: Any  # bytes the root takes dense (int, or a SymInt under dynamic shapes)
+    encode_node: str  # the encode op's node in the joint graph
+    outputs: tuple[str, ...]  # the encoded tensors the forward graph saves instead
+
+
+@dataclass(frozen=True)
+class CompressedRoot(EncodedRoot):
+    """Top-k compressed (``razor::compress``): ``keep`` of every ``group_size`` elements."""
+
+    group_size: int = 0
+    keep: Any = 0
+
+
+@dataclass(frozen=True)
+class PackedMask(EncodedRoot):
+    """A boolean tensor packed 8 per byte (``razor::pack_bits``); lossless."""
+
+
+@dataclass(frozen=True)
+class SavedTensor:
+    """One tensor the partitioned forward graph saves for backward."""
+
+    name: str
+    shape: tuple
+    dtype: torch.dtype
+    input: bool  # a graph input (held by the caller anyway)
+    layer: str
+    op_class: str  # "dense", or the classes of the encoded root it belongs to ("linear+matmul", "mask")
+    dense_bytes: Any  # the dense size this entry stands for (0 for a compressed root's values)
+
+
+@dataclass
+class PartitionRecord:
+    """Everything razorpass did to one partitioned graph."""
+
+    config: Any  # the RazorConfig
+    fallback: str | None = None  # why the graph compiled without compression, else None
+    compressed: list[CompressedRoot] = field(default_factory=list)
+    packed: list[PackedMask] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # compress_saved: "root: why"
+    pack_skipped: list[str] = field(default_factory=list)  # pack_masks: "root: why"
+    excluded_roots: list[str] = field(default_factory=list)  # left dense after a retry
+    recomputed_in_backward: list[str] = field(default_factory=list)
+    dense_kept: list[str] = field(default_factory=list)  # encoded roots an untargeted backward op still reads
+    saved: list[SavedTensor] = field(default_factory=list)
+
+    @property
+    def encoded(self) -> list[EncodedRoot]:
+        return [*self.compressed, *self.packed]

@@ -1,0 +1,68 @@
+"""What ``pip install .`` puts on a user's machine: one import name, the C++ source of
+the native kernel, the entry points; and an installed (non-editable) copy works from
+any directory."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(out)], check=True, capture_output=True, text=True, cwd=out)
+    (whl,) = out.glob("razorpass-*.whl")
+    return whl
+
+
+def test_wheel_installs_one_import_name_and_the_cpp_source(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if ".dist-info/" not in n}
+    assert top == {"razorpass"}
+    assert "razorpass/kernels/csrc/topk_compress_cpu.cpp" in names
+    for sub in ("passes/compress_saved.py", "passes/rewrite.py", "kernels/ops.py", "bench/harness.py"):
+        assert f"razorpass/{sub}" in names
+    meta = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    ep = configparser.ConfigParser()
+    ep.read_string(zipfile.ZipFile(wheel).read(meta).decode())
+    assert ep["torch_dynamo_backends"]["razor"] == "razorpass.backend:razor"
+    assert ep["console_scripts"]["razorpass-bench"] == "razorpass.bench.harness:main"
+
+
+def test_installed_copy_builds_the_native_kernel_and_runs_from_anywhere(wheel, tmp_path):
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, text=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = (
+        "import razorpass, torch\n"
+        "from razorpass.kernels import topk_compress_cpu as k\n"
+        "assert razorpass.__file__.startswith(%r), razorpass.__file__\n"
+        "assert k.load() is not None\n"
+        "x = torch.randn(4, 256)\n"
+        "c = razorpass.compress(x, sparsity=0.75, block_size=256)\n"
+        "ref = razorpass.compress(x, sparsity=0.75, block_size=256, backend='torch')\n"
+        "assert torch.equal(c.mask, ref.mask) and torch.equal(c.values, ref.values)\n"
+        "import importlib.util\n"
+        "assert [importlib.util.find_spec(n) for n in ('passes', 'bench', 'triton_kernels')] == [None] * 3\n"
+        "print('OK')\n" % str(site)
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert out.stdout.strip().endswith("OK"), out.stderr[-3000:]
+    script = site / "bin" / "razorpass-bench"
+    out = subprocess.run([sys.executable, str(script), "--help"], cwd=elsewhere, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "--out" in out.stdout, out.stderr[-3000:]
+    assert not list(elsewhere.iterdir())  # --help writes nothing
