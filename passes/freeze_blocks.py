@@ -64,6 +64,12 @@ def plan(gm: fx.GraphModule, example_inputs: Sequence, config) -> dict[fx.Node, 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     frozen: dict[fx.Node, list[fx.Node]] = {}
     for node, value in zip(placeholders, example_inputs):
+        if getattr(value, "_razor_frozen", False) and any(trains(u) for u in node.users):
+            raise BlockError(
+                f"trainable_blocks: parameter {_param_name(node)!r} is registered before the block list "
+                f"({found.blocks.describe()}) but used after the last block, so razorpass.compile froze it "
+                "although the traced graph trains it. Register it after the blocks, or freeze and unfreeze "
+                "parameters yourself and compile without trainable_blocks.")
         if isinstance(value, nn.Parameter) and value.requires_grad:
             uses = [u for u in node.users if not trains(u)]
             if uses:

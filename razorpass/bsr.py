@@ -70,6 +70,7 @@ from .passes.blocks import SOFTMAX_FUNCTIONS, BlockList, find_blocks
 __all__ = [
     "TokenSelectionError",
     "rank_tokens",
+    "freeze_parameters",
     "keep_count",
     "token_counts",
     "cls_attention_sdpa",
@@ -400,6 +401,45 @@ def attention_blocks(model: nn.Module, config: RazorConfig | None = None) -> Blo
     """The blocks token selection and ``trainable_blocks`` index (``config.blocks`` or
     found; see :mod:`razorpass.passes.blocks`)."""
     return _find(model, config or RazorConfig())[0]
+
+
+def freeze_parameters(model: nn.Module, config: RazorConfig) -> list[str]:
+    """``trainable_blocks`` on the module tree: set ``requires_grad=False`` on every
+    parameter that trains nowhere, so that every path (the razor graph, an eager run
+    Dynamo falls back to, the optimizer) trains the same parameters. Returns their names.
+
+    A parameter trains when a module that owns it lies in a trainable block, or is
+    registered after the block list (final norm, pooler, head). A parameter tied
+    between a frozen and a training owner (an embedding tied to an LM head) keeps
+    ``requires_grad``; the razor graph freezes it per use (``freeze_blocks``). The
+    ``freeze_blocks`` pass checks this module-level verdict against the traced graph.
+    """
+    if config.trainable_blocks is None:
+        return []
+    blocks = attention_blocks(model, config)
+    trainable = set(blocks.resolve(config.trainable_blocks, "trainable_blocks"))
+    inside = dict(zip(blocks.paths, blocks.indices))
+    container = blocks.paths[0].rpartition(".")[0]
+    trains: set[int] = set()
+    frozen: set[int] = set()
+    past_blocks = False
+    for path, module in model.named_modules(remove_duplicate=False):
+        block = next((i for p, i in inside.items() if path == p or path.startswith(p + ".")), None)
+        if block is not None:
+            past_blocks, verdict = True, block in trainable
+        elif container and (path == container or path.startswith(container + ".")):
+            continue  # the block list itself owns no parameters of its own
+        else:
+            verdict = past_blocks
+        for p in module.parameters(recurse=False):
+            (trains if verdict else frozen).add(id(p))
+    names = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) in frozen and id(p) not in trains:
+            p.requires_grad_(False)
+            p._razor_frozen = True  # for the graph pass's consistency check
+            names.append(name)
+    return names
 
 
 def apply_token_selection(model: nn.Module, config: RazorConfig) -> nn.Module:

@@ -21,7 +21,7 @@ from razorpass import RazorConfig
 from razorpass.passes.blocks import BlockError
 from razorpass.bsr import TokenSelectionError
 
-from .models import NanoGPT
+from .models import Block, NanoGPT
 
 N_BLOCKS = 3
 
@@ -467,3 +467,56 @@ def test_memory_report_applies_token_dropping():
     assert report.baseline_bytes < no_drop.baseline_bytes
     assert sum(r.saved_bytes for r in report.rows) == report.saved_bytes
     assert report.by_op_class()["linear"][1] < report.by_op_class()["linear"][0]
+
+
+@pytest.mark.parametrize("path", ["flop_counter_first", "flop_counter_later", "recompile_limit"])
+def test_what_trains_does_not_depend_on_which_path_ran(path):
+    """trainable_blocks freezes parameters on the model itself (requires_grad=False), so a
+    forward Dynamo runs eagerly (a dispatch mode forces it; the recompile limit is hit)
+    trains the same parameters as the razor graph: the last block, the final norm and
+    the pooler."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = tiny_vit().train()
+    trains = (f"layers.{N_BLOCKS - 1}.", "layernorm.", "pooler.")
+    expected = sorted(n for n, _ in model.named_parameters() if n.startswith(trains))
+    compiled = razorpass.compile(model, trainable_blocks=(-1,), targets=(), compiler="eager")
+
+    def step(x):
+        model.zero_grad(set_to_none=True)
+        out = compiled(x)
+        (out.last_hidden_state.sum() + out.pooler_output.sum()).backward()
+        return sorted(n for n, p in model.named_parameters() if p.grad is not None)
+
+    if path == "flop_counter_first":
+        with FlopCounterMode(display=False):
+            assert step(vit_inputs()[0]) == expected
+        assert step(vit_inputs()[0]) == expected
+    elif path == "flop_counter_later":
+        assert step(vit_inputs()[0]) == expected
+        with FlopCounterMode(display=False):
+            assert step(vit_inputs()[0]) == expected
+        assert step(vit_inputs()[0]) == expected
+    else:
+        with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
+            for batch in (2, 3, 4):
+                assert step(torch.randn(batch, 3, 32, 32)) == expected
+
+
+def test_a_parameter_registered_before_the_blocks_but_used_after_them_is_refused():
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(16, 4)  # registered before the blocks, runs after them
+            self.blocks = nn.ModuleList([Block(16, 2) for _ in range(3)])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return self.head(x)
+
+    model = HeadFirst()
+    compiled = razorpass.compile(model, trainable_blocks=(-1,), targets=(), compiler="eager")
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="BlockError: trainable_blocks: parameter 'head.weight' is registered before the block list"):
+        compiled(torch.randn(2, 5, 16)).sum().backward()
