@@ -2,6 +2,7 @@
 
     .venv/bin/python -m razorpass.bench.fidelity                        # tweets (MiniLM), batch 32, ~1 min
     .venv/bin/python -m razorpass.bench.fidelity --workload fashion --targets all --sparsity 0.97
+    .venv/bin/python -m razorpass.bench.fidelity --targets gelu --gelu-encoding deriv3
 
 One training batch of the workload (its first ``--batch-size`` examples, the model in
 training mode, cross-entropy on the labels) and :func:`razorpass.gradient_fidelity`:
@@ -26,6 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--targets", help="comma-separated target classes (default: razorpass's defaults; 'all')")
     p.add_argument("--granularity", choices=("block", "sample"), default="block")
+    p.add_argument("--gelu-encoding", choices=("topk", "deriv2", "deriv3", "deriv4"), default="topk",
+                   help="what the gelu target saves: the top-k input (topk) or gelu'(x) at 2/3/4 bits")
     p.add_argument("--batch-size", type=int, help="examples in the batch (default: the workload's batch size)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -38,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .workloads import load_workload
 
-    options = {"sparsity": args.sparsity, "granularity": args.granularity}
+    options = {"sparsity": args.sparsity, "granularity": args.granularity, "gelu_encoding": args.gelu_encoding}
     if args.targets:
         options["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     razorpass.RazorConfig(**options)  # a bad option fails here, before the model loads

@@ -13,6 +13,8 @@ budget0.5         baseline compiled under
 razor0.9          ``razorpass.compile(model, sparsity=0.9)`` (default RazorConfig)
 razor0.97         ``razorpass.compile(model, sparsity=0.97)``
 razor0.9-all      ``razorpass.compile(model, sparsity=0.9, targets=("all",))`` (also razor0.97-all)
+razor0.9-all-deriv3  every target class, the GELU backward stored as gelu'(x) in 3 bits
+                  (``gelu_encoding="deriv3"``) instead of a top-k of x
 razor0.9-wgrad    ``targets=("linear", "conv", "mask")``: only activations that feed weight
                   gradients are sparsified, so every input gradient stays exact
 bsr               ``razorpass.compile`` with the workload's BSR options, no compression
@@ -71,6 +73,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            razor={"sparsity": 0.9, "targets": ("all",)}),
     Method("razor0.97-all", "razorpass, sparsity 0.97, every target class",
            razor={"sparsity": 0.97, "targets": ("all",)}),
+    Method("razor0.9-all-deriv3", "razorpass, sparsity 0.9, every target class, GELU as a 3-bit derivative code",
+           razor={"sparsity": 0.9, "targets": ("all",), "gelu_encoding": "deriv3"}),
     Method("razor0.9-wgrad", "razorpass, sparsity 0.9, Linear/conv inputs only (exact input gradients)",
            razor={"sparsity": 0.9, "targets": ("linear", "conv", "mask")}),
     Method("bsr", "razorpass BSR (selected blocks, token dropping), no compression", razor={"targets": ()}, bsr=True),

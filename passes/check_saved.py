@@ -1,4 +1,5 @@
-"""check-saved: the post-partition invariant of compress-saved and pack-masks.
+"""check-saved: the post-partition invariant of compress-saved, encode-derivative and
+pack-masks.
 
 No dense activation may be saved for backward only to feed a weight gradient that was
 meant to be compressed, and no boolean mask that was packed may be saved unpacked.
@@ -39,7 +40,8 @@ def still_read_dense(joint: fx.GraphModule, roots: set[str]) -> set[str]:
             cur = todo.pop()
             for u in cur.users:
                 if u in bwd or u.meta.get("partitioner_tag") in ("is_backward", "must_be_in_backward"):
-                    if u.target not in (torch.ops.razor.compress.default, torch.ops.razor.pack_bits.default):
+                    if u.target not in (torch.ops.razor.compress.default, torch.ops.razor.pack_bits.default,
+                                        torch.ops.razor.quantize_uniform.default):
                         keep.add(n.name)
                 elif u.op == "call_function" and u.target in VIEW_OPS:
                     todo.append(u)
@@ -58,7 +60,7 @@ def root_of(n: fx.Node) -> fx.Node:
 
 def run(fw_module: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Check the partitioned forward graph against ``ctx.joint`` (the rewritten joint graph)."""
-    records = [*ctx.compressed, *ctx.packed]
+    records = [*ctx.compressed, *ctx.packed, *ctx.quantized]
     if not records:
         return fw_module
     roots = {r.root for r in records}

@@ -109,7 +109,7 @@ class PassContext:
     """Facts about one joint graph that the partitioner knows, and the typed records the
     passes leave for the pipeline, the post-partition check and ``record_compiles()``.
 
-    ``compressed`` / ``packed`` / ``skipped`` / ``pack_skipped`` are rewritten by each
+    ``compressed`` / ``packed`` / ``quantized`` and the skip lists are rewritten by each
     partition attempt; ``excluded_roots`` accumulates across the pipeline's retries
     (roots the partitioner saved dense, left uncompressed on the next attempt).
     """
@@ -125,11 +125,14 @@ class PassContext:
     recomputed_in_backward: list[str] = field(default_factory=list)  # set by check_saved
     dense_kept: list[str] = field(default_factory=list)  # set by check_saved
     joint: fx.GraphModule | None = None  # the rewritten joint graph, for the post-partition check
+    quantized: list[Any] = field(default_factory=list)  # records.QuantizedDerivative (encode_derivative)
+    quantize_skipped: list[str] = field(default_factory=list)  # encode_derivative: "node: why"
 
     def reset(self) -> None:
         """Forget what an attempt recorded (not the excluded roots)."""
         self.compressed, self.packed, self.skipped, self.pack_skipped = [], [], [], []
         self.recomputed_in_backward, self.dense_kept, self.joint = [], [], None
+        self.quantized, self.quantize_skipped = [], []
 
     def primals(self, gm: fx.GraphModule) -> list[fx.Node]:
         return primals(gm)

@@ -9,6 +9,8 @@ analyse  Find each backward consumer that computes a weight gradient (an ``mm``/
          it reads. Walk that operand back to its *root*: through any view in backward,
          then through order-preserving reshapes in forward, stopping at the tensor the
          layer actually receives. Groups ("block" / "sample") are formed over the root.
+         The size rule: a tensor whose compressed copy is not smaller than the dense
+         tensor stays dense (``not_smaller``; the reference applies the same rule).
 plan     One compressed copy per root (q, k and v projections reading the same input
          share it), one decompress right before the first consumer in backward.
 apply    Insert compress after the root in forward, decompress before the first
@@ -23,6 +25,7 @@ post-partition check (``check_saved``) proves nothing else keeps it alive.
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from dataclasses import dataclass, field
@@ -167,11 +170,15 @@ def _operand_class(node: fx.Node, idx: int, reach: set[fx.Node], bwd: set[fx.Nod
 def _is_activation_operand(n, bwd: set[fx.Node], static: set[fx.Node]) -> bool:
     """True when ``n`` is a forward value seen through views (no tangent in it) whose
     storage is not a parameter (the other operand of an input-gradient matmul is a
-    transposed weight: that is not an activation)."""
+    transposed weight, or a transposed autocast copy of one: that is not an activation)."""
     if not isinstance(n, fx.Node):
         return False
     n = strip_views(n)[0]
-    return n not in bwd and n not in static
+    if n in bwd or n in static:
+        return False
+    # a dtype cast of a parameter is that parameter (autocast reads a weight through a
+    # bfloat16 copy, and the input gradient reads that copy): not an activation
+    return strip_views(n, through=lambda m: m.target in VIEW_OPS or m.target in _CASTS)[0] not in static
 
 
 # The forward ops whose decomposed pieces a decomposed backward may share through CSE
@@ -256,6 +263,17 @@ def _walk_to_root(operand: fx.Node, bwd: set[fx.Node], op_class: str) -> tuple[f
     return n, chain, received if received is not None else n
 
 
+def not_smaller(val: torch.Tensor, group: int, keep: int, config) -> bool:
+    """The size rule: True when the compressed copy of ``val`` (a packed mask of
+    ceil(group / 8) bytes and ``keep`` values per group) is not smaller than ``val``
+    dense, which then stays dense. A symbolic size that is not known to be smaller
+    is compressed (False)."""
+    numel = val.numel()
+    groups = (numel + group - 1) // group
+    packed = groups * ((group + 7) // 8) + groups * keep * value_dtype_of(config, val.dtype).itemsize
+    return statically_known_true(packed >= numel * val.element_size())
+
+
 def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     """One plan per (root, group size): every targeted backward use of a saved activation."""
     cfg = ctx.config
@@ -275,13 +293,30 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     dep = tangent_closure(gm)
     light_memo: dict = {}
     free_roots: set[fx.Node] = set()
+    too_small: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node not in bwd or node.op != "call_function":
             continue
+        if node.target in MATMULS and node in reach and "linear" in cfg.targets:
+            # a complex weight gradient reads conj(x), not a saved activation: unsupported,
+            # x stays saved dense; say so (int / bool never have a weight gradient)
+            cplx = [a for a in node.all_input_nodes if getattr(a.meta.get("val"), "is_complex", bool)()]
+            if cplx and matches(module_path(node), cfg.include, cfg.exclude):
+                srcs = [strip_views(a, through=lambda n: n.target in VIEW_OPS or n.target is aten._conj.default)[0]
+                        for a in cplx]
+                src = next((r for r in srcs if r not in bwd), srcs[-1])  # the forward activation
+                if src not in held_by_caller:
+                    dtype = getattr(src.meta.get("val"), "dtype", "complex")
+                    why = f"the input of {module_path(node) or '(graph)'} ({src.target} output, {dtype})"
+                    skipped.append(f"{src.name}: {why}: unsupported dtype, saved dense")
+                    logging.getLogger("razorpass").warning("razorpass: not compressing %s: unsupported dtype, saved "
+                                                           "dense", why)
         for idx in range(len(node.args)):
             op_class = _operand_class(node, idx, reach, bwd, static, full)
             if op_class is None or op_class not in cfg.targets:
                 continue
+            if op_class == "gelu" and cfg.gelu_encoding != "topk":
+                continue  # encode_derivative stores gelu'(x) instead of the GELU input
             path = module_path(node)
             if not matches(path, cfg.include, cfg.exclude):
                 continue
@@ -320,9 +355,20 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                     skipped.append(f"{root.name}: per-sample size {group} is symbolic")
                     continue
                 group = int(group)
+                if group == 0:  # (B, 0, ...): no elements, and no group to divide into
+                    skipped.append(f"{root.name}: per-sample size 0")
+                    continue
             else:
                 group = cfg.block_size
-            plan = plans.setdefault((root, group), Plan(root, group_size=group, keep=int(cfg.keep_count(group))))
+            keep = int(cfg.keep_count(group))
+            if not_smaller(val, group, keep, cfg):
+                # the size rule: a copy no smaller than the tensor saves nothing (and the
+                # partitioner may then recompute the root instead of saving the copy)
+                if root not in too_small:
+                    too_small.add(root)
+                    skipped.append(f"{root.name}: compressed copy not smaller than the dense tensor")
+                continue
+            plan = plans.setdefault((root, group), Plan(root, group_size=group, keep=keep))
             plan.sites.extend(sites)
     ctx.skipped = skipped
     return list(plans.values())

@@ -2,7 +2,8 @@
 apply falls back.
 
     Dynamo graph --bsr_token_check--freeze_blocks--decompose_sdpa--> (AOTAutograd)
-    joint graph  --canonicalize--compress_saved--pack_masks--> rewritten joint --min-cut--> (fw, bw) --check_saved
+    joint graph  --canonicalize--compress_saved--encode_derivative--pack_masks--> rewritten joint
+                 --min-cut--> (fw, bw) --check_saved
 
 Every pass is a ``Pass(name, run)`` with ``run(gm, ctx) -> gm``: pre-autograd passes get
 a ``PreAutogradContext``, joint passes and the post-partition check a ``PassContext``
@@ -32,7 +33,8 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
-from . import bsr_token_check, canonicalize, check_saved, compress_saved, decompose_sdpa, freeze_blocks, pack_masks
+from . import (bsr_token_check, canonicalize, check_saved, compress_saved, decompose_sdpa, encode_derivative,
+               freeze_blocks, pack_masks)
 from .common import PassContext, PreAutogradContext, module_path
 from .records import PartitionRecord, SavedTensor
 
@@ -57,6 +59,7 @@ PRE_AUTOGRAD_PASSES: tuple[Pass, ...] = (
 JOINT_PASSES: tuple[Pass, ...] = (
     Pass("canonicalize", canonicalize.run),
     Pass("compress_saved", compress_saved.run),
+    Pass("encode_derivative", encode_derivative.run),  # gelu_encoding="derivN": gelu'(x), quantized
     Pass("pack_masks", pack_masks.run),
 )
 # Checks on the partitioned forward graph.
@@ -123,7 +126,7 @@ def describe_saved(fw: fx.GraphModule, ctx: PassContext) -> list[SavedTensor]:
     is a graph input, and which layer / op class it belongs to (the first output of an
     encoded root carries the root's dense size, its other outputs 0)."""
     owners: dict[str, tuple[Any, bool]] = {}
-    for r in [*ctx.compressed, *ctx.packed]:
+    for r in [*ctx.compressed, *ctx.packed, *ctx.quantized]:
         for i, name in enumerate(r.outputs):
             owners[name] = (r, i == 0)
     entries = []
@@ -171,8 +174,9 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_f
         record.fallback = reason
         ctx.reset()
         fw, bw = partition_fn(joint, joint_inputs, **kwargs)
-    record.compressed, record.packed = list(ctx.compressed), list(ctx.packed)
+    record.compressed, record.packed, record.quantized = list(ctx.compressed), list(ctx.packed), list(ctx.quantized)
     record.skipped, record.pack_skipped = list(ctx.skipped), list(ctx.pack_skipped)
+    record.quantize_skipped = list(ctx.quantize_skipped)
     record.excluded_roots = list(ctx.excluded_roots)
     record.recomputed_in_backward, record.dense_kept = list(ctx.recomputed_in_backward), list(ctx.dense_kept)
     record.saved = describe_saved(fw, ctx)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["EncodedRoot", "CompressedRoot", "PackedMask", "SavedTensor", "PartitionRecord"]
+__all__ = ["EncodedRoot", "CompressedRoot", "PackedMask", "QuantizedDerivative", "SavedTensor", "PartitionRecord"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,19 @@ class PackedMask(EncodedRoot):
 
 
 @dataclass(frozen=True)
+class QuantizedDerivative(EncodedRoot):
+    """The tangent-free factor of a pointwise backward (gelu'(x) of a GELU) quantized to
+    ``bits`` bits per element on ``[lo, hi]`` (``razor::quantize_uniform``); the root is
+    that factor, ``source`` the activation it replaces (the GELU input), whose dense
+    size ``dense_bytes`` is."""
+
+    bits: int = 0
+    lo: float = 0.0
+    hi: float = 0.0
+    source: str = ""
+
+
+@dataclass(frozen=True)
 class SavedTensor:
     """One tensor the partitioned forward graph saves for backward."""
 
@@ -64,8 +77,10 @@ class PartitionRecord:
     fallback: str | None = None  # why the graph compiled without compression, else None
     compressed: list[CompressedRoot] = field(default_factory=list)
     packed: list[PackedMask] = field(default_factory=list)
+    quantized: list[QuantizedDerivative] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # compress_saved: "root: why"
     pack_skipped: list[str] = field(default_factory=list)  # pack_masks: "root: why"
+    quantize_skipped: list[str] = field(default_factory=list)  # encode_derivative: "node: why"
     excluded_roots: list[str] = field(default_factory=list)  # left dense after a retry
     recomputed_in_backward: list[str] = field(default_factory=list)
     dense_kept: list[str] = field(default_factory=list)  # encoded roots an untargeted backward op still reads
@@ -73,4 +88,4 @@ class PartitionRecord:
 
     @property
     def encoded(self) -> list[EncodedRoot]:
-        return [*self.compressed, *self.packed]
+        return [*self.compressed, *self.packed, *self.quantized]

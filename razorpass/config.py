@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["RazorConfig", "TARGETS", "DEFAULT_TARGETS", "VALUE_DTYPES", "GRANULARITIES", "COMPILERS"]
+__all__ = ["RazorConfig", "TARGETS", "DEFAULT_TARGETS", "VALUE_DTYPES", "GRANULARITIES", "COMPILERS", "GELU_ENCODINGS",
+           "GELU_DERIVATIVE_RANGE"]
 
 # Saved-activation classes a config may name in ``targets``.
 #   linear:    the input of every linear / matmul-with-a-weight whose weight gets a gradient
@@ -39,6 +40,13 @@ DEFAULT_TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "laye
 VALUE_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32", "same")
 GRANULARITIES: tuple[str, ...] = ("block", "sample")
 COMPILERS: tuple[str, ...] = ("inductor", "eager")
+# How the "gelu" target stores what the GELU backward reads:
+#   topk:   the GELU input x, top-k sparsified like every other class;
+#   derivN: the derivative gelu'(x) (all the backward needs: grad_in = grad * gelu'(x)),
+#           quantized to N bits on GELU_DERIVATIVE_RANGE (the encode_derivative pass).
+GELU_ENCODINGS: tuple[str, ...] = ("topk", "deriv2", "deriv3", "deriv4")
+# The codebook range of the derivN encodings: see razorpass.kernels.quantize.
+from .kernels.quantize import GELU_DERIVATIVE_RANGE  # noqa: E402
 
 # Options that torch.compile itself passes through to a backend and that are not ours.
 _PASSTHROUGH = frozenset({"mode"})
@@ -93,6 +101,10 @@ class RazorConfig:
     exclude: tuple[str, ...] = ()
     # Inner compiler: "inductor" (default) or "eager" (AOTAutograd, no codegen).
     compiler: str = "inductor"
+    # What the "gelu" target saves (names from ``GELU_ENCODINGS``): "topk" sparsifies
+    # the GELU input; "deriv2" / "deriv3" / "deriv4" save gelu'(x) quantized to 2 / 3 / 4
+    # bits instead (the GELU input is then not saved for the GELU backward at all).
+    gelu_encoding: str = "topk"
 
     # ---- BSR (block selective reprogramming) ----
     # Indices of the blocks to train (negative indices count from the end); the final
@@ -151,6 +163,8 @@ class RazorConfig:
         object.__setattr__(self, "exclude", _as_patterns("exclude", self.exclude))
         if self.compiler not in COMPILERS:
             raise ValueError(f"RazorConfig.compiler must be one of {COMPILERS}, got {self.compiler!r}")
+        if self.gelu_encoding not in GELU_ENCODINGS:
+            raise ValueError(f"RazorConfig.gelu_encoding must be one of {GELU_ENCODINGS}, got {self.gelu_encoding!r}")
         object.__setattr__(self, "trainable_blocks", _as_indices("trainable_blocks", self.trainable_blocks, none_ok=True))
         object.__setattr__(self, "drop_layers", _as_indices("drop_layers", self.drop_layers))
         r = self.keep_rate
@@ -169,6 +183,12 @@ class RazorConfig:
     def sparsity_fraction(self) -> Fraction:
         """The sparsity as an exact fraction, so k is integer arithmetic (SymInt-safe)."""
         return Fraction(self.sparsity).limit_denominator(1_000_000)
+
+    @property
+    def gelu_derivative_bits(self) -> int | None:
+        """Bits per element of the saved GELU derivative, or None ("topk": the input is
+        top-k sparsified instead)."""
+        return None if self.gelu_encoding == "topk" else int(self.gelu_encoding.removeprefix("deriv"))
 
     def keep_count(self, group_size):
         """k = ceil((1 - sparsity) * group_size), computed as group - floor(s * group).

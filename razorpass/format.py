@@ -76,7 +76,10 @@ def compress(
     cfg = RazorConfig(sparsity=sparsity, granularity=granularity, block_size=block_size, value_dtype=value_dtype)
     from .kernels import ops
 
-    g = group_size_for(tuple(x.shape), granularity, block_size)
+    # A "sample" of a zero-size tensor ((3, 0) and the like) has 0 elements; the
+    # kernels divide by the group size (the native one dies of SIGFPE). With no
+    # elements there are no groups whatever the size, so take groups of 1.
+    g = max(group_size_for(tuple(x.shape), granularity, block_size), 1)
     mask, values = ops.compress(x, g, cfg.keep_count(g), value_dtype_of(cfg, x.dtype), backend)
     return Compressed(mask, values, tuple(x.shape), x.dtype, g)
 

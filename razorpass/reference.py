@@ -5,6 +5,14 @@ Written independently of the compiler path (no custom ops, no packed format): on
 ``torch.autograd.Function`` per op class stores the sparsified copy of its input and
 computes the weight gradient from it, while the input gradient uses the weight alone.
 ``sparsify`` selects with a stable descending sort (NaN first, ties to the lower index).
+With ``gelu_encoding="derivN"`` the GELU saves gelu'(x) as N-bit levels
+(``quantize_levels``: unpacked, one byte per element, its own rounding code).
+The size rule (``not_smaller``): a tensor whose compressed copy is not smaller than the
+dense tensor stays dense (exact). Under autocast, linear / conv / matmul sparsify the
+autocast copy of their input (what autograd keeps for the weight gradient; the size
+rule is judged on it) and compute backward in the autocast dtype. ``torch.addmm`` /
+``mm`` / ``matmul`` with a trainable 2-D parameter as the right operand (GPT-2's Conv1D)
+follow the "linear" rule; ``softmax(x, dim, dtype=d)`` is ``softmax(x.to(d), dim)``.
 
     with razorpass.reference.apply(model, RazorConfig(sparsity=0.9)):
         model(x).sum().backward()
@@ -23,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from .config import RazorConfig
 
-__all__ = ["sparsify", "apply"]
+__all__ = ["sparsify", "apply", "not_smaller", "quantize_levels", "dequantize_levels"]
 
 _VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -36,6 +44,45 @@ def _keep(group: int, sparsity: float) -> int:
     return -((-(1 - s) * group).__floor__())  # ceil
 
 
+def _group(shape, config: RazorConfig) -> int:
+    n = math.prod(shape)
+    if config.granularity == "sample":
+        return n // shape[0] if len(shape) > 0 and shape[0] else max(n, 1)
+    return config.block_size
+
+
+def not_smaller(shape, dtype: torch.dtype, config: RazorConfig) -> bool:
+    """The size rule: True when the compressed copy of a ``dtype`` tensor of ``shape``
+    (one bit per element of every group, padded to whole bytes per group, plus the kept
+    values) is not smaller than the tensor itself, which then stays dense (exact)."""
+    n = math.prod(shape)
+    group = _group(shape, config)
+    if n == 0 or group == 0:
+        return True
+    groups = -(-n // group)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    vdtype = dtype if config.value_dtype == "same" else _VALUE_DTYPES[config.value_dtype]
+    value_bytes = torch.empty((), dtype=vdtype).element_size()
+    return groups * -(-group // 8) + groups * _keep(group, config.sparsity) * value_bytes >= n * itemsize
+
+
+def _autocast_dtype(t) -> torch.dtype | None:
+    """The dtype autocast casts ``t`` to for a lower-precision op (linear, conv,
+    matmul), or None when autocast is off for its device or leaves it alone."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == torch.float64:
+        return None
+    dev = t.device.type
+    if not torch.is_autocast_enabled(dev):
+        return None
+    dt = torch.get_autocast_dtype(dev)
+    return dt if dt != t.dtype else None
+
+
+def _cast(t, dtype):
+    """``t`` as a lower-precision op under autocast reads it (floating point, not double)."""
+    return t.to(dtype) if dtype is not None and _autocast_dtype(t) is not None else t
+
+
 def sparsify(x: torch.Tensor, config: RazorConfig | None) -> torch.Tensor:
     """The dense tensor razorpass's compress + decompress produce for ``x``
     (``config=None``: ``x`` itself, for tensors that are not compressed)."""
@@ -43,10 +90,7 @@ def sparsify(x: torch.Tensor, config: RazorConfig | None) -> torch.Tensor:
         return x.detach()
     flat = x.detach().contiguous().reshape(-1)
     n = flat.numel()
-    if config.granularity == "sample":
-        group = n // x.shape[0] if x.dim() > 0 and x.shape[0] else max(n, 1)
-    else:
-        group = config.block_size
+    group = _group(tuple(x.shape), config)
     groups = -(-n // group)
     k = _keep(group, config.sparsity)
     vdtype = x.dtype if config.value_dtype == "same" else _VALUE_DTYPES[config.value_dtype]
@@ -59,9 +103,26 @@ def sparsify(x: torch.Tensor, config: RazorConfig | None) -> torch.Tensor:
     return out[:n].view(x.shape)
 
 
+def _dtypes(*ts):
+    return tuple(t.dtype if isinstance(t, torch.Tensor) else None for t in ts)
+
+
+def _back(g, dtype):
+    return None if g is None else g.to(dtype)
+
+
+# Under autocast, linear / conv / matmul read copies of their operands cast to the
+# autocast dtype, and autograd keeps those copies: the reference sparsifies the cast
+# input (the size rule judged on it), computes backward in that dtype and casts each
+# gradient back to the dtype of its input, as autocast's cast does.
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, config):
+        dt = _op_dtype(x, weight)
+        ctx.dtypes = _dtypes(x, weight, bias)
+        x, weight, bias = _cast(x, dt), _cast(weight, dt), _cast(bias, dt)
         ctx.save_for_backward(sparsify(x, config), weight)
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
@@ -69,15 +130,52 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         xs, weight = ctx.saved_tensors
-        gx = grad @ weight if ctx.needs_input_grad[0] else None
-        gw = grad.reshape(-1, grad.shape[-1]).t() @ xs.reshape(-1, xs.shape[-1])
-        gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad = grad.to(weight.dtype)
+        gx = _back(grad @ weight, ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        gw = _back(grad.reshape(-1, grad.shape[-1]).t() @ xs.reshape(-1, xs.shape[-1]), ctx.dtypes[1])
+        gb = (_back(grad.reshape(-1, grad.shape[-1]).sum(0), ctx.dtypes[2])
+              if ctx.has_bias and ctx.needs_input_grad[2] else None)
         return gx, gw, gb, None
+
+
+class _WeightMatmul(torch.autograd.Function):
+    """``beta * bias + alpha * (x @ weight)`` with a 2-D weight (in, out) that gets a
+    gradient (``torch.addmm`` / ``mm`` / ``matmul`` with a parameter as the right
+    operand, as transformers' Conv1D computes): the "linear" rule, x sparsified for the
+    weight gradient, the weight exact for the input gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, beta, alpha, config):
+        dt = _op_dtype(x, weight)
+        ctx.dtypes = _dtypes(x, weight, bias)
+        x, weight, bias = _cast(x, dt), _cast(weight, dt), _cast(bias, dt)
+        ctx.save_for_backward(sparsify(x, config), weight)
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.beta, ctx.alpha = beta, alpha
+        if bias is not None:
+            return torch.addmm(bias, x, weight, beta=beta, alpha=alpha)
+        out = torch.matmul(x, weight)
+        return out if alpha == 1 else out * alpha
+
+    @staticmethod
+    def backward(ctx, grad):
+        xs, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        g = grad if ctx.alpha == 1 else grad * ctx.alpha
+        gx = _back(g @ weight.t(), ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        gw = _back(xs.reshape(-1, xs.shape[-1]).t() @ g.reshape(-1, g.shape[-1]), ctx.dtypes[1])
+        gb = None
+        if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
+            gb = _back(_unbroadcast(grad if ctx.beta == 1 else grad * ctx.beta, ctx.bias_shape), ctx.dtypes[2])
+        return gx, gw, gb, None, None, None
 
 
 class _Conv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, config):
+        dt = _op_dtype(x, weight)
+        ctx.dtypes = _dtypes(x, weight, bias)
+        x, weight, bias = _cast(x, dt), _cast(weight, dt), _cast(bias, dt)
         ctx.save_for_backward(sparsify(x, config), weight)
         ctx.args = (stride, padding, dilation, groups, bias is not None)
         nd = weight.dim() - 2
@@ -91,10 +189,11 @@ class _Conv(torch.autograd.Function):
         nd = weight.dim() - 2
         expand = lambda v: list(v) if isinstance(v, (tuple, list)) else [v] * nd  # noqa: E731
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, xs, weight, [weight.shape[0]] if has_bias else None,
+            grad.to(weight.dtype), xs, weight, [weight.shape[0]] if has_bias else None,
             expand(stride), expand(padding), expand(dilation), False, [0] * nd, groups,
             [ctx.needs_input_grad[0], True, has_bias],
         )
+        gx, gw, gb = (_back(g, d) for g, d in zip((gx, gw, gb), ctx.dtypes))
         return gx, gw, gb, None, None, None, None, None
 
 
@@ -177,6 +276,50 @@ class _Gelu(torch.autograd.Function):
         return torch.ops.aten.gelu_backward(grad, xs, approximate=ctx.approximate), None, None
 
 
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a pointwise backward computes in (half precision computes in float32)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def quantize_levels(d: torch.Tensor, bits: int, lo: float, hi: float) -> torch.Tensor:
+    """Level index of every element of ``d``: ``round((d - lo) / step)`` with
+    ``step = (hi - lo) / (2**bits - 1)``, in float32, half to even, clamped to the
+    levels, NaN to level 0; one uint8 per element (no packing)."""
+    top = 2**bits - 1
+    t = (d.to(torch.float32) - lo) / ((hi - lo) / top)
+    t = torch.where(t.isnan(), torch.zeros_like(t), t)
+    return torch.round(t).clamp(0, top).to(torch.uint8)
+
+
+def dequantize_levels(q: torch.Tensor, bits: int, lo: float, hi: float, dtype: torch.dtype) -> torch.Tensor:
+    """The level values ``q * step + lo`` (float32), cast to ``dtype``."""
+    return (q.to(torch.float32) * ((hi - lo) / (2**bits - 1)) + lo).to(dtype)
+
+
+class _GeluDerivative(torch.autograd.Function):
+    """gelu_encoding "derivN": saves gelu'(x) as N-bit levels on the range of gelu'
+    (the GELU input is not saved); backward is grad * the dequantized derivative,
+    computed in float32 for half-precision inputs as the decomposed backward does."""
+
+    @staticmethod
+    def forward(ctx, x, approximate, bits):
+        from .config import GELU_DERIVATIVE_RANGE
+
+        lo, hi = GELU_DERIVATIVE_RANGE[approximate]
+        xo = x.detach().to(_opmath(x.dtype))
+        d = torch.ops.aten.gelu_backward(torch.ones_like(xo), xo, approximate=approximate)
+        ctx.save_for_backward(quantize_levels(d, bits, lo, hi))
+        ctx.args = (bits, lo, hi)
+        return F.gelu(x, approximate=approximate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (q,) = ctx.saved_tensors
+        bits, lo, hi = ctx.args
+        d = dequantize_levels(q, bits, lo, hi, _opmath(grad.dtype))
+        return (grad.to(d.dtype) * d).to(grad.dtype), None, None
+
+
 class _Softmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, config):
@@ -187,8 +330,11 @@ class _Softmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # in float32 for half-precision outputs, as aten's softmax backward computes
         (ys,) = ctx.saved_tensors
-        return ys * (grad - (grad * ys).sum(ctx.dim, keepdim=True)), None, None
+        y, g = ys.to(_opmath(ys.dtype)), grad.to(_opmath(ys.dtype))
+        gy = g * y
+        return (gy - y * gy.sum(ctx.dim, keepdim=True)).to(ys.dtype), None, None
 
 
 class _Matmul(torch.autograd.Function):
@@ -196,16 +342,20 @@ class _Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, config_a, config_b):
+        dt = _op_dtype(a, b)
+        ctx.dtypes = _dtypes(a, b)
+        a, b = _cast(a, dt), _cast(b, dt)
         ctx.save_for_backward(sparsify(a, config_a), sparsify(b, config_b))
         return torch.matmul(a, b)
 
     @staticmethod
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
+        grad = grad.to(torch.promote_types(a.dtype, b.dtype))
         ga = grad @ b.transpose(-2, -1) if ctx.needs_input_grad[0] else None
         gb = a.transpose(-2, -1) @ grad if ctx.needs_input_grad[1] else None
-        return (_unbroadcast(ga, ctx.needs_input_grad[0] and a.shape), _unbroadcast(gb, ctx.needs_input_grad[1] and b.shape),
-                None, None)
+        return (_back(_unbroadcast(ga, ctx.needs_input_grad[0] and a.shape), ctx.dtypes[0]),
+                _back(_unbroadcast(gb, ctx.needs_input_grad[1] and b.shape), ctx.dtypes[1]), None, None)
 
 
 def _unbroadcast(g, shape):
@@ -219,11 +369,10 @@ def _unbroadcast(g, shape):
     return g
 
 
-def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, config,
-          cfg):
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, cfg):
     """The reference of the "sdpa" target: attention as math with the matmul and
     softmax rules (razorpass.passes.decompose_sdpa.math_sdpa with reference autograd Functions).
-    ``cfg(t)`` is the config that sparsifies the input operand ``t`` (None: exact)."""
+    ``cfg(t)`` is the config that sparsifies ``t`` (None: exact)."""
     L, S = query.size(-2), key.size(-2)
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
     if enable_gqa and key.size(-3) != query.size(-3):
@@ -234,10 +383,10 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    probs = _Softmax.apply(scores, -1, config)
+    probs = _Softmax.apply(scores, -1, cfg(scores))
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    return _Matmul.apply(probs, value, config, cfg(value))
+    return _Matmul.apply(probs, value, cfg(probs), cfg(value))
 
 
 # Functions that are not "light" (the compiled path's HEAVY_OPS and random ops): their
@@ -253,6 +402,13 @@ _HEAVY = frozenset({
 })
 _SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
 _MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
+_ADDMM = (torch.addmm, torch.Tensor.addmm)
+_MM = (torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+
+
+def _op_dtype(*operands) -> torch.dtype | None:
+    """The autocast dtype a lower-precision op computes in, None without autocast."""
+    return next((d for d in map(_autocast_dtype, operands) if d is not None), None)
 
 
 class _ReferenceMode(TorchFunctionMode):
@@ -270,9 +426,14 @@ class _ReferenceMode(TorchFunctionMode):
             return True
         return (id(t) in self.inputs or id(t) in self.state) and not t.requires_grad
 
-    def _cfg(self, x: torch.Tensor) -> RazorConfig | None:
-        """The config that sparsifies ``x``, or None for a free tensor (kept exact)."""
-        return None if self._free(x) else self.config
+    def _cfg(self, x: torch.Tensor, dtype: torch.dtype | None = None, *,
+             exact_if_free: bool = True) -> RazorConfig | None:
+        """The config that sparsifies ``x`` (seen as ``dtype``: the autocast copy an op
+        saves), or None when it is kept exact: a free tensor (``exact_if_free``), or one
+        whose compressed copy is not smaller than the tensor itself (the size rule)."""
+        if exact_if_free and self._free(x):
+            return None
+        return None if not_smaller(tuple(x.shape), dtype or x.dtype, self.config) else self.config
 
     def _light_of_free(self, func, args, kwargs) -> bool:
         if func in _HEAVY:
@@ -302,7 +463,8 @@ class _ReferenceMode(TorchFunctionMode):
         if func is F.layer_norm and "layernorm" in targets:
             a = {"weight": None, "bias": None, "eps": 1e-5, **dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args)), **kwargs}
             if self._selected(a["input"], a["weight"], a["bias"]):
-                return _LayerNorm.apply(a["input"], tuple(a["normalized_shape"]), a["weight"], a["bias"], a["eps"], self.config)
+                return _LayerNorm.apply(a["input"], tuple(a["normalized_shape"]), a["weight"], a["bias"], a["eps"],
+                                        self._cfg(a["input"], exact_if_free=False))
         if func is F.batch_norm and "batchnorm" in targets:
             names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
             a = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5,
@@ -313,29 +475,49 @@ class _ReferenceMode(TorchFunctionMode):
                     return _BatchNorm.apply(x, a["running_mean"], a["running_var"], a["weight"], a["bias"],
                                             a["training"], a["momentum"], a["eps"], self._cfg(x))
         if func is F.gelu and "gelu" in targets and self._selected(args[0]):
-            return _Gelu.apply(args[0], kwargs.get("approximate", args[1] if len(args) > 1 else "none"), self.config)
+            approximate = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
+            if self.config.gelu_encoding != "topk":
+                return _GeluDerivative.apply(args[0], approximate, self.config.gelu_derivative_bits)
+            return _Gelu.apply(args[0], approximate, self._cfg(args[0], exact_if_free=False))
         if func in _SOFTMAX and "softmax" in targets and self._selected(args[0]):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            if kwargs.get("dtype") is None:
-                return _Softmax.apply(args[0], dim, self.config)
+            extra = {k: v for k, v in kwargs.items() if k not in ("dim", "dtype", "_stacklevel")}
+            if not extra and len(args) <= 2:
+                # softmax(x, dim, dtype=d) is softmax(x.to(d), dim): it saves its output in d
+                x = args[0] if kwargs.get("dtype") is None else args[0].to(kwargs["dtype"])
+                return _Softmax.apply(x, dim, self._cfg(x, exact_if_free=False))
+        if "linear" in targets and (func in _ADDMM or (func in _MM and len(args) == 2 and not kwargs)):
+            # a matmul with a weight (a 2-D parameter that gets a gradient) as the right
+            # operand is a linear layer whatever the function: torch.addmm(b, x, W)
+            if func in _ADDMM:
+                a = {"beta": 1, "alpha": 1, **dict(zip(("input", "mat1", "mat2"), args)), **kwargs}
+                bias, x, w, beta, alpha = a["input"], a["mat1"], a["mat2"], a["beta"], a["alpha"]
+            else:
+                (x, w), bias, beta, alpha = args, None, 1, 1
+            if (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and w.dim() == 2 and id(w) in self.state
+                    and id(x) not in self.state and w.requires_grad and self._selected(w)):
+                return _WeightMatmul.apply(x, w, bias, beta, alpha, self._cfg(x, _op_dtype(x, w)))
         if func in _MATMUL and "matmul" in targets and len(args) == 2 and self._selected(*args):
             a, b = args
             if not isinstance(a, torch.nn.Parameter) and not isinstance(b, torch.nn.Parameter):
-                return _Matmul.apply(a, b, self._cfg(a), self._cfg(b))
+                dt = _op_dtype(a, b)
+                return _Matmul.apply(a, b, self._cfg(a, dt), self._cfg(b, dt))
         if func is F.scaled_dot_product_attention and "sdpa" in targets and self._selected(*args[:3]):
-            return _sdpa(*args, **kwargs, config=self.config, cfg=self._cfg)
+            dt = _op_dtype(*args[:3])
+            return _sdpa(*args, **kwargs, cfg=lambda t: self._cfg(t, dt))
         if func is F.linear and "linear" in self.config.targets:
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             if self._selected(w) and w.requires_grad:
-                return _Linear.apply(x, w, b, self._cfg(x))
+                return _Linear.apply(x, w, b, self._cfg(x, _op_dtype(x, w)))
         if func in (F.conv1d, F.conv2d, F.conv3d) and "conv" in self.config.targets:
             names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
             defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
             a = {**defaults, **dict(zip(names, args)), **kwargs}
             if self._selected(a["weight"]) and a["weight"].requires_grad and not isinstance(a["padding"], str):
                 return _Conv.apply(a["input"], a["weight"], a["bias"], a["stride"], a["padding"],
-                                   a["dilation"], a["groups"], self._cfg(a["input"]))
+                                   a["dilation"], a["groups"],
+                                   self._cfg(a["input"], _op_dtype(a["input"], a["weight"])))
         return func(*args, **kwargs)
 
 

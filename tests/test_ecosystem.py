@@ -173,15 +173,25 @@ def test_inplace_compiles_models_whose_forward_dynamo_skips():
 
 
 # ---------------------------------------------------------------------------- DDP
-def _ddp_worker(rank, port, queue):
+def _join_group(rank, port):
+    """Join the gloo group; this rank's share of the global batch."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     x, y = _data()
     per = GLOBAL_B // WORLD
-    xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+    return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+
+
+def _assert_params_equal(params: list, model: nn.Module, msg: str) -> None:
+    for p, q in zip(params, model.parameters()):
+        torch.testing.assert_close(torch.tensor(p), q.detach(), rtol=1e-5, atol=1e-6, msg=msg)
+
+
+def _ddp_worker(rank, port, queue):
+    xs, ys = _join_group(rank, port)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
     forms = {
         "torch.compile(DDP(model))": lambda m: torch.compile(DDP(m), backend=RazorBackend(CFG)),
         "DDP(razorpass.compile(model))": lambda m: DDP(razorpass.compile(m, CFG)),
@@ -217,19 +227,14 @@ def test_ddp_compresses_and_matches_one_process_over_the_global_batch():
     for rank, out in results.items():
         for form, (compressed, fallbacks, params) in out.items():
             assert compressed == [2] and fallbacks == [None], (rank, form)
-            for p, q in zip(params, single.parameters()):
-                torch.testing.assert_close(torch.tensor(p), q.detach(), rtol=1e-5, atol=1e-6, msg=f"{form} rank {rank}")
+            _assert_params_equal(params, single, f"{form} rank {rank}")
 
 
 # -------------------------------------------------------------------------- FSDP2
 def _fsdp_worker(rank, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    xs, ys = _join_group(rank, port)
     from torch.distributed.fsdp import fully_shard
 
-    x, y = _data()
-    per = GLOBAL_B // WORLD
     torch.manual_seed(0)
     model = Net()
     with razorpass.record_compiles() as records:
@@ -237,7 +242,7 @@ def _fsdp_worker(rank, port, queue):
             razorpass.compile(block, CFG, inplace=True)
             fully_shard(block)
         fully_shard(model)
-        _sgd_step(model, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
+        _sgd_step(model, xs, ys)
     full = _plain(p.full_tensor() for p in model.parameters())
     queue.put((rank, ([len(r.compressed) for r in records], full)))
     dist.destroy_process_group()
@@ -256,5 +261,4 @@ def test_fsdp2_with_blocks_compiled_in_place_matches_one_process():
         # block 1 compresses its input; block 0 reads the batch (held by the caller) and
         # the head lies outside the compiled blocks, so both stay dense
         assert compressed == [0, 1], rank
-        for p, q in zip(params, single.parameters()):
-            torch.testing.assert_close(torch.tensor(p), q.detach(), rtol=1e-5, atol=1e-6)
+        _assert_params_equal(params, single, f"rank {rank}")

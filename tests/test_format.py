@@ -164,3 +164,14 @@ def test_native_kernel_reads_permuted_views_in_logical_order(granularity, view):
     m1, v1 = ops.compress(x.contiguous(), group, k, torch.bfloat16, "torch")
     m2, v2 = ops.compress(x, group, k, torch.bfloat16, "auto")
     assert torch.equal(m1, m2) and torch.equal(v1, v2)
+
+
+@pytest.mark.parametrize("group_size,k", [(0, 0), (-8, 1), (8, 9)])
+def test_ops_refuse_impossible_groups_before_any_kernel_runs(group_size, k):
+    from razorpass.kernels import ops
+
+    with pytest.raises(ValueError, match="group_size > 0"):
+        ops.compress(torch.randn(3, 16), group_size, k, torch.bfloat16)
+    with pytest.raises(ValueError, match="group_size > 0"):
+        ops.decompress(torch.zeros(1, 1, dtype=torch.uint8), torch.zeros(1, k, dtype=torch.bfloat16), [3, 16],
+                       group_size, torch.float32)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import configparser
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,8 +19,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> pathlib.Path:
+    # build from a clean copy: setuptools reuses build/ in the source tree, where files
+    # of an earlier build would end up in the wheel
+    src = tmp_path_factory.mktemp("src") / "razorpass"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
+                                                             "__pycache__", "bench_results", "razorpass-results"))
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(out)], check=True, capture_output=True, text=True, cwd=out)
     (whl,) = out.glob("razorpass-*.whl")
     return whl

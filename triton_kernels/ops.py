@@ -1,10 +1,13 @@
-"""The ``razor::compress`` / ``razor::decompress`` and ``razor::pack_bits`` /
-``razor::unpack_bits`` custom ops.
+"""The ``razor::compress`` / ``razor::decompress``, ``razor::pack_bits`` /
+``razor::unpack_bits`` and ``razor::quantize_uniform`` / ``razor::dequantize_uniform``
+custom ops.
 
 All have static output shapes (no host sync): a fake kernel computes them from sizes
 with ceil-division only, so they trace under dynamic shapes. CPU runs the chunked
 PyTorch kernel; CUDA runs the Triton kernels where Triton is installed. The bit
-packing of boolean masks is lossless and plain PyTorch on every device.
+packing of boolean masks is lossless and plain PyTorch on every device; so is the
+uniform quantization (``quantize.py``: rule, rounding and byte layout), which is
+exactly its PyTorch reference on every device.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ from __future__ import annotations
 import torch
 
 from . import topk_compress_cpu
+from .quantize import check_args, quantized_numel, torch_dequantize_uniform, torch_quantize_uniform
 from .topk_compress import torch_compress, torch_decompress
 
 __all__ = ["compress", "decompress", "compressed_shapes", "pack_bits", "unpack_bits", "packed_numel", "rank_tokens",
-           "RANK_TOKENS_OP", "VALUE_DTYPES", "value_dtype_of"]
+           "RANK_TOKENS_OP", "VALUE_DTYPES", "value_dtype_of", "quantize_uniform", "dequantize_uniform", "quantized_numel"]
 
 # The dtypes a config's ``value_dtype`` names ("same": the activation's own dtype).
 VALUE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -33,6 +37,12 @@ def compressed_shapes(numel, group_size, k):
     """(mask shape, values shape) of a compressed tensor; ceil-div only (SymInt-safe)."""
     groups = (numel + group_size - 1) // group_size
     return (groups, (group_size + 7) // 8), (groups, k)
+
+
+def _check_group(group_size: int, k: int) -> None:
+    # before any kernel runs: the native kernel divides by the group size
+    if group_size <= 0 or not 0 <= k <= group_size:
+        raise ValueError(f"razor::compress needs group_size > 0 and 0 <= k <= group_size, got {group_size}, {k}")
 
 
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
@@ -56,6 +66,7 @@ def compress(
     x: torch.Tensor, group_size: int, k: int, value_dtype: torch.dtype, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the k largest |x| of every group of ``group_size`` elements (see the format doc)."""
+    _check_group(group_size, k)
     if _use_triton(x, backend):
         from . import topk_compress_triton as tk
 
@@ -83,6 +94,7 @@ def decompress(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dense tensor with the kept values at their positions and exact zeros elsewhere."""
+    _check_group(group_size, values.shape[-1] if values.dim() == 2 else 0)
     if _use_triton(values, backend):
         from . import topk_compress_triton as tk
 
@@ -148,6 +160,33 @@ def unpack_bits(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
 @unpack_bits.register_fake
 def _(packed, shape):
     return packed.new_empty(shape, dtype=torch.bool)
+
+
+@torch.library.custom_op("razor::quantize_uniform", mutates_args=())
+def quantize_uniform(x: torch.Tensor, bits: int, lo: float, hi: float) -> torch.Tensor:
+    """Round every element of ``x`` to the nearest of ``2**bits`` uniform levels on
+    ``[lo, hi]`` (half to even, clamped) and pack the codes, ``bits`` bits each, into
+    ``ceil(numel * bits / 8)`` uint8 bytes (``quantize.py`` documents rule and layout)."""
+    return torch_quantize_uniform(x, bits, lo, hi)
+
+
+@quantize_uniform.register_fake
+def _(x, bits, lo, hi):
+    check_args("razor::quantize_uniform", bits, lo, hi)
+    return x.new_empty((quantized_numel(x.numel(), bits),), dtype=torch.uint8)
+
+
+@torch.library.custom_op("razor::dequantize_uniform", mutates_args=())
+def dequantize_uniform(codes: torch.Tensor, shape: list[int], bits: int, lo: float, hi: float,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """The tensor of ``shape`` / ``dtype`` (contiguous) whose levels ``codes`` store."""
+    return torch_dequantize_uniform(codes, shape, bits, lo, hi, dtype)
+
+
+@dequantize_uniform.register_fake
+def _(codes, shape, bits, lo, hi, dtype):
+    check_args("razor::dequantize_uniform", bits, lo, hi)
+    return codes.new_empty(shape, dtype=dtype)
 
 
 @torch.library.custom_op("razor::rank_tokens", mutates_args=())

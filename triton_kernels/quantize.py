@@ -1,0 +1,133 @@
+"""Uniform scalar quantization to a few bits: the PyTorch kernel (every device) and the
+reference the ``razor::quantize_uniform`` / ``razor::dequantize_uniform`` ops run.
+
+Rule (``bits`` in {2, 3, 4, 8}, ``L = 2**bits`` levels on ``[lo, hi]``):
+
+* ``step = (hi - lo) / (L - 1)`` (a Python float);
+* code ``q = clamp(round((float32(x) - lo) / step), 0, L - 1)``: the input is cast to
+  float32 first (whatever its dtype), ``torch.round`` rounds half to even, values
+  outside ``[lo, hi]`` clamp to the end levels, NaN gives code 0;
+* decoded value ``float32(q) * step + lo``, cast to the requested dtype.
+
+Layout: one little-endian bit stream over the flattened (logical, row-major) order:
+element ``i``'s code occupies stream bits ``[bits*i, bits*i + bits)``, stream bit
+``8*j + b`` is bit ``b`` of byte ``j``. The codes take ``ceil(numel * bits / 8)`` uint8
+bytes (1-D); the padding bits of the last byte are 0. For bits 2, 4 and 8 every byte
+holds 4, 2 or 1 whole codes (low bits first); for 3 bits eight codes fill three bytes
+and codes straddle bytes. Static shape: a function of ``numel`` and ``bits`` only.
+
+Both functions process a bounded number of elements at a time, so temporaries stay
+within ``_CHUNK_ELEMS`` elements (int64) regardless of the tensor's size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# The range [lo, hi] of gelu'(x) per ``approximate`` mode, the codebook of the derivN
+# encodings. gelu'(-x) = 1 - gelu'(x), so lo = -c and hi = 1 + c. Exact GELU:
+# gelu''(x) = phi(x) (2 - x^2), extrema at x = -+sqrt(2), where gelu'(-sqrt(2)) =
+# 1 - Phi(sqrt(2)) - sqrt(2) phi(sqrt(2)) = -0.1289041452. The tanh approximation has no
+# closed form: golden-section search in float64 on its derivative gives extrema at
+# x = -+1.418504, value -0.1289930687. The constants are rounded outwards at the 6th
+# decimal, so that aten's float32 gelu_backward (off by up to 3e-8 near the extrema)
+# stays inside them; bfloat16 values beyond them clamp to the end levels.
+GELU_DERIVATIVE_RANGE: dict[str, tuple[float, float]] = {
+    "none": (-0.128905, 1.128905),
+    "tanh": (-0.128994, 1.128994),
+}
+
+__all__ = ["GELU_DERIVATIVE_RANGE", "torch_quantize_uniform", "torch_dequantize_uniform", "quantized_numel", "QUANT_BITS", "check_args"]
+
+QUANT_BITS = (2, 3, 4, 8)
+
+# Elements per chunk; a multiple of 8 so that every chunk starts on a byte boundary.
+_CHUNK_ELEMS = 1 << 20
+
+
+def quantized_numel(numel, bits: int):
+    """Bytes of ``numel`` codes of ``bits`` bits; ceil-div only (SymInt-safe)."""
+    return (numel * bits + 7) // 8
+
+
+def check_args(op: str, bits: int, lo: float, hi: float) -> None:
+    if bits not in QUANT_BITS:
+        raise ValueError(f"{op}: bits must be one of {QUANT_BITS}, got {bits!r}")
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"{op}: need finite lo < hi, got lo={lo!r}, hi={hi!r}")
+
+
+def _step(bits: int, lo: float, hi: float) -> float:
+    return (hi - lo) / ((1 << bits) - 1)
+
+
+def _codes(x: torch.Tensor, bits: int, lo: float, hi: float) -> torch.Tensor:
+    """The int64 code of every element of a flat tensor (the rule above)."""
+    t = (x.to(torch.float32) - lo) / _step(bits, lo, hi)
+    t = torch.where(torch.isnan(t), torch.zeros((), dtype=t.dtype, device=t.device), t)
+    return torch.round(t).clamp_(0, (1 << bits) - 1).to(torch.int64)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack int64 codes (a multiple of 8 of them) into ``len * bits / 8`` bytes."""
+    if bits == 8:
+        return codes.to(torch.uint8)
+    groups = codes.view(-1, 8)  # eight codes = one word of 8 * bits <= 32 bits
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    words = (groups << shifts).sum(dim=1)  # disjoint bit ranges: the sum is the bitwise or
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    return ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+
+
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int64 codes of whole bytes (a multiple of ``bits`` of them): the inverse of ``_pack``."""
+    if bits == 8:
+        return packed.to(torch.int64)
+    groups = packed.to(torch.int64).view(-1, bits)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    words = (groups << byte_shifts).sum(dim=1)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    return ((words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)
+
+
+def torch_quantize_uniform(x: torch.Tensor, bits: int, lo: float, hi: float) -> torch.Tensor:
+    """Codes of ``x`` (see the module docstring): ``ceil(numel * bits / 8)`` uint8 bytes."""
+    check_args("quantize_uniform", bits, lo, hi)
+    flat = x.detach().reshape(-1)  # logical order, whatever the strides
+    n = flat.numel()
+    out = torch.empty(quantized_numel(n, bits), dtype=torch.uint8, device=x.device)
+    for e0 in range(0, n, _CHUNK_ELEMS):
+        e1 = min(n, e0 + _CHUNK_ELEMS)
+        codes = _codes(flat[e0:e1], bits, lo, hi)
+        pad = -(e1 - e0) % 8
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(pad)])
+        b0 = e0 * bits // 8  # chunks start on a byte boundary (e0 is a multiple of 8)
+        out[b0:quantized_numel(e1, bits)] = _pack(codes, bits)[: quantized_numel(e1 - e0, bits)]
+    return out
+
+
+def torch_dequantize_uniform(codes: torch.Tensor, shape: list[int], bits: int, lo: float, hi: float,
+                             dtype: torch.dtype) -> torch.Tensor:
+    """The contiguous tensor of ``shape`` / ``dtype`` that ``codes`` encode."""
+    check_args("dequantize_uniform", bits, lo, hi)
+    n = math.prod(shape)
+    if codes.dtype != torch.uint8 or codes.dim() != 1 or codes.numel() != quantized_numel(n, bits):
+        raise ValueError(
+            f"dequantize_uniform: expects {quantized_numel(n, bits)} uint8 bytes for shape {list(shape)} at "
+            f"{bits} bits, got {codes.dtype} of shape {tuple(codes.shape)}"
+        )
+    step = _step(bits, lo, hi)
+    out = torch.empty(n, dtype=dtype, device=codes.device)
+    for e0 in range(0, n, _CHUNK_ELEMS):
+        e1 = min(n, e0 + _CHUNK_ELEMS)
+        b0, b1 = e0 * bits // 8, quantized_numel(e1, bits)
+        chunk = codes[b0:b1]
+        pad = -chunk.numel() % bits  # whole groups of eight codes
+        if pad:
+            chunk = torch.cat([chunk, chunk.new_zeros(pad)])
+        q = _unpack(chunk, bits)[: e1 - e0]
+        out[e0:e1] = (q.to(torch.float32) * step + lo).to(dtype)
+    return out.view(shape)
