@@ -152,9 +152,10 @@ def _test_batches(workload: Workload) -> Iterator[measure.Batch]:
 
 
 def _check_bsr_applied(method: Method, model: torch.nn.Module) -> None:
-    """BSR must leave some parameters without a gradient; if every parameter got one,
-    razorpass ignored ``trainable_blocks`` and the row would be a mislabelled baseline."""
-    if method.bsr and all(p.grad is not None for p in model.parameters() if p.requires_grad):
+    """BSR must leave some parameters without a gradient (razorpass freezes them, or its
+    graph detaches them); if every parameter got one, razorpass ignored
+    ``trainable_blocks`` and the row would be a mislabelled baseline."""
+    if method.bsr and all(p.grad is not None for p in model.parameters()):
         raise NotImplementedError("razorpass trained every parameter: trainable_blocks had no effect")
 
 
