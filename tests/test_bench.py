@@ -221,3 +221,16 @@ def test_fidelity_script_rejects_bad_options():
 
     with pytest.raises(ValueError, match="sparsity"):
         main(["--sparsity", "1.5"])
+
+
+def test_bsr_check_accepts_frozen_parameters_and_rejects_a_full_fine_tune():
+    from razorpass.bench.runner import _check_bsr_applied
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model[0].requires_grad_(False)  # what trainable_blocks does to a frozen block
+    model(torch.randn(3, 4)).sum().backward()
+    _check_bsr_applied(METHODS["bsr+razor0.9"], model)
+    model[0].requires_grad_(True)
+    model(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(NotImplementedError, match="trainable_blocks had no effect"):
+        _check_bsr_applied(METHODS["bsr+razor0.9"], model)
