@@ -151,6 +151,17 @@ def _test_batches(workload: Workload) -> Iterator[measure.Batch]:
         yield split.batch(slice(start, start + size))
 
 
+def _relative_paths(text: str) -> str:
+    """A traceback without this machine's folders: paths under the current directory and
+    under site-packages are written relative to them."""
+    import site
+
+    roots = [os.getcwd(), *site.getsitepackages()]
+    for root in sorted(roots, key=len, reverse=True):
+        text = text.replace(root.rstrip("/") + "/", "")
+    return text
+
+
 def _check_bsr_applied(method: Method, model: torch.nn.Module) -> None:
     """BSR must leave some parameters without a gradient (razorpass freezes them, or its
     graph detaches them); if every parameter got one, razorpass ignored
@@ -211,7 +222,7 @@ def run_method(workload: Workload, method: Method, device: torch.device, seed: i
         _run(workload, method, device, seed, result)
     except Exception as e:  # noqa: BLE001 - one failing method must not sink the whole run
         result.status = f"n/a ({_reason(e)})"
-        result.error = traceback.format_exc()
+        result.error = _relative_paths(traceback.format_exc())
         tqdm.write(f"[{workload.name}/{method.name}] {result.status}")
     finally:
         torch._dynamo.reset()

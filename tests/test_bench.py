@@ -234,3 +234,13 @@ def test_bsr_check_accepts_frozen_parameters_and_rejects_a_full_fine_tune():
     model(torch.randn(3, 4)).sum().backward()
     with pytest.raises(NotImplementedError, match="trainable_blocks had no effect"):
         _check_bsr_applied(METHODS["bsr+razor0.9"], model)
+
+
+def test_failed_rows_keep_no_machine_paths(tmp_path, monkeypatch):
+    import site
+
+    from razorpass.bench.runner import _relative_paths
+
+    monkeypatch.chdir(tmp_path)
+    text = f'File "{tmp_path}/bench/runner.py", line 1\nFile "{site.getsitepackages()[0]}/torch/x.py", line 2'
+    assert _relative_paths(text) == 'File "bench/runner.py", line 1\nFile "torch/x.py", line 2'
