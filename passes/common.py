@@ -28,7 +28,7 @@ aten = torch.ops.aten
 
 __all__ = ["BailOut", "PassContext", "PreAutogradContext", "VIEW_OPS", "ORDER_PRESERVING", "HEAVY_OPS", "module_path",
            "matches", "fake_mode_of", "size_args", "replay_chain", "backward_nodes", "clean_fqn", "tangent_closure",
-           "is_random", "light_inputs", "strip_views", "primals", "forward_outputs"]
+           "is_random", "light_inputs", "recomputable_from_caller", "strip_views", "primals", "forward_outputs"]
 
 
 class BailOut(Exception):
@@ -137,6 +137,10 @@ class PassContext:
     def primals(self, gm: fx.GraphModule) -> list[fx.Node]:
         return primals(gm)
 
+    def held_by_caller(self, gm: fx.GraphModule) -> set[fx.Node]:
+        """Graph inputs that get no gradient (the batch): the caller holds them anyway."""
+        return {p for p, g in self.grad_outputs(gm) if g is None}
+
     def static_primals(self, gm: fx.GraphModule) -> set[fx.Node]:
         prim = self.primals(gm)
         return {prim[i] for i in self.static_lifetime_input_indices if i < len(prim)}
@@ -210,6 +214,15 @@ def light_inputs(root: fx.Node, dep: set[fx.Node], memo: dict[fx.Node, frozenset
             parts = [memo[a] for a in n.all_input_nodes]
             memo[n] = None if any(p is None for p in parts) else frozenset().union(*parts)
     return memo[root]
+
+
+def recomputable_from_caller(root: fx.Node, dep: set[fx.Node], memo: dict, held: set[fx.Node],
+                             static: set[fx.Node]) -> bool:
+    """True when ``root`` is computed by light ops from what the caller holds (``held``,
+    at least one of them) and parameters: the partitioner recomputes it in backward for
+    free, so an encoded copy would only lose precision (e.g. a padded copy of the batch)."""
+    src = light_inputs(root, dep, memo)
+    return src is not None and bool(src & held) and src <= held | static
 
 
 _INDEX = re.compile(r"\[(?:'([^']*)'|(\d+))\]")

@@ -35,13 +35,15 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 from ..kernels.ops import value_dtype_of
-from .common import (ORDER_PRESERVING, VIEW_OPS, PassContext, backward_nodes, light_inputs, matches, module_path,
-                     strip_views, tangent_closure)
+from ..kernels.ops import compressed_shapes
+from .common import (ORDER_PRESERVING, VIEW_OPS, PassContext, backward_nodes, matches, module_path,
+                     recomputable_from_caller, strip_views, tangent_closure)
 from .records import CompressedRoot
 from .rewrite import Rewriter, Use
 
 aten = torch.ops.aten
 prims = torch.ops.prims
+log = logging.getLogger("razorpass")
 
 def _order_preserving(n: fx.Node) -> bool:
     if n.target in ORDER_PRESERVING:
@@ -122,7 +124,8 @@ def _reaches_param_grad(gm: fx.GraphModule, ctx: PassContext, bwd: set[fx.Node])
     return seen
 
 
-def _group_key(node: fx.Node):
+def group_key(node: fx.Node):
+    """Identifies one decomposed backward op: its pieces share original op, seq_nr and module."""
     return (str(node.meta.get("original_aten")), node.meta.get("seq_nr"), module_path(node))
 
 
@@ -135,7 +138,7 @@ def _full_sizes(gm: fx.GraphModule, bwd: set[fx.Node], static: set[fx.Node]) -> 
             for a in node.all_input_nodes:
                 v = a.meta.get("val")
                 if isinstance(v, torch.Tensor) and _is_activation_operand(a, bwd, static):
-                    key = _group_key(node)
+                    key = group_key(node)
                     n = v.numel()
                     if key not in best or statically_known_true(n > best[key]):
                         best[key] = n
@@ -162,7 +165,7 @@ def _operand_class(node: fx.Node, idx: int, reach: set[fx.Node], bwd: set[fx.Nod
         return None
     # Only the full-size activation: per-row statistics (mean, rstd) stay exact.
     a = arg.meta.get("val")
-    if isinstance(a, torch.Tensor) and statically_known_true(a.numel() == full.get(_group_key(node), -1)):
+    if isinstance(a, torch.Tensor) and statically_known_true(a.numel() == full.get(group_key(node), -1)):
         return op_class
     return None
 
@@ -268,10 +271,9 @@ def not_smaller(val: torch.Tensor, group: int, keep: int, config) -> bool:
     ceil(group / 8) bytes and ``keep`` values per group) is not smaller than ``val``
     dense, which then stays dense. A symbolic size that is not known to be smaller
     is compressed (False)."""
-    numel = val.numel()
-    groups = (numel + group - 1) // group
-    packed = groups * ((group + 7) // 8) + groups * keep * value_dtype_of(config, val.dtype).itemsize
-    return statically_known_true(packed >= numel * val.element_size())
+    (groups, mask_bytes), (_, k) = compressed_shapes(val.numel(), group, keep)
+    packed = groups * mask_bytes + groups * k * value_dtype_of(config, val.dtype).itemsize
+    return statically_known_true(packed >= val.numel() * val.element_size())
 
 
 def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
@@ -285,7 +287,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     # Graph inputs that get no gradient (the batch) are held by the caller anyway:
     # a compressed copy would add bytes, not save them. Inputs that get a gradient are
     # activations of an earlier graph (a graph break) and are compressed.
-    held_by_caller = {p for p, g in ctx.grad_outputs(gm) if g is None}
+    held_by_caller = ctx.held_by_caller(gm)
     full = _full_sizes(gm, bwd, static)
     plans: dict[tuple[fx.Node, int], Plan] = {}
     skipped: list[str] = []
@@ -309,8 +311,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                     dtype = getattr(src.meta.get("val"), "dtype", "complex")
                     why = f"the input of {module_path(node) or '(graph)'} ({src.target} output, {dtype})"
                     skipped.append(f"{src.name}: {why}: unsupported dtype, saved dense")
-                    logging.getLogger("razorpass").warning("razorpass: not compressing %s: unsupported dtype, saved "
-                                                           "dense", why)
+                    log.warning("razorpass: not compressing %s: unsupported dtype, saved dense", why)
         for idx in range(len(node.args)):
             op_class = _operand_class(node, idx, reach, bwd, static, full)
             if op_class is None or op_class not in cfg.targets:
@@ -340,8 +341,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
             val = root.meta.get("val")
             if root in static or root in held_by_caller or not isinstance(val, torch.Tensor) or not val.is_floating_point():
                 continue
-            src = light_inputs(root, dep, light_memo)
-            if src is not None and src & held_by_caller and src <= held_by_caller | static:
+            if recomputable_from_caller(root, dep, light_memo, held_by_caller, static):
                 # e.g. a padded copy of the batch: the partitioner recomputes it from
                 # what the caller holds, so a compressed copy would only lose precision
                 if root not in free_roots:

@@ -40,8 +40,9 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..kernels.quantize import GELU_DERIVATIVE_RANGE
-from .common import BailOut, PassContext, backward_nodes, light_inputs, matches, module_path, tangent_closure
-from .compress_saved import _group_key, layer_label
+from .common import (BailOut, PassContext, backward_nodes, matches, module_path, recomputable_from_caller,
+                     tangent_closure)
+from .compress_saved import group_key, layer_label
 from .records import QuantizedDerivative
 from .rewrite import Rewriter, Use
 
@@ -96,7 +97,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     bwd = backward_nodes(gm)
     dep = tangent_closure(gm)
     static = ctx.static_primals(gm)
-    held_by_caller = {p for p, g in ctx.grad_outputs(gm) if g is None}
+    held_by_caller = ctx.held_by_caller(gm)
     excluded = set(ctx.excluded_roots)
     # the tangent-free operands of each GELU backward's tangent-dependent nodes
     groups: dict = {}
@@ -105,7 +106,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
             continue
         if str(node.meta.get("original_aten")) != _BACKWARD:
             continue
-        cands = groups.setdefault(_group_key(node), {})
+        cands = groups.setdefault(group_key(node), {})
         for a in node.all_input_nodes:
             if a not in dep and _full_size(a, node):
                 cands.setdefault(a, []).append(node)
@@ -129,8 +130,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
         if root.name in excluded:
             skipped.append(f"{root.name}: saved dense by the partitioner (retry)")
             continue
-        src = light_inputs(root, dep, memo)
-        if src is not None and src & held_by_caller and src <= held_by_caller | static:
+        if recomputable_from_caller(root, dep, memo, held_by_caller, static):
             skipped.append(f"{root.name}: recomputable from the inputs the caller holds")
             continue
         mode, leaves = _formula(root, dep)
