@@ -26,7 +26,7 @@ from .config import RazorConfig
 # and the kernels with their C++ source. Found from the packages' own folders, so a new
 # module is covered without being listed; the benchmark is not part of it.
 _PACKAGES = (importlib.import_module(__package__), passes, kernels)
-_SUFFIXES = (".py", ".cpp")
+_SUFFIXES = (".py", ".cpp", ".h")
 
 
 @functools.cache

@@ -36,6 +36,7 @@ def test_wheel_installs_one_import_name_and_the_cpp_source(wheel):
     top = {n.split("/")[0] for n in names if ".dist-info/" not in n}
     assert top == {"razorpass"}
     assert "razorpass/kernels/csrc/topk_compress_cpu.cpp" in names
+    assert "razorpass/kernels/csrc/quantize_group_cpu.cpp" in names
     for sub in ("passes/compress_saved.py", "passes/rewrite.py", "kernels/ops.py", "bench/harness.py"):
         assert f"razorpass/{sub}" in names
     meta = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
@@ -61,6 +62,10 @@ def test_installed_copy_builds_the_native_kernel_and_runs_from_anywhere(wheel, t
         "c = razorpass.compress(x, sparsity=0.75, block_size=256)\n"
         "ref = razorpass.compress(x, sparsity=0.75, block_size=256, backend='torch')\n"
         "assert torch.equal(c.mask, ref.mask) and torch.equal(c.values, ref.values)\n"
+        "from razorpass.kernels import quantize_cpu, quantize\n"
+        "assert quantize_cpu.load() is not None\n"
+        "q = quantize_cpu.cpu_quantize_group(x, 128, 3)\n"
+        "assert all(torch.equal(a, b) for a, b in zip(q, quantize.torch_quantize_group(x, 128, 3)))\n"
         "import importlib.util\n"
         "assert [importlib.util.find_spec(n) for n in ('passes', 'bench', 'triton_kernels')] == [None] * 3\n"
         "print('OK')\n" % str(site)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from . import topk_compress_cpu
-from .quantize import check_args, quantized_numel, torch_dequantize_uniform, torch_quantize_uniform
+from . import quantize_cpu, topk_compress_cpu
+from .quantize import (check_args, check_group_args, check_group_shapes, group_quantized_shapes, quantized_numel, torch_dequantize_group,
+                       torch_dequantize_uniform, torch_quantize_group, torch_quantize_uniform)
 from .topk_compress import torch_compress, torch_decompress
 
 __all__ = ["compress", "decompress", "compressed_shapes", "pack_bits", "unpack_bits", "packed_numel", "rank_tokens",
-           "RANK_TOKENS_OP", "VALUE_DTYPES", "value_dtype_of", "quantize_uniform", "dequantize_uniform", "quantized_numel"]
+           "RANK_TOKENS_OP", "VALUE_DTYPES", "value_dtype_of", "quantize_uniform", "dequantize_uniform", "quantized_numel",
+           "quantize_group", "dequantize_group", "group_quantized_shapes"]
 
 # The dtypes a config's ``value_dtype`` names ("same": the activation's own dtype).
 VALUE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -186,6 +188,45 @@ def dequantize_uniform(codes: torch.Tensor, shape: list[int], bits: int, lo: flo
 @dequantize_uniform.register_fake
 def _(codes, shape, bits, lo, hi, dtype):
     check_args("razor::dequantize_uniform", bits, lo, hi)
+    return codes.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("razor::quantize_group", mutates_args=())
+def quantize_group(x: torch.Tensor, group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize every ``group_size`` consecutive elements of ``x`` to ``2**bits`` uniform
+    levels on the group's own [min, max] (bfloat16 bounds, rounded outwards): ``(codes,
+    bounds)``, ``bits`` bits per element plus 4 bytes per group (``quantize.py``
+    documents rule and layout). CPU tensors use the native kernel when it builds."""
+    if x.device.type == "cpu":
+        check_group_args("razor::quantize_group", group_size, bits)
+        out = quantize_cpu.cpu_quantize_group(x, group_size, bits)
+        if out is not None:
+            return out
+    return torch_quantize_group(x, group_size, bits)
+
+
+@quantize_group.register_fake
+def _(x, group_size, bits):
+    check_group_args("razor::quantize_group", group_size, bits)
+    codes, bounds = group_quantized_shapes(x.numel(), group_size, bits)
+    return x.new_empty(codes, dtype=torch.uint8), x.new_empty(bounds, dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("razor::dequantize_group", mutates_args=())
+def dequantize_group(codes: torch.Tensor, bounds: torch.Tensor, shape: list[int], group_size: int, bits: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The tensor of ``shape`` / ``dtype`` (contiguous) that ``(codes, bounds)`` encode."""
+    if codes.device.type == "cpu":
+        check_group_shapes("razor::dequantize_group", codes, bounds, shape, group_size, bits)
+        out = quantize_cpu.cpu_dequantize_group(codes, bounds, shape, group_size, bits, dtype)
+        if out is not None:
+            return out
+    return torch_dequantize_group(codes, bounds, shape, group_size, bits, dtype)
+
+
+@dequantize_group.register_fake
+def _(codes, bounds, shape, group_size, bits, dtype):
+    check_group_args("razor::dequantize_group", group_size, bits)
     return codes.new_empty(shape, dtype=dtype)
 
 

@@ -131,3 +131,124 @@ def torch_dequantize_uniform(codes: torch.Tensor, shape: list[int], bits: int, l
         q = _unpack(chunk, bits)[: e1 - e0]
         out[e0:e1] = (q.to(torch.float32) * step + lo).to(dtype)
     return out.view(shape)
+
+
+# ---------------------------------------------------------------- per-group quantization
+# ``razor::quantize_group`` / ``razor::dequantize_group``: every ``group_size``
+# consecutive elements of the flattened (logical, row-major) tensor share one uniform
+# codebook of ``L = 2**bits`` levels on their own range:
+#
+# * bounds: ``lo`` = min, ``hi`` = max of the group's elements (the padding of the last
+#   group is not an element), stored as bfloat16 rounded *outwards* (``lo`` down,
+#   ``hi`` up: the nearest bfloat16, stepped once with ``nextafter`` when rounding went
+#   inwards), so that every element lies in ``[lo, hi]``;
+# * ``step = (float32(hi) - float32(lo)) / (L - 1)``; code ``q = clamp(round((float32(x)
+#   - lo) / step), 0, L - 1)`` (round half to even; code 0 when ``step`` is 0 or the
+#   quotient is NaN); decoded value ``float32(q) * step + lo``, cast to the dtype;
+# * a group with a non-finite bound (a NaN, an infinity, or a value beyond bfloat16's
+#   range) decodes to NaN everywhere: a non-finite activation is never turned into a
+#   finite one.
+#
+# Layout: ``codes`` is the bit stream of ``quantize_uniform`` over ``groups * group_size``
+# codes (the padding's codes are 0), ``groups * group_size * bits / 8`` uint8 bytes;
+# ``bounds`` is a ``(groups, 2)`` bfloat16 tensor of ``[lo, hi]`` rows. ``group_size`` is
+# a positive multiple of 8, so every group owns whole bytes. Static shapes: a function of
+# ``numel``, ``group_size`` and ``bits`` only.
+
+GROUP_BITS = (2, 3, 4, 8)
+
+__all__ += ["GROUP_BITS", "torch_quantize_group", "torch_dequantize_group", "group_quantized_shapes",
+            "check_group_args", "check_group_shapes"]
+
+
+def check_group_args(op: str, group_size: int, bits: int) -> None:
+    if bits not in GROUP_BITS:
+        raise ValueError(f"{op}: bits must be one of {GROUP_BITS}, got {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 8:
+        raise ValueError(f"{op}: group_size must be a positive multiple of 8, got {group_size!r}")
+
+
+def check_group_shapes(op: str, codes: torch.Tensor, bounds: torch.Tensor, shape, group_size: int,
+                       bits: int) -> None:
+    """Refuse codes / bounds that do not encode ``shape`` (before any kernel reads them)."""
+    check_group_args(op, group_size, bits)
+    (nbytes,), (groups, _) = group_quantized_shapes(math.prod(shape), group_size, bits)
+    if (codes.dtype != torch.uint8 or tuple(codes.shape) != (nbytes,) or bounds.dtype != torch.bfloat16
+            or tuple(bounds.shape) != (groups, 2)):
+        raise ValueError(
+            f"{op}: expects {nbytes} uint8 code bytes and ({groups}, 2) bfloat16 bounds for shape "
+            f"{list(shape)}, group_size {group_size}, {bits} bits; got codes {codes.dtype} {tuple(codes.shape)}, "
+            f"bounds {bounds.dtype} {tuple(bounds.shape)}"
+        )
+
+
+def group_quantized_shapes(numel, group_size: int, bits: int):
+    """((code bytes,), (groups, 2)): the shapes of ``codes`` and ``bounds``; SymInt-safe."""
+    groups = (numel + group_size - 1) // group_size
+    return (groups * (group_size * bits // 8),), (groups, 2)
+
+
+def _outward_bounds(g: torch.Tensor) -> torch.Tensor:
+    """(m, 2) bfloat16 ``[lo, hi]`` of the float32 rows of ``g``, rounded outwards."""
+    lo, hi = g.amin(dim=1), g.amax(dim=1)  # NaN propagates
+    lo_b, hi_b = lo.to(torch.bfloat16), hi.to(torch.bfloat16)
+    down = torch.full_like(lo_b, -math.inf)
+    lo_b = torch.where(lo_b.to(torch.float32) > lo, torch.nextafter(lo_b, down), lo_b)
+    hi_b = torch.where(hi_b.to(torch.float32) < hi, torch.nextafter(hi_b, -down), hi_b)
+    return torch.stack([lo_b, hi_b], dim=1)
+
+
+def _group_step(bounds: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, step) as float32 columns (m, 1) of the bfloat16 bounds."""
+    b = bounds.to(torch.float32)
+    lo, hi = b[:, :1], b[:, 1:]
+    return lo, (hi - lo) / ((1 << bits) - 1)
+
+
+def torch_quantize_group(x: torch.Tensor, group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, bounds)`` of ``x`` (see the rule above)."""
+    check_group_args("quantize_group", group_size, bits)
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    (nbytes,), (groups, _) = group_quantized_shapes(n, group_size, bits)
+    codes = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+    bounds = torch.empty(groups, 2, dtype=torch.bfloat16, device=x.device)
+    per_chunk = max(1, _CHUNK_ELEMS // group_size)  # whole groups per chunk
+    gbytes = group_size * bits // 8
+    for g0 in range(0, groups, per_chunk):
+        g1 = min(groups, g0 + per_chunk)
+        seg = flat[g0 * group_size: min(n, g1 * group_size)].to(torch.float32)
+        pad = (g1 - g0) * group_size - seg.numel()
+        rows = torch.cat([seg, seg[-1:].expand(pad)]).view(g1 - g0, group_size)  # padding repeats an element
+        bnd = _outward_bounds(rows)
+        lo, step = _group_step(bnd, bits)
+        t = (rows - lo) / step
+        t = torch.where(torch.isnan(t) | (step == 0), torch.zeros((), dtype=t.dtype, device=t.device), t)
+        q = torch.round(t).clamp_(0, (1 << bits) - 1).to(torch.int64)
+        if pad:
+            q.view(-1)[q.numel() - pad:] = 0
+        codes[g0 * gbytes: g1 * gbytes] = _pack(q.reshape(-1), bits)
+        bounds[g0:g1] = bnd
+    return codes, bounds
+
+
+def torch_dequantize_group(codes: torch.Tensor, bounds: torch.Tensor, shape: list[int], group_size: int, bits: int,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """The contiguous tensor of ``shape`` / ``dtype`` that ``(codes, bounds)`` encode."""
+    check_group_shapes("dequantize_group", codes, bounds, shape, group_size, bits)
+    n = math.prod(shape)
+    groups = group_quantized_shapes(n, group_size, bits)[1][0]
+    out = torch.empty(n, dtype=dtype, device=codes.device)
+    per_chunk = max(1, _CHUNK_ELEMS // group_size)
+    gbytes = group_size * bits // 8
+    for g0 in range(0, groups, per_chunk):
+        g1 = min(groups, g0 + per_chunk)
+        q = _unpack(codes[g0 * gbytes: g1 * gbytes], bits).view(g1 - g0, group_size)
+        bnd = bounds[g0:g1]
+        lo, step = _group_step(bnd, bits)
+        vals = q.to(torch.float32) * step + lo
+        finite = torch.isfinite(bnd.to(torch.float32)).all(dim=1, keepdim=True)
+        vals = torch.where(finite, vals, torch.full((), math.nan, device=vals.device))
+        e0 = g0 * group_size
+        out[e0: min(n, g1 * group_size)] = vals.reshape(-1)[: min(n, g1 * group_size) - e0].to(dtype)
+    return out.view(shape)

@@ -12,6 +12,7 @@ then uses the PyTorch kernel.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import pathlib
@@ -24,23 +25,37 @@ SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "topk_compress_cpu.cpp"
 
 
-@functools.lru_cache(maxsize=None)
-def load():
+def build(name: str, source: pathlib.Path):
+    """The extension module built from ``source`` (cached), or None when it cannot be
+    built (no C++ compiler, or ``RAZORPASS_CPU_KERNEL=torch``)."""
     if os.environ.get("RAZORPASS_CPU_KERNEL", "native") == "torch":
         return None
+    return _build(name, str(source))
+
+
+@functools.lru_cache(maxsize=None)
+def _build(name: str, source: str):
     try:
         from torch.utils.cpp_extension import load as load_ext
 
+        # the shared header is hashed with the source: editing it rebuilds the kernel
+        header = pathlib.Path(source).with_name("float_types.h")
+        digest = hashlib.sha256(header.read_bytes()).hexdigest()[:8]
         return load_ext(
-            name="razorpass_topk_cpu",
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp"],
+            name=f"{name}_{digest}",
+            sources=[source],
+            # no fused multiply-add: the kernels round as the PyTorch kernels do
+            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as e:  # noqa: BLE001 - no compiler: the PyTorch kernel still works
-        log.warning("razorpass: native CPU kernel unavailable (%s); using the PyTorch kernel", e)
+        log.warning("razorpass: native CPU kernel %s unavailable (%s); using the PyTorch kernel", name, e)
         return None
+
+
+def load():
+    return build("razorpass_topk_cpu", _SOURCE)
 
 
 def cpu_compress(x: torch.Tensor, group_size: int, k: int, value_dtype: torch.dtype):

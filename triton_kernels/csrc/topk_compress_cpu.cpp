@@ -21,6 +21,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "float_types.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -280,15 +282,6 @@ void decompress_impl(const uint8_t* mask, const value_t* values, int64_t n, int6
   });
 }
 
-#define RAZOR_FLOAT_TYPES(NAME, ...)                                        \
-  [&] {                                                                     \
-    switch (NAME) {                                                         \
-      case at::kFloat: { using T = float; return __VA_ARGS__(); }           \
-      case at::kBFloat16: { using T = c10::BFloat16; return __VA_ARGS__(); } \
-      case at::kHalf: { using T = c10::Half; return __VA_ARGS__(); }        \
-      default: TORCH_CHECK(false, "razorpass CPU kernel: unsupported dtype ", NAME); \
-    }                                                                       \
-  }()
 
 std::vector<at::Tensor> compress(const at::Tensor& x_in, int64_t group, int64_t k,
                                  at::ScalarType value_dtype) {
