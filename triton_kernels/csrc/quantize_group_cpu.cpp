@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace {
 
@@ -45,13 +46,14 @@ struct Bounds {
 
 template <typename T>
 Bounds group_bounds(const T* x, int64_t m) {
+  // min / max ignoring NaN (the selects vectorise), NaN tracked on its own
   float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-  bool nan = false;
+  int nan = 0;
   for (int64_t i = 0; i < m; ++i) {
     const float v = static_cast<float>(x[i]);
-    nan |= std::isnan(v);
-    lo = std::min(lo, v);
-    hi = std::max(hi, v);
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+    nan |= v != v;
   }
   if (nan) lo = hi = std::numeric_limits<float>::quiet_NaN();
   c10::BFloat16 lo_b(lo), hi_b(hi);  // round to nearest even
@@ -60,12 +62,60 @@ Bounds group_bounds(const T* x, int64_t m) {
   return {lo_b, hi_b};
 }
 
+// Round half to even of t in [0, 2^22): adding and subtracting 1.5 * 2^23 leaves the
+// integer nearest to t under the default rounding mode (what nearbyint and torch.round
+// give), in two vectorisable adds.
+inline float round_even(float t) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  return (t + kMagic) - kMagic;
+}
+
+// Pack `count` codes (a multiple of 8) of `bits` bits into count * bits / 8 bytes.
+inline void pack(const uint8_t* q, int64_t count, int64_t bits, uint8_t* out) {
+  if (bits == 8) {
+    std::memcpy(out, q, count);
+  } else if (bits == 4) {
+    for (int64_t j = 0; j < count / 2; ++j) out[j] = static_cast<uint8_t>(q[2 * j] | (q[2 * j + 1] << 4));
+  } else if (bits == 2) {
+    for (int64_t j = 0; j < count / 4; ++j)
+      out[j] = static_cast<uint8_t>(q[4 * j] | (q[4 * j + 1] << 2) | (q[4 * j + 2] << 4) | (q[4 * j + 3] << 6));
+  } else {  // 3 bits: eight codes fill three bytes
+    for (int64_t j = 0; j < count / 8; ++j) {
+      uint32_t w = 0;
+      for (int b = 0; b < 8; ++b) w |= static_cast<uint32_t>(q[8 * j + b]) << (3 * b);
+      out[3 * j] = static_cast<uint8_t>(w);
+      out[3 * j + 1] = static_cast<uint8_t>(w >> 8);
+      out[3 * j + 2] = static_cast<uint8_t>(w >> 16);
+    }
+  }
+}
+
+inline void unpack(const uint8_t* in, int64_t count, int64_t bits, uint8_t* q) {
+  if (bits == 8) {
+    std::memcpy(q, in, count);
+  } else if (bits == 4) {
+    for (int64_t j = 0; j < count / 2; ++j) {
+      q[2 * j] = in[j] & 0xF;
+      q[2 * j + 1] = in[j] >> 4;
+    }
+  } else if (bits == 2) {
+    for (int64_t j = 0; j < count / 4; ++j)
+      for (int b = 0; b < 4; ++b) q[4 * j + b] = (in[j] >> (2 * b)) & 0x3;
+  } else {
+    for (int64_t j = 0; j < count / 8; ++j) {
+      const uint32_t w = in[3 * j] | (in[3 * j + 1] << 8) | (static_cast<uint32_t>(in[3 * j + 2]) << 16);
+      for (int b = 0; b < 8; ++b) q[8 * j + b] = (w >> (3 * b)) & 0x7;
+    }
+  }
+}
+
 template <typename T>
 void quantize_impl(const T* x, int64_t n, int64_t group, int64_t bits, uint8_t* codes, c10::BFloat16* bounds) {
   const int64_t groups = (n + group - 1) / group;
   const int64_t gbytes = group * bits / 8;
   const float top = static_cast<float>((1 << bits) - 1);
   at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
+    std::vector<uint8_t> q(group);
     for (int64_t g = g0; g < g1; ++g) {
       const T* xs = x + g * group;
       const int64_t m = std::min(group, n - g * group);
@@ -74,25 +124,18 @@ void quantize_impl(const T* x, int64_t n, int64_t group, int64_t bits, uint8_t* 
       bounds[2 * g + 1] = b.hi;
       const float lo = static_cast<float>(b.lo), hi = static_cast<float>(b.hi);
       const float step = (hi - lo) / top;
-      uint8_t* out = codes + g * gbytes;
-      uint64_t acc = 0;
-      int fill = 0;
-      for (int64_t i = 0; i < group; ++i) {
-        uint64_t q = 0;
-        if (i < m) {
+      if (step == 0.0f || step != step) {  // a constant group, or NaN bounds: code 0
+        std::fill(q.begin(), q.end(), uint8_t{0});
+      } else {
+        for (int64_t i = 0; i < m; ++i) {
           float t = (static_cast<float>(xs[i]) - lo) / step;
-          if (std::isnan(t) || step == 0.0f) t = 0.0f;
-          t = std::nearbyint(t);
-          q = static_cast<uint64_t>(std::min(std::max(t, 0.0f), top));
+          t = t >= 0.0f ? t : 0.0f;  // NaN to 0
+          t = t < top ? t : top;     // clamping before rounding: the ends are integers
+          q[i] = static_cast<uint8_t>(round_even(t));
         }
-        acc |= q << fill;
-        fill += static_cast<int>(bits);
-        while (fill >= 8) {
-          *out++ = static_cast<uint8_t>(acc & 0xFFu);
-          acc >>= 8;
-          fill -= 8;
-        }
+        std::fill(q.begin() + m, q.end(), uint8_t{0});  // padding
       }
+      pack(q.data(), group, bits, codes + g * gbytes);
     }
   });
 }
@@ -102,33 +145,26 @@ void dequantize_impl(const uint8_t* codes, const c10::BFloat16* bounds, int64_t 
                      T* out) {
   const int64_t groups = (n + group - 1) / group;
   const int64_t gbytes = group * bits / 8;
-  const uint64_t low = (uint64_t{1} << bits) - 1;
-  const float top = static_cast<float>(low);
+  const float top = static_cast<float>((1 << bits) - 1);
   at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
+    std::vector<uint8_t> q(group);
     for (int64_t g = g0; g < g1; ++g) {
       const float lo = static_cast<float>(bounds[2 * g]), hi = static_cast<float>(bounds[2 * g + 1]);
       const float step = (hi - lo) / top;
-      const bool finite = std::isfinite(lo) && std::isfinite(hi);
       const int64_t m = std::min(group, n - g * group);
-      const uint8_t* in = codes + g * gbytes;
       T* o = out + g * group;
-      uint64_t acc = 0;
-      int fill = 0;
+      if (!(std::isfinite(lo) && std::isfinite(hi))) {
+        std::fill(o, o + m, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+        continue;
+      }
+      unpack(codes + g * gbytes, group, bits, q.data());
       for (int64_t i = 0; i < m; ++i) {
-        while (fill < bits) {
-          acc |= static_cast<uint64_t>(*in++) << fill;
-          fill += 8;
-        }
-        const float q = static_cast<float>(acc & low);
-        acc >>= bits;
-        fill -= static_cast<int>(bits);
-        const float prod = q * step;
-        o[i] = static_cast<T>(finite ? prod + lo : std::numeric_limits<float>::quiet_NaN());
+        const float prod = static_cast<float>(q[i]) * step;
+        o[i] = static_cast<T>(prod + lo);
       }
     }
   });
 }
-
 
 std::vector<at::Tensor> quantize_group(const at::Tensor& x_in, int64_t group, int64_t bits) {
   const at::Tensor x = x_in.contiguous();
