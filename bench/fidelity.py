@@ -27,8 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--targets", help="comma-separated target classes (default: razorpass's defaults; 'all')")
     p.add_argument("--granularity", choices=("block", "sample"), default="block")
-    p.add_argument("--gelu-encoding", choices=("topk", "deriv2", "deriv3", "deriv4"), default="topk",
-                   help="what the gelu target saves: the top-k input (topk) or gelu'(x) at 2/3/4 bits")
+    p.add_argument("--gelu-encoding", choices=("topk", "deriv2", "deriv3", "deriv4"),
+                   help="what the gelu target saves: the top-k input (topk) or gelu'(x) at 2/3/4 bits "
+                        "(default: the policy's)")
+    p.add_argument("--policy", choices=("accurate", "backrazor"), default="accurate")
+    p.add_argument("--quant-bits", type=int, default=4, help="bits of the accurate policy's quantized classes")
     p.add_argument("--batch-size", type=int, help="examples in the batch (default: the workload's batch size)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -41,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .workloads import load_workload
 
-    options = {"sparsity": args.sparsity, "granularity": args.granularity, "gelu_encoding": args.gelu_encoding}
+    options = {"sparsity": args.sparsity, "granularity": args.granularity, "gelu_encoding": args.gelu_encoding,
+               "policy": args.policy, "quant_bits": args.quant_bits}
     if args.targets:
         options["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     razorpass.RazorConfig(**options)  # a bad option fails here, before the model loads

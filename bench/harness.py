@@ -3,8 +3,8 @@ and plots.
 
     razorpass-bench                              # default job: tweets, 6 methods, ~15 min on 2 cores
     razorpass-bench --full                       # every method, larger subset, more steps
-    razorpass-bench --workload vit --methods baseline,razor0.9,checkpoint
-    razorpass-bench --tiny --methods baseline,razor0.9 --out /tmp/smoke   # CI smoke test
+    razorpass-bench --workload vit --methods baseline,razor,checkpoint
+    razorpass-bench --tiny --methods baseline,razor --out /tmp/smoke   # CI smoke test
 """
 
 from __future__ import annotations

@@ -10,16 +10,20 @@ checkpoint        baseline with ``torch.utils.checkpoint`` (non-reentrant) aroun
                   every block (found by :func:`bench.blocks.find_blocks`)
 budget0.5         baseline compiled under
                   ``torch._functorch.config.activation_memory_budget = 0.5``
-razor0.9          ``razorpass.compile(model, sparsity=0.9)`` (default RazorConfig)
-razor0.97         ``razorpass.compile(model, sparsity=0.97)``
-razor0.9-all      ``razorpass.compile(model, sparsity=0.9, targets=("all",))`` (also razor0.97-all)
-razor0.9-all-deriv3  every target class, the GELU backward stored as gelu'(x) in 3 bits
-                  (``gelu_encoding="deriv3"``) instead of a top-k of x
-razor0.9-wgrad    ``targets=("linear", "conv", "mask")``: only activations that feed weight
-                  gradients are sparsified, so every input gradient stays exact
+razor             ``razorpass.compile(model)``: the defaults (the "accurate" policy)
+razor-int3        the defaults with ``quant_bits=3``
+backrazor0.9      ``razorpass.compile(model, policy="backrazor", sparsity=0.9)``: Back
+                  Razor's rule (razorpass's default before the accurate policy)
+backrazor0.97     the same at sparsity 0.97
+backrazor0.9-all  Back Razor's rule on every target class (``targets=("all",)``, the GELU
+                  input too; also backrazor0.97-all)
+backrazor0.9-all-deriv3  every target class, the GELU backward stored as gelu'(x) in 3
+                  bits (``gelu_encoding="deriv3"``) instead of a top-k of x
+backrazor0.9-wgrad  ``targets=("linear", "conv", "mask")``: only activations that feed
+                  weight gradients are sparsified, so every input gradient stays exact
 bsr               ``razorpass.compile`` with the workload's BSR options, no compression
-bsr+razor0.9      BSR options + sparsity 0.9
-bsr+razor0.9-all  BSR options + sparsity 0.9, every target class
+bsr+razor         BSR options + the defaults
+bsr+backrazor0.9  BSR options + Back Razor's rule at 0.9 (also bsr+backrazor0.9-all)
 head-only         baseline with every parameter but the head frozen (linear probe)
 ================  ================================================================
 """
@@ -67,20 +71,24 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("bf16", "torch.compile + bf16 autocast", autocast=torch.bfloat16),
     Method("checkpoint", "torch.compile + torch.utils.checkpoint per block", checkpoint=True),
     Method("budget0.5", "torch.compile, activation_memory_budget=0.5", memory_budget=0.5),
-    Method("razor0.9", "razorpass, sparsity 0.9", razor={"sparsity": 0.9}),
-    Method("razor0.97", "razorpass, sparsity 0.97", razor={"sparsity": 0.97}),
-    Method("razor0.9-all", "razorpass, sparsity 0.9, every target class (GELU input too)",
-           razor={"sparsity": 0.9, "targets": ("all",)}),
-    Method("razor0.97-all", "razorpass, sparsity 0.97, every target class",
-           razor={"sparsity": 0.97, "targets": ("all",)}),
-    Method("razor0.9-all-deriv3", "razorpass, sparsity 0.9, every target class, GELU as a 3-bit derivative code",
-           razor={"sparsity": 0.9, "targets": ("all",), "gelu_encoding": "deriv3"}),
-    Method("razor0.9-wgrad", "razorpass, sparsity 0.9, Linear/conv inputs only (exact input gradients)",
-           razor={"sparsity": 0.9, "targets": ("linear", "conv", "mask")}),
+    Method("razor", "razorpass defaults (accurate policy: int4 groups, softmax top-k 0.9, GELU 3-bit derivative)",
+           razor={}),
+    Method("razor-int3", "razorpass defaults with quant_bits=3", razor={"quant_bits": 3}),
+    Method("backrazor0.9", "Back Razor rule, sparsity 0.9", razor={"policy": "backrazor", "sparsity": 0.9}),
+    Method("backrazor0.97", "Back Razor rule, sparsity 0.97", razor={"policy": "backrazor", "sparsity": 0.97}),
+    Method("backrazor0.9-all", "Back Razor rule, sparsity 0.9, every target class (GELU input too)",
+           razor={"policy": "backrazor", "sparsity": 0.9, "targets": ("all",)}),
+    Method("backrazor0.97-all", "Back Razor rule, sparsity 0.97, every target class",
+           razor={"policy": "backrazor", "sparsity": 0.97, "targets": ("all",)}),
+    Method("backrazor0.9-all-deriv3", "Back Razor rule, sparsity 0.9, every target class, GELU as a 3-bit derivative code",
+           razor={"policy": "backrazor", "sparsity": 0.9, "targets": ("all",), "gelu_encoding": "deriv3"}),
+    Method("backrazor0.9-wgrad", "Back Razor rule, sparsity 0.9, Linear/conv inputs only (exact input gradients)",
+           razor={"policy": "backrazor", "sparsity": 0.9, "targets": ("linear", "conv", "mask")}),
     Method("bsr", "razorpass BSR (selected blocks, token dropping), no compression", razor={"targets": ()}, bsr=True),
-    Method("bsr+razor0.9", "razorpass BSR + sparsity 0.9", razor={"sparsity": 0.9}, bsr=True),
-    Method("bsr+razor0.9-all", "razorpass BSR + sparsity 0.9, every target class",
-           razor={"sparsity": 0.9, "targets": ("all",)}, bsr=True),
+    Method("bsr+razor", "razorpass BSR + the defaults", razor={}, bsr=True),
+    Method("bsr+backrazor0.9", "razorpass BSR + Back Razor rule, sparsity 0.9", razor={"policy": "backrazor", "sparsity": 0.9}, bsr=True),
+    Method("bsr+backrazor0.9-all", "razorpass BSR + Back Razor rule, sparsity 0.9, every target class",
+           razor={"policy": "backrazor", "sparsity": 0.9, "targets": ("all",)}, bsr=True),
     Method("head-only", "torch.compile, only the head trains (linear probe)", head_only=True),
 )}
 

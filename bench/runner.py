@@ -191,7 +191,7 @@ def _breakdown(workload: Workload, prepared: Prepared, result: MethodResult) -> 
     applies it) on a few training examples. Optional: a failure is noted, the row
     stays valid."""
     options = prepared.razor_options
-    if not options or not options.get("targets", True):
+    if options is None or options.get("targets", True) == ():  # not razorpass, or nothing compressed
         return
     import razorpass
 

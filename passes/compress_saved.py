@@ -34,11 +34,10 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
-from ..kernels.ops import value_dtype_of
-from ..kernels.ops import compressed_shapes
+from ..kernels.ops import compressed_shapes, group_quantized_shapes, value_dtype_of
 from .common import (ORDER_PRESERVING, VIEW_OPS, PassContext, backward_nodes, matches, module_path,
                      recomputable_from_caller, strip_views, tangent_closure)
-from .records import CompressedRoot
+from .records import CompressedRoot, QuantizedRoot
 from .rewrite import Rewriter, Use
 
 aten = torch.ops.aten
@@ -99,7 +98,8 @@ class Plan:
     root: fx.Node
     sites: list[Site] = field(default_factory=list)
     group_size: int = 0
-    keep: int = 0
+    keep: int = 0  # top-k: values kept per group
+    bits: int = 0  # quantized: bits per element (0: top-k)
 
 
 def _reaches_param_grad(gm: fx.GraphModule, ctx: PassContext, bwd: set[fx.Node]) -> set[fx.Node]:
@@ -276,10 +276,30 @@ def not_smaller(val: torch.Tensor, group: int, keep: int, config) -> bool:
     return statically_known_true(packed >= val.numel() * val.element_size())
 
 
+def not_smaller_quantized(val: torch.Tensor, group: int, bits: int) -> bool:
+    """The size rule for a quantized copy (``bits`` per element of whole groups plus the
+    bounds of each group)."""
+    (code_bytes,), (groups, two) = group_quantized_shapes(val.numel(), group, bits)
+    return statically_known_true(code_bytes + groups * two * 2 >= val.numel() * val.element_size())
+
+
+def _topk_group(cfg, received: fx.Node):
+    """The top-k group size for a root (an int), or why there is none (a str)."""
+    if cfg.granularity != "sample":
+        return cfg.block_size
+    shape = received.meta["val"].shape
+    group = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if not is_concrete_int(group):
+        return f"per-sample size {group} is symbolic"
+    if int(group) == 0:  # (B, 0, ...): no elements, and no group to divide into
+        return "per-sample size 0"
+    return int(group)
+
+
 def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     """One plan per (root, group size): every targeted backward use of a saved activation."""
     cfg = ctx.config
-    if not cfg.targets:
+    if not cfg.target_classes:
         return []
     bwd = backward_nodes(gm)
     reach = _reaches_param_grad(gm, ctx, bwd)
@@ -289,7 +309,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     # activations of an earlier graph (a graph break) and are compressed.
     held_by_caller = ctx.held_by_caller(gm)
     full = _full_sizes(gm, bwd, static)
-    plans: dict[tuple[fx.Node, int], Plan] = {}
+    cands: dict[fx.Node, list] = {}  # root -> [(sites, received, op_class)], in graph order
     skipped: list[str] = []
     bn_roots: set[fx.Node] = set()
     dep = tangent_closure(gm)
@@ -299,7 +319,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     for node in gm.graph.nodes:
         if node not in bwd or node.op != "call_function":
             continue
-        if node.target in MATMULS and node in reach and "linear" in cfg.targets:
+        if node.target in MATMULS and node in reach and "linear" in cfg.target_classes:
             # a complex weight gradient reads conj(x), not a saved activation: unsupported,
             # x stays saved dense; say so (int / bool never have a weight gradient)
             cplx = [a for a in node.all_input_nodes if getattr(a.meta.get("val"), "is_complex", bool)()]
@@ -314,9 +334,9 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                     log.warning("razorpass: not compressing %s: unsupported dtype, saved dense", why)
         for idx in range(len(node.args)):
             op_class = _operand_class(node, idx, reach, bwd, static, full)
-            if op_class is None or op_class not in cfg.targets:
+            if op_class is None or op_class not in cfg.target_classes:
                 continue
-            if op_class == "gelu" and cfg.gelu_encoding != "topk":
+            if op_class == "gelu" and cfg.gelu_mode != "topk":
                 continue  # encode_derivative stores gelu'(x) instead of the GELU input
             path = module_path(node)
             if not matches(path, cfg.include, cfg.exclude):
@@ -348,27 +368,30 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                     free_roots.add(root)
                     skipped.append(f"{root.name}: recomputable from the inputs the caller holds")
                 continue
-            if cfg.granularity == "sample":
-                shape = received.meta["val"].shape
-                group = math.prod(shape[1:]) if len(shape) > 1 else 1
-                if not is_concrete_int(group):
-                    skipped.append(f"{root.name}: per-sample size {group} is symbolic")
-                    continue
-                group = int(group)
-                if group == 0:  # (B, 0, ...): no elements, and no group to divide into
-                    skipped.append(f"{root.name}: per-sample size 0")
-                    continue
+            cands.setdefault(root, []).append((sites, received, op_class))
+    plans: dict[tuple[fx.Node, int], Plan] = {}
+    for root, uses in cands.items():
+        # one encoding per root: a root some top-k class reads (the softmax output, also
+        # the P of P·V) is stored top-k for all its uses, otherwise quantized
+        quant = all(cfg.encoding_of(c) == "quant" for _, _, c in uses)
+        val = root.meta["val"]
+        for sites, received, op_class in uses:
+            if quant:
+                group, keep, bits = cfg.quant_group_size, 0, cfg.quant_bits
             else:
-                group = cfg.block_size
-            keep = int(cfg.keep_count(group))
-            if not_smaller(val, group, keep, cfg):
+                group, bits = _topk_group(cfg, received), 0
+                if isinstance(group, str):
+                    skipped.append(f"{root.name}: {group}")
+                    continue
+                keep = int(cfg.keep_count(group))
+            if (quant and not_smaller_quantized(val, group, bits)) or (not quant and not_smaller(val, group, keep, cfg)):
                 # the size rule: a copy no smaller than the tensor saves nothing (and the
                 # partitioner may then recompute the root instead of saving the copy)
                 if root not in too_small:
                     too_small.add(root)
                     skipped.append(f"{root.name}: compressed copy not smaller than the dense tensor")
                 continue
-            plan = plans.setdefault((root, group), Plan(root, group_size=group, keep=keep))
+            plan = plans.setdefault((root, group), Plan(root, group_size=group, keep=keep, bits=bits))
             plan.sites.extend(sites)
     ctx.skipped = skipped
     return list(plans.values())
@@ -380,15 +403,21 @@ def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[Compr
     records = []
     with Rewriter(gm) as rw:
         for plan in plans:
-            val, group = plan.root.meta["val"], plan.group_size
-            done = rw.reroute(plan.root, plan.sites, torch.ops.razor.compress.default,
-                              (group, plan.keep, value_dtype_of(ctx.config, val.dtype)),
-                              torch.ops.razor.decompress.default,
-                              lambda enc, sizes: (enc[0], enc[1], sizes, group, val.dtype))
+            val, group, bits = plan.root.meta["val"], plan.group_size, plan.bits
+            if bits:
+                done = rw.reroute(plan.root, plan.sites, torch.ops.razor.quantize_group.default, (group, bits),
+                                  torch.ops.razor.dequantize_group.default,
+                                  lambda enc, sizes: (enc[0], enc[1], sizes, group, bits, val.dtype))
+            else:
+                done = rw.reroute(plan.root, plan.sites, torch.ops.razor.compress.default,
+                                  (group, plan.keep, value_dtype_of(ctx.config, val.dtype)),
+                                  torch.ops.razor.decompress.default,
+                                  lambda enc, sizes: (enc[0], enc[1], sizes, group, val.dtype))
             modules = tuple(s.module for s in plan.sites)
-            records.append(CompressedRoot(**done.record_fields(), layer=layer_label(modules), modules=modules,
-                                          op_classes=tuple(sorted({s.op_class for s in plan.sites})),
-                                          consumers=len(plan.sites), group_size=group, keep=plan.keep))
+            common = dict(**done.record_fields(), layer=layer_label(modules), modules=modules,
+                          op_classes=tuple(sorted({s.op_class for s in plan.sites})), consumers=len(plan.sites),
+                          group_size=group)
+            records.append(QuantizedRoot(**common, bits=bits) if bits else CompressedRoot(**common, keep=plan.keep))
     return records
 
 

@@ -25,7 +25,7 @@ SDPA_TARGETS = frozenset({F.scaled_dot_product_attention, torch._C._nn.scaled_do
 
 def run(gm: fx.GraphModule, ctx: PreAutogradContext) -> fx.GraphModule:
     config = ctx.config
-    if "sdpa" not in config.targets:
+    if "sdpa" not in config.target_classes:
         return gm
     changed = 0
     for node in gm.graph.nodes:

@@ -92,7 +92,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     """One plan per tangent-free GELU-derivative factor that backward reads."""
     cfg = ctx.config
     bits = cfg.gelu_derivative_bits
-    if bits is None or OP_CLASS not in cfg.targets:
+    if bits is None or OP_CLASS not in cfg.target_classes:
         return []
     bwd = backward_nodes(gm)
     dep = tangent_closure(gm)

@@ -66,7 +66,7 @@ def _forward_output_roots(gm: fx.GraphModule, ctx: PassContext, bwd: set[fx.Node
 def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     """One plan per boolean forward root that some backward op reads."""
     cfg = ctx.config
-    if OP_CLASS not in cfg.targets:
+    if OP_CLASS not in cfg.target_classes:
         return []
     bwd = backward_nodes(gm)
     dep = tangent_closure(gm)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["EncodedRoot", "CompressedRoot", "PackedMask", "QuantizedDerivative", "SavedTensor", "PartitionRecord"]
+__all__ = ["EncodedRoot", "CompressedRoot", "QuantizedRoot", "PackedMask", "QuantizedDerivative", "SavedTensor", "PartitionRecord"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,15 @@ class CompressedRoot(EncodedRoot):
 
     group_size: int = 0
     keep: Any = 0
+
+
+@dataclass(frozen=True)
+class QuantizedRoot(EncodedRoot):
+    """Quantized per group (``razor::quantize_group``): ``bits`` bits per element, each
+    ``group_size`` elements on their own bfloat16 [min, max]."""
+
+    group_size: int = 0
+    bits: int = 0
 
 
 @dataclass(frozen=True)

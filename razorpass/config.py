@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["RazorConfig", "TARGETS", "DEFAULT_TARGETS", "VALUE_DTYPES", "GRANULARITIES", "COMPILERS", "GELU_ENCODINGS",
-           "GELU_DERIVATIVE_RANGE"]
+__all__ = ["RazorConfig", "TARGETS", "DEFAULT_TARGETS", "BACKRAZOR_TARGETS", "VALUE_DTYPES", "GRANULARITIES",
+           "COMPILERS", "GELU_ENCODINGS", "GELU_DERIVATIVE_RANGE", "POLICIES", "QUANT_BITS", "TOPK_CLASSES"]
 
 # Saved-activation classes a config may name in ``targets``.
 #   linear:    the input of every linear / matmul-with-a-weight whose weight gets a gradient
@@ -35,8 +35,20 @@ TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", 
                             "all")
 # Back Razor's coverage of a ViT: every Linear input, both operands of Q·Kᵀ, the softmax
 # output and V of P·V, the LayerNorm inputs; convolution inputs for CNNs. Plus the
-# boolean masks, packed losslessly (free in accuracy).
-DEFAULT_TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "sdpa", "mask")
+# boolean masks, packed losslessly (free in accuracy). The "backrazor" policy's targets.
+BACKRAZOR_TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "sdpa", "mask")
+# The "accurate" policy (the default) covers the GELU too: its derivative, at 3 bits.
+DEFAULT_TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "gelu", "sdpa", "mask")
+# How a targeted class is stored:
+#   "backrazor": every class top-k sparsified (Back Razor's rule; the GELU input, when
+#                targeted, too): keep ceil((1 - sparsity) * group) values per group.
+#   "accurate":  the softmax output top-k sparsified as above (probabilities are sparse);
+#                linear / conv / matmul / layernorm / batchnorm tensors quantized per group
+#                of ``quant_group_size`` to ``quant_bits`` bits on the group's own range;
+#                the GELU as its 3-bit derivative (``gelu_encoding`` "deriv3").
+POLICIES: tuple[str, ...] = ("accurate", "backrazor")
+TOPK_CLASSES: frozenset[str] = frozenset({"softmax"})  # top-k under "accurate"
+QUANT_BITS: tuple[int, ...] = (2, 3, 4, 8)
 VALUE_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32", "same")
 GRANULARITIES: tuple[str, ...] = ("block", "sample")
 COMPILERS: tuple[str, ...] = ("inductor", "eager")
@@ -72,6 +84,21 @@ def _as_indices(name: str, value: Any, none_ok: bool = False) -> tuple[int, ...]
     return tuple(value)
 
 
+def _as_targets(targets: Any) -> tuple[str, ...]:
+    if isinstance(targets, str):
+        targets = (targets,)
+    if not isinstance(targets, Sequence):
+        raise ValueError(f"RazorConfig.targets must be a sequence of names from {TARGETS}, got {targets!r}")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"RazorConfig.targets: unknown name(s) {unknown}; valid names are {TARGETS}")
+    if "all" in targets:
+        targets = [t for t in TARGETS if t != "all"]
+    if "sdpa" in targets:
+        targets = [*targets, "matmul", "softmax"]
+    return tuple(dict.fromkeys(targets))
+
+
 @dataclass(frozen=True)
 class RazorConfig:
     """What razorpass compresses and how.
@@ -93,8 +120,10 @@ class RazorConfig:
     # dtype of the kept values: "bfloat16", "float16", "float32" or "same" (the
     # activation's own dtype). Decompressed values are rounded through it.
     value_dtype: str = "bfloat16"
-    # Which saved activations to compress (names from ``TARGETS``).
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    # Which saved activations to compress (names from ``TARGETS``); None: the policy's
+    # (``DEFAULT_TARGETS`` for "accurate", ``BACKRAZOR_TARGETS`` for "backrazor").
+    # ``target_classes`` is the resolved tuple.
+    targets: tuple[str, ...] | None = None
     # Glob patterns over module paths ("encoder.layer.*.attention.*"). A layer is
     # compressed when it matches some ``include`` pattern and no ``exclude`` pattern.
     include: tuple[str, ...] = ("*",)
@@ -104,7 +133,14 @@ class RazorConfig:
     # What the "gelu" target saves (names from ``GELU_ENCODINGS``): "topk" sparsifies
     # the GELU input; "deriv2" / "deriv3" / "deriv4" save gelu'(x) quantized to 2 / 3 / 4
     # bits instead (the GELU input is then not saved for the GELU backward at all).
-    gelu_encoding: str = "topk"
+    # None: the policy's ("deriv3" for "accurate", "topk" for "backrazor").
+    gelu_encoding: str | None = None
+    # How targeted tensors are stored (names from ``POLICIES``, see there). "backrazor"
+    # is Back Razor's rule exactly (the behaviour of razorpass before the policy existed).
+    policy: str = "accurate"
+    # Bits per element and group size of the "accurate" policy's quantized classes.
+    quant_bits: int = 4
+    quant_group_size: int = 128
 
     # ---- BSR (block selective reprogramming) ----
     # Indices of the blocks to train (negative indices count from the end); the final
@@ -144,26 +180,21 @@ class RazorConfig:
             raise ValueError(
                 f"RazorConfig.value_dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"
             )
-        targets = self.targets
-        if isinstance(targets, str):
-            targets = (targets,)
-        if not isinstance(targets, Sequence):
-            raise ValueError(f"RazorConfig.targets must be a sequence of names from {TARGETS}, got {targets!r}")
-        unknown = [t for t in targets if t not in TARGETS]
-        if unknown:
-            raise ValueError(
-                f"RazorConfig.targets: unknown name(s) {unknown}; valid names are {TARGETS}"
-            )
-        if "all" in targets:
-            targets = [t for t in TARGETS if t != "all"]
-        if "sdpa" in targets:
-            targets = [*targets, "matmul", "softmax"]
-        object.__setattr__(self, "targets", tuple(dict.fromkeys(targets)))
+        if self.policy not in POLICIES:
+            raise ValueError(f"RazorConfig.policy must be one of {POLICIES}, got {self.policy!r}")
+        q = self.quant_bits
+        if isinstance(q, bool) or q not in QUANT_BITS:
+            raise ValueError(f"RazorConfig.quant_bits must be one of {QUANT_BITS}, got {q!r}")
+        g = self.quant_group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 8:
+            raise ValueError(f"RazorConfig.quant_group_size must be a positive multiple of 8, got {g!r}")
+        if self.targets is not None:
+            object.__setattr__(self, "targets", _as_targets(self.targets))
         object.__setattr__(self, "include", _as_patterns("include", self.include))
         object.__setattr__(self, "exclude", _as_patterns("exclude", self.exclude))
         if self.compiler not in COMPILERS:
             raise ValueError(f"RazorConfig.compiler must be one of {COMPILERS}, got {self.compiler!r}")
-        if self.gelu_encoding not in GELU_ENCODINGS:
+        if self.gelu_encoding is not None and self.gelu_encoding not in GELU_ENCODINGS:
             raise ValueError(f"RazorConfig.gelu_encoding must be one of {GELU_ENCODINGS}, got {self.gelu_encoding!r}")
         object.__setattr__(self, "trainable_blocks", _as_indices("trainable_blocks", self.trainable_blocks, none_ok=True))
         object.__setattr__(self, "drop_layers", _as_indices("drop_layers", self.drop_layers))
@@ -185,10 +216,32 @@ class RazorConfig:
         return Fraction(self.sparsity).limit_denominator(1_000_000)
 
     @property
+    def target_classes(self) -> tuple[str, ...]:
+        """The classes compressed: ``targets``, or the policy's default when it is None."""
+        if self.targets is not None:
+            return self.targets
+        return _as_targets(DEFAULT_TARGETS if self.policy == "accurate" else BACKRAZOR_TARGETS)
+
+    @property
+    def gelu_mode(self) -> str:
+        """What the "gelu" class saves: ``gelu_encoding``, or the policy's default."""
+        if self.gelu_encoding is not None:
+            return self.gelu_encoding
+        return "deriv3" if self.policy == "accurate" else "topk"
+
+    @property
     def gelu_derivative_bits(self) -> int | None:
         """Bits per element of the saved GELU derivative, or None ("topk": the input is
         top-k sparsified instead)."""
-        return None if self.gelu_encoding == "topk" else int(self.gelu_encoding.removeprefix("deriv"))
+        mode = self.gelu_mode
+        return None if mode == "topk" else int(mode.removeprefix("deriv"))
+
+    def encoding_of(self, op_class: str) -> str:
+        """How a tensor of ``op_class`` is stored: "topk" (``razor::compress``) or "quant"
+        (``razor::quantize_group`` at ``quant_bits``). The GELU follows ``gelu_mode``."""
+        if self.policy == "backrazor" or op_class in TOPK_CLASSES or op_class == "gelu":
+            return "topk"
+        return "quant"
 
     def keep_count(self, group_size):
         """k = ceil((1 - sparsity) * group_size), computed as group - floor(s * group).

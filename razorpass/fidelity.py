@@ -117,7 +117,7 @@ def gradient_fidelity(model: torch.nn.Module, example_inputs: Any,
 
     try:
         dense = grads(None)
-        lossy = [t for t in cfg.targets if t not in _LOSSLESS]
+        lossy = [t for t in cfg.target_classes if t not in _LOSSLESS]
         row_targets = [(t,) for t in lossy] if per_class else []
         if len(lossy) > 1 or not per_class:
             row_targets.append(tuple(lossy))

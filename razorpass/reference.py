@@ -31,7 +31,8 @@ from torch.overrides import TorchFunctionMode
 
 from .config import RazorConfig
 
-__all__ = ["sparsify", "apply", "not_smaller", "quantize_levels", "dequantize_levels"]
+__all__ = ["sparsify", "apply", "not_smaller", "quantize_levels", "dequantize_levels", "quantize_group",
+           "not_smaller_quantized"]
 
 _VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -103,6 +104,62 @@ def sparsify(x: torch.Tensor, config: RazorConfig | None) -> torch.Tensor:
     return out[:n].view(x.shape)
 
 
+class _Quantized:
+    """The "accurate" policy's per-group quantization of one tensor (its own code: no
+    custom op, no packing)."""
+
+    def __init__(self, group: int, bits: int):
+        self.group, self.bits = group, bits
+
+
+def quantize_group(x: torch.Tensor, group: int, bits: int) -> torch.Tensor:
+    """The dense tensor razorpass's quantize_group + dequantize_group produce for ``x``:
+    per group of ``group`` consecutive elements (flattened), ``2**bits`` uniform levels
+    from the group's min to its max, both rounded outwards to bfloat16; level
+    ``round((x - lo) / step)`` in float32 (half to even, clamped; 0 when the step is 0 or
+    the quotient NaN); a group whose bounds are not finite decodes to NaN."""
+    flat = x.detach().contiguous().reshape(-1).to(torch.float32)
+    n = flat.numel()
+    if n == 0:
+        return x.detach().clone()
+    rows = -(-n // group)
+    padded = torch.full((rows * group,), math.nan)
+    padded[:n] = flat
+    g = padded.view(rows, group)
+    real = ~torch.isnan(g)
+    real[:-1] = True  # only the last row has padding; a NaN element elsewhere is an element
+    real.view(-1)[:n] = True
+    lo = torch.where(real, g, torch.tensor(math.inf)).min(1).values
+    hi = torch.where(real, g, torch.tensor(-math.inf)).max(1).values
+    has_nan = (torch.isnan(g) & real).any(1)
+    lo_b, hi_b = lo.to(torch.bfloat16), hi.to(torch.bfloat16)
+    lo_b = torch.where(lo_b.float() > lo, torch.nextafter(lo_b, torch.tensor(-math.inf, dtype=torch.bfloat16)), lo_b)
+    hi_b = torch.where(hi_b.float() < hi, torch.nextafter(hi_b, torch.tensor(math.inf, dtype=torch.bfloat16)), hi_b)
+    lo32, hi32 = lo_b.float().unsqueeze(1), hi_b.float().unsqueeze(1)
+    step = (hi32 - lo32) / (2**bits - 1)
+    t = (g - lo32) / step
+    t = torch.where(t.isnan() | (step == 0), torch.zeros_like(t), t)
+    out = torch.round(t).clamp(0, 2**bits - 1) * step + lo32
+    bad = has_nan | ~torch.isfinite(lo32.squeeze(1)) | ~torch.isfinite(hi32.squeeze(1))
+    out[bad] = math.nan
+    return out.reshape(-1)[:n].to(x.dtype).view(x.shape)
+
+
+def not_smaller_quantized(shape, dtype: torch.dtype, group: int, bits: int) -> bool:
+    """The size rule of a quantized copy: whole groups of ``bits`` per element plus two
+    bfloat16 bounds per group, against the tensor dense."""
+    n = math.prod(shape)
+    rows = -(-n // group)
+    return n == 0 or rows * group * bits // 8 + rows * 4 >= n * torch.empty((), dtype=dtype).element_size()
+
+
+def _encode(x: torch.Tensor, enc) -> torch.Tensor:
+    """``x`` as backward reads it: exact (None), top-k (a RazorConfig) or quantized."""
+    if isinstance(enc, _Quantized):
+        return quantize_group(x, enc.group, enc.bits)
+    return sparsify(x, enc)
+
+
 def _dtypes(*ts):
     return tuple(t.dtype if isinstance(t, torch.Tensor) else None for t in ts)
 
@@ -123,7 +180,7 @@ class _Linear(torch.autograd.Function):
         dt = _op_dtype(x, weight)
         ctx.dtypes = _dtypes(x, weight, bias)
         x, weight, bias = _cast(x, dt), _cast(weight, dt), _cast(bias, dt)
-        ctx.save_for_backward(sparsify(x, config), weight)
+        ctx.save_for_backward(_encode(x, config), weight)
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
@@ -149,7 +206,7 @@ class _WeightMatmul(torch.autograd.Function):
         dt = _op_dtype(x, weight)
         ctx.dtypes = _dtypes(x, weight, bias)
         x, weight, bias = _cast(x, dt), _cast(weight, dt), _cast(bias, dt)
-        ctx.save_for_backward(sparsify(x, config), weight)
+        ctx.save_for_backward(_encode(x, config), weight)
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.beta, ctx.alpha = beta, alpha
         if bias is not None:
@@ -176,7 +233,7 @@ class _Conv(torch.autograd.Function):
         dt = _op_dtype(x, weight)
         ctx.dtypes = _dtypes(x, weight, bias)
         x, weight, bias = _cast(x, dt), _cast(weight, dt), _cast(bias, dt)
-        ctx.save_for_backward(sparsify(x, config), weight)
+        ctx.save_for_backward(_encode(x, config), weight)
         ctx.args = (stride, padding, dilation, groups, bias is not None)
         nd = weight.dim() - 2
         conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
@@ -206,7 +263,7 @@ class _LayerNorm(torch.autograd.Function):
         mean = x.mean(dims, keepdim=True)
         rstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
         xhat = (x - mean) * rstd
-        ctx.save_for_backward(sparsify(xhat, config), rstd, weight)
+        ctx.save_for_backward(_encode(xhat, config), rstd, weight)
         ctx.dims, ctx.has_bias = dims, bias is not None
         return F.layer_norm(x, shape, weight, bias, eps)
 
@@ -240,7 +297,7 @@ class _BatchNorm(torch.autograd.Function):
         else:
             mean, invstd = running_mean, torch.rsqrt(running_var + eps)
         shape = [1, -1] + [1] * (x.dim() - 2)
-        ctx.save_for_backward(sparsify(x - mean.view(shape), config), invstd, weight)
+        ctx.save_for_backward(_encode(x - mean.view(shape), config), invstd, weight)
         ctx.axes, ctx.training, ctx.has_bias = axes, training, bias is not None
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
@@ -266,7 +323,7 @@ class _BatchNorm(torch.autograd.Function):
 class _Gelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, approximate, config):
-        ctx.save_for_backward(sparsify(x, config))
+        ctx.save_for_backward(_encode(x, config))
         ctx.approximate = approximate
         return F.gelu(x, approximate=approximate)
 
@@ -324,7 +381,7 @@ class _Softmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, config):
         y = torch.softmax(x, dim)
-        ctx.save_for_backward(sparsify(y, config))
+        ctx.save_for_backward(_encode(y, config))
         ctx.dim = dim
         return y
 
@@ -345,7 +402,7 @@ class _Matmul(torch.autograd.Function):
         dt = _op_dtype(a, b)
         ctx.dtypes = _dtypes(a, b)
         a, b = _cast(a, dt), _cast(b, dt)
-        ctx.save_for_backward(sparsify(a, config_a), sparsify(b, config_b))
+        ctx.save_for_backward(_encode(a, config_a), _encode(b, config_b))
         return torch.matmul(a, b)
 
     @staticmethod
@@ -369,7 +426,8 @@ def _unbroadcast(g, shape):
     return g
 
 
-def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, cfg):
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, cfg,
+          softmax):
     """The reference of the "sdpa" target: attention as math with the matmul and
     softmax rules (razorpass.passes.decompose_sdpa.math_sdpa with reference autograd Functions).
     ``cfg(t)`` is the config that sparsifies ``t`` (None: exact)."""
@@ -383,7 +441,7 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    probs = _Softmax.apply(scores, -1, cfg(scores))
+    probs = softmax(scores, -1)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return _Matmul.apply(probs, value, cfg(probs), cfg(value))
@@ -416,6 +474,7 @@ class _ReferenceMode(TorchFunctionMode):
         super().__init__()
         self.config, self.paths, self.inputs, self.state = config, paths, inputs, state
         self.derived: dict[int, torch.Tensor] = {}
+        self.topk_stored: dict[int, torch.Tensor] = {}  # outputs a top-k class stores (softmax)
 
     def _free(self, t: torch.Tensor) -> bool:
         """Held by the caller (a model input, parameter or buffer that needs no gradient)
@@ -426,14 +485,27 @@ class _ReferenceMode(TorchFunctionMode):
             return True
         return (id(t) in self.inputs or id(t) in self.state) and not t.requires_grad
 
-    def _cfg(self, x: torch.Tensor, dtype: torch.dtype | None = None, *,
-             exact_if_free: bool = True) -> RazorConfig | None:
-        """The config that sparsifies ``x`` (seen as ``dtype``: the autocast copy an op
-        saves), or None when it is kept exact: a free tensor (``exact_if_free``), or one
-        whose compressed copy is not smaller than the tensor itself (the size rule)."""
+    def _cfg(self, x: torch.Tensor, dtype: torch.dtype | None = None, *, cls: str,
+             exact_if_free: bool = True):
+        """How ``x`` (seen as ``dtype``: the autocast copy an op saves) is stored for
+        backward by class ``cls``: None (exact: a free tensor when ``exact_if_free``, or
+        one whose encoded copy is not smaller than itself, the size rule), the config
+        (top-k) or a ``_Quantized``. A tensor a top-k class also stores (the softmax
+        output read by P·V) is top-k for every class."""
         if exact_if_free and self._free(x):
             return None
-        return None if not_smaller(tuple(x.shape), dtype or x.dtype, self.config) else self.config
+        cfg, dt = self.config, dtype or x.dtype
+        if cfg.encoding_of(cls) == "quant" and not (dt == x.dtype and self.topk_stored.get(id(x)) is x):
+            q = _Quantized(cfg.quant_group_size, cfg.quant_bits)
+            return None if not_smaller_quantized(tuple(x.shape), dt, q.group, q.bits) else q
+        return None if not_smaller(tuple(x.shape), dt, cfg) else cfg
+
+    def _softmax(self, x: torch.Tensor, dim) -> torch.Tensor:
+        enc = self._cfg(x, cls="softmax", exact_if_free=False)
+        y = _Softmax.apply(x, dim, enc)
+        if isinstance(enc, RazorConfig):
+            self.topk_stored[id(y)] = y
+        return y
 
     def _light_of_free(self, func, args, kwargs) -> bool:
         if func in _HEAVY:
@@ -459,12 +531,12 @@ class _ReferenceMode(TorchFunctionMode):
                 if isinstance(t, torch.Tensor):
                     self.derived[id(t)] = t
             return out
-        targets = self.config.targets
+        targets = self.config.target_classes
         if func is F.layer_norm and "layernorm" in targets:
             a = {"weight": None, "bias": None, "eps": 1e-5, **dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args)), **kwargs}
             if self._selected(a["input"], a["weight"], a["bias"]):
                 return _LayerNorm.apply(a["input"], tuple(a["normalized_shape"]), a["weight"], a["bias"], a["eps"],
-                                        self._cfg(a["input"], exact_if_free=False))
+                                        self._cfg(a["input"], cls="layernorm", exact_if_free=False))
         if func is F.batch_norm and "batchnorm" in targets:
             names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
             a = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5,
@@ -473,19 +545,19 @@ class _ReferenceMode(TorchFunctionMode):
                 x = a["input"]
                 if self._selected(x, a["weight"], a["bias"]):
                     return _BatchNorm.apply(x, a["running_mean"], a["running_var"], a["weight"], a["bias"],
-                                            a["training"], a["momentum"], a["eps"], self._cfg(x))
+                                            a["training"], a["momentum"], a["eps"], self._cfg(x, cls="batchnorm"))
         if func is F.gelu and "gelu" in targets and self._selected(args[0]):
             approximate = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
-            if self.config.gelu_encoding != "topk":
+            if self.config.gelu_mode != "topk":
                 return _GeluDerivative.apply(args[0], approximate, self.config.gelu_derivative_bits)
-            return _Gelu.apply(args[0], approximate, self._cfg(args[0], exact_if_free=False))
+            return _Gelu.apply(args[0], approximate, self._cfg(args[0], cls="gelu", exact_if_free=False))
         if func in _SOFTMAX and "softmax" in targets and self._selected(args[0]):
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
             extra = {k: v for k, v in kwargs.items() if k not in ("dim", "dtype", "_stacklevel")}
             if not extra and len(args) <= 2:
                 # softmax(x, dim, dtype=d) is softmax(x.to(d), dim): it saves its output in d
                 x = args[0] if kwargs.get("dtype") is None else args[0].to(kwargs["dtype"])
-                return _Softmax.apply(x, dim, self._cfg(x, exact_if_free=False))
+                return self._softmax(x, dim)
         if "linear" in targets and (func in _ADDMM or (func in _MM and len(args) == 2 and not kwargs)):
             # a matmul with a weight (a 2-D parameter that gets a gradient) as the right
             # operand is a linear layer whatever the function: torch.addmm(b, x, W)
@@ -496,28 +568,28 @@ class _ReferenceMode(TorchFunctionMode):
                 (x, w), bias, beta, alpha = args, None, 1, 1
             if (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and w.dim() == 2 and id(w) in self.state
                     and id(x) not in self.state and w.requires_grad and self._selected(w)):
-                return _WeightMatmul.apply(x, w, bias, beta, alpha, self._cfg(x, _op_dtype(x, w)))
+                return _WeightMatmul.apply(x, w, bias, beta, alpha, self._cfg(x, _op_dtype(x, w), cls="linear"))
         if func in _MATMUL and "matmul" in targets and len(args) == 2 and self._selected(*args):
             a, b = args
             if not isinstance(a, torch.nn.Parameter) and not isinstance(b, torch.nn.Parameter):
                 dt = _op_dtype(a, b)
-                return _Matmul.apply(a, b, self._cfg(a, dt), self._cfg(b, dt))
+                return _Matmul.apply(a, b, self._cfg(a, dt, cls="matmul"), self._cfg(b, dt, cls="matmul"))
         if func is F.scaled_dot_product_attention and "sdpa" in targets and self._selected(*args[:3]):
             dt = _op_dtype(*args[:3])
-            return _sdpa(*args, **kwargs, cfg=lambda t: self._cfg(t, dt))
-        if func is F.linear and "linear" in self.config.targets:
+            return _sdpa(*args, **kwargs, cfg=lambda t: self._cfg(t, dt, cls="matmul"), softmax=self._softmax)
+        if func is F.linear and "linear" in self.config.target_classes:
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             if self._selected(w) and w.requires_grad:
-                return _Linear.apply(x, w, b, self._cfg(x, _op_dtype(x, w)))
-        if func in (F.conv1d, F.conv2d, F.conv3d) and "conv" in self.config.targets:
+                return _Linear.apply(x, w, b, self._cfg(x, _op_dtype(x, w), cls="linear"))
+        if func in (F.conv1d, F.conv2d, F.conv3d) and "conv" in self.config.target_classes:
             names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
             defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
             a = {**defaults, **dict(zip(names, args)), **kwargs}
             if self._selected(a["weight"]) and a["weight"].requires_grad and not isinstance(a["padding"], str):
                 return _Conv.apply(a["input"], a["weight"], a["bias"], a["stride"], a["padding"],
                                    a["dilation"], a["groups"],
-                                   self._cfg(a["input"], _op_dtype(a["input"], a["weight"])))
+                                   self._cfg(a["input"], _op_dtype(a["input"], a["weight"]), cls="conv"))
         return func(*args, **kwargs)
 
 

@@ -80,9 +80,9 @@ class MemoryReport:
         the GELU input can be told from other dense tensors.
         """
         labelled = {"linear", "matmul", "softmax", "layernorm", "gelu"}
-        if not labelled <= set(self.config.targets):
+        if not labelled <= set(self.config.target_classes):
             raise ValueError("backrazor_analytic needs a report made with targets=('all',) "
-                             f"(this one has {self.config.targets})")
+                             f"(this one has {self.config.target_classes})")
         d = 1.0 - self.config.sparsity
         out: dict[str, float] = defaultdict(float)
         for r in self.rows:

@@ -108,11 +108,11 @@ def test_binomial_se():
 
 
 def test_method_names_resolve():
-    assert [m.name for m in resolve_methods("baseline, razor0.9")] == ["baseline", "razor0.9"]
+    assert [m.name for m in resolve_methods("baseline, razor")] == ["baseline", "razor"]
     with pytest.raises(ValueError, match="unknown method"):
         resolve_methods("baseline,razor0.5")
-    assert METHODS["bsr+razor0.9"].razor_options({"trainable_blocks": (1,)}) == {
-        "sparsity": 0.9, "trainable_blocks": (1,)}
+    assert METHODS["bsr+backrazor0.9"].razor_options({"trainable_blocks": (1,)}) == {
+        "policy": "backrazor", "sparsity": 0.9, "trainable_blocks": (1,)}
     assert METHODS["baseline"].razor_options({"trainable_blocks": (1,)}) is None
 
 
@@ -162,29 +162,29 @@ def test_harness_tiny_end_to_end(tmp_path):
     from razorpass.bench.harness import main
     from razorpass.bench.outputs import CSV_COLUMNS, METRICS
 
-    assert main(["--tiny", "--methods", "baseline,razor0.9", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert main(["--tiny", "--methods", "baseline,razor", "--device", "cpu", "--out", str(tmp_path)]) == 0
 
     with (tmp_path / "tweets_tiny.csv").open() as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == CSV_COLUMNS
         rows = list(reader)
-    assert {(r["method"], r["metric"]) for r in rows} == {(m, k) for m in ("baseline", "razor0.9") for k in METRICS}
+    assert {(r["method"], r["metric"]) for r in rows} == {(m, k) for m in ("baseline", "razor") for k in METRICS}
     assert all(r["status"] == "ok" for r in rows)
     value = {(r["method"], r["metric"]): float(r["value"]) for r in rows}
-    for method in ("baseline", "razor0.9"):
+    for method in ("baseline", "razor"):
         assert 0 <= value[method, "accuracy"] <= 1 and value[method, "test_size"] == 32
         assert value[method, "peak_step_bytes"] >= value[method, "peak_fwd_bwd_bytes"] > 0
         assert value[method, "step_s"] > 0 and value[method, "flops_per_step"] > 0
-    assert value["razor0.9", "saved_bytes_per_sample"] < value["baseline", "saved_bytes_per_sample"]
+    assert value["razor", "saved_bytes_per_sample"] < value["baseline", "saved_bytes_per_sample"]
     assert value["baseline", "step_ratio"] == 1.0
-    assert value["razor0.9", "accuracy_diff"] == pytest.approx(
-        value["razor0.9", "accuracy"] - value["baseline", "accuracy"])
+    assert value["razor", "accuracy_diff"] == pytest.approx(
+        value["razor", "accuracy"] - value["baseline", "accuracy"])
 
     doc = json.loads((tmp_path / "tweets_tiny.json").read_text())
     for key in ("date", "commit", "device", "torch", "transformers", "python", "data", "scale", "sizes", "steps"):
         assert doc["meta"][key], key
     assert doc["meta"]["scale"] == "tiny" and doc["meta"]["argv"][0] == "--tiny"
-    assert [r["method"] for r in doc["results"]] == ["baseline", "razor0.9"]
+    assert [r["method"] for r in doc["results"]] == ["baseline", "razor"]
     assert doc["results"][1]["breakdown_bytes_per_sample"]  # razor rows carry the per-op-class breakdown
     assert (tmp_path / "tweets_tiny_tradeoff.png").stat().st_size > 0
     assert (tmp_path / "tweets_tiny_breakdown.png").stat().st_size > 0
@@ -229,11 +229,11 @@ def test_bsr_check_accepts_frozen_parameters_and_rejects_a_full_fine_tune():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     model[0].requires_grad_(False)  # what trainable_blocks does to a frozen block
     model(torch.randn(3, 4)).sum().backward()
-    _check_bsr_applied(METHODS["bsr+razor0.9"], model)
+    _check_bsr_applied(METHODS["bsr+backrazor0.9"], model)
     model[0].requires_grad_(True)
     model(torch.randn(3, 4)).sum().backward()
     with pytest.raises(NotImplementedError, match="trainable_blocks had no effect"):
-        _check_bsr_applied(METHODS["bsr+razor0.9"], model)
+        _check_bsr_applied(METHODS["bsr+backrazor0.9"], model)
 
 
 def test_failed_rows_keep_no_machine_paths(tmp_path, monkeypatch):

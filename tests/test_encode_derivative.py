@@ -134,7 +134,9 @@ def test_range_constants_cover_and_bound_gelu_derivative(approximate):
 
 
 def test_config_gelu_encoding():
-    assert RazorConfig().gelu_encoding == "topk" and RazorConfig().gelu_derivative_bits is None
+    assert RazorConfig().gelu_encoding is None and RazorConfig().gelu_derivative_bits == 3  # the accurate policy's
+    assert RazorConfig(policy="backrazor").gelu_derivative_bits is None
+    assert RazorConfig(gelu_encoding="topk").gelu_derivative_bits is None
     assert RazorConfig(gelu_encoding="deriv3").gelu_derivative_bits == 3
     with pytest.raises(ValueError, match="gelu_encoding must be one of"):
         RazorConfig(gelu_encoding="deriv5")
@@ -253,7 +255,7 @@ def test_saved_bytes_and_gelu_input_gone(name, targets, bits):
 
 
 def test_topk_encoding_is_unchanged():
-    *_, rec = _compiled("bert", targets=("gelu",), compiler="eager")
+    *_, rec = _compiled("bert", targets=("gelu",), gelu_encoding="topk", compiler="eager")
     assert rec.quantized == [] and len(rec.compressed) == 2
     assert all(r.op_classes == ("gelu",) for r in rec.compressed)
 

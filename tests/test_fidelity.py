@@ -17,7 +17,7 @@ def test_linear_row_equals_the_hand_written_weight_gradient():
     lin = nn.Linear(48, 6, bias=False)
     x = torch.randn(5, 48, requires_grad=True)  # needs a gradient: not an input held by the caller
     c = torch.randn(5, 6)
-    cfg = razorpass.RazorConfig(sparsity=0.8, block_size=16, targets=("linear",))
+    cfg = razorpass.RazorConfig(policy="backrazor", sparsity=0.8, block_size=16, targets=("linear",))
     report = razorpass.gradient_fidelity(lin, (x,), lambda y: (y * c).sum(), cfg)
     dense = (c.T @ x.detach()).double().flatten()
     sparse = (c.T @ sparsify(x, cfg)).double().flatten()
@@ -32,7 +32,7 @@ def test_linear_row_equals_the_hand_written_weight_gradient():
 def test_nothing_dropped_means_exact_gradients():
     torch.manual_seed(0)
     model, x = tiny_vit().train(), torch.randn(2, 3, 32, 32)
-    report = razorpass.gradient_fidelity(model, x, sparsity=0.0, value_dtype="float32", targets=("all",))
+    report = razorpass.gradient_fidelity(model, x, policy="backrazor", sparsity=0.0, value_dtype="float32", targets=("all",))
     assert len(report.rows) > 1
     for row in report.rows:
         assert row.cosine == pytest.approx(1.0, abs=1e-6) and row.norm_ratio == pytest.approx(1.0, abs=1e-5)
@@ -42,7 +42,7 @@ def test_rows_per_class_and_which_parameters_change():
     torch.manual_seed(0)
     model, x = tiny_vit().train(), torch.randn(2, 3, 32, 32)
     before = [p.grad for p in model.parameters()]
-    report = razorpass.gradient_fidelity(model, x, sparsity=0.9, targets=("linear", "layernorm", "mask"))
+    report = razorpass.gradient_fidelity(model, x, policy="backrazor", sparsity=0.9, targets=("linear", "layernorm", "mask"))
     assert [r.targets for r in report.rows] == [("linear",), ("layernorm",), ("linear", "layernorm")]
     linear_weights = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
     # the linear rule touches weight gradients only: biases and everything else stay exact

@@ -70,7 +70,8 @@ def check(name, compiler, granularity, sparsity=0.7, targets=("linear", "conv"),
     torch.manual_seed(0)
     model, inputs = build()
     model.train()
-    cfg = RazorConfig(sparsity=sparsity, granularity=granularity, block_size=64, compiler=compiler, targets=targets)
+    cfg = RazorConfig(policy="backrazor", sparsity=sparsity, granularity=granularity, block_size=64, compiler=compiler,
+                      targets=targets)
     dense = _run(model, inputs, model)
     with reference.apply(model, cfg):
         ref = _run(model, inputs, model)

@@ -156,7 +156,7 @@ def check(model_name, target, sparsity, compiler, path):
     torch.manual_seed(0)
     model, inputs = build()
     model.train()
-    cfg = RazorConfig(sparsity=sparsity, targets=(target,), compiler=compiler,
+    cfg = RazorConfig(policy="backrazor", sparsity=sparsity, targets=(target,), compiler=compiler,
                       value_dtype="same" if autocast else "float32")
     dense = _run(model, model, inputs, autocast)
     with reference.apply(model, cfg):
@@ -203,7 +203,7 @@ def test_lora_frozen_base_shares_one_compressed_input():
     model.train()
     prefix = "base_model.model.bert.encoder.layer"
     for exclude, layers in (((), (0, 1)), (("*.layer.1.*",), (0,))):
-        cfg = RazorConfig(sparsity=0.9, targets=("linear",), value_dtype="float32", compiler="eager", exclude=exclude)
+        cfg = RazorConfig(policy="backrazor", sparsity=0.9, targets=("linear",), value_dtype="float32", compiler="eager", exclude=exclude)
         with reference.apply(model, cfg):
             ref = _run(model, model, inputs, False)
         torch._dynamo.reset()
@@ -232,7 +232,7 @@ def test_size_rule_is_the_same_on_both_sides():
     shapes = [(32, 4), (4, 32), (4, 8, 32), (4, 17, 32), (2, 17, 32), (1, 1), (4, 3), (64, 64)]
     for shape, sparsity, value_dtype, dtype, granularity in itertools.product(
             shapes, SPARSITIES, ("float32", "bfloat16", "same"), (torch.float32, torch.bfloat16), ("block", "sample")):
-        cfg = RazorConfig(sparsity=sparsity, value_dtype=value_dtype, granularity=granularity)
+        cfg = RazorConfig(policy="backrazor", sparsity=sparsity, value_dtype=value_dtype, granularity=granularity)
         dense = torch.empty(shape, dtype=dtype)
         by_format = razorpass.compressed_nbytes(shape, cfg, dtype) >= dense.nbytes
         group = razorpass.format.group_size_for(shape, granularity, cfg.block_size)

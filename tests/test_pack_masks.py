@@ -184,7 +184,8 @@ def test_memory_report_counts_packed_masks_exactly(name, compiler):
 
 
 def test_mask_is_a_default_target_and_part_of_all():
-    assert "mask" in RazorConfig().targets
+    assert "mask" in RazorConfig().target_classes
+    assert "mask" in RazorConfig(policy="backrazor").target_classes
     assert "mask" in RazorConfig(targets=("all",)).targets
     assert "mask" not in RazorConfig(targets=("linear",)).targets
 

@@ -63,7 +63,7 @@ def _layers(record):
 @pytest.mark.parametrize("shape", [(0,), (0, 5), (3, 0), (2, 0, 4)])
 def test_compress_empty_tensor(shape, granularity, backend):
     x = torch.empty(shape)
-    cfg = RazorConfig(sparsity=0.6, granularity=granularity, block_size=16)
+    cfg = RazorConfig(policy="backrazor", sparsity=0.6, granularity=granularity, block_size=16)
     c = razorpass.compress(x, sparsity=0.6, granularity=granularity, block_size=16, backend=backend)
     assert c.mask.shape[0] == 0 and c.values.shape[0] == 0
     assert c.nbytes == 0 == compressed_nbytes(shape, cfg, x.dtype)
@@ -78,7 +78,7 @@ def test_zero_size_batch_compiles_and_matches_eager(granularity):
     gradients (all zero: no samples) equal eager's and the reference's."""
     model = MLP()
     x = torch.randn(0, 3, 24)
-    cfg = RazorConfig(sparsity=0.7, granularity=granularity, block_size=64, compiler="eager", value_dtype="float32")
+    cfg = RazorConfig(policy="backrazor", sparsity=0.7, granularity=granularity, block_size=64, compiler="eager", value_dtype="float32")
     dense = _run(model, model, x)
     with reference.apply(model, cfg):
         ref = _run(model, model, x)
@@ -113,7 +113,7 @@ def test_zero_size_intermediate(granularity):
     torch.manual_seed(0)
     model = ZeroWidth()
     x = torch.randn(4, 24)
-    cfg = RazorConfig(sparsity=0.7, granularity=granularity, block_size=64, compiler="eager", value_dtype="float32",
+    cfg = RazorConfig(policy="backrazor", sparsity=0.7, granularity=granularity, block_size=64, compiler="eager", value_dtype="float32",
                       targets=("linear",))
     with reference.apply(model, RazorConfig.from_options(cfg, exclude=("mid",))):
         ref = _run(model, model, x)
@@ -153,7 +153,7 @@ def test_non_finite_activation_is_kept(special):
     x = torch.randn(4, 16)
     x[1, 3] = special
     sparsity, block = 0.9, 64
-    cfg = RazorConfig(sparsity=sparsity, block_size=block, compiler="eager", value_dtype="float32",
+    cfg = RazorConfig(policy="backrazor", sparsity=sparsity, block_size=block, compiler="eager", value_dtype="float32",
                       targets=("linear",))
     with reference.apply(model, cfg):
         ref = _run(model, model, x, loss=_loss_without_row_1)
@@ -229,7 +229,7 @@ def test_complex_linear_warns_and_stays_dense(caplog):
     torch.manual_seed(0)
     model = ComplexLinear()
     x = torch.randn(4, 16)
-    cfg = RazorConfig(sparsity=0.7, block_size=8, compiler="eager", value_dtype="float32", targets=("linear",))
+    cfg = RazorConfig(policy="backrazor", sparsity=0.7, block_size=8, compiler="eager", value_dtype="float32", targets=("linear",))
     dense = _run(model, model, x, loss=_complex_loss)
     # the expected rule: fc2's (real) input sparsified, the complex Linear left dense
     with reference.apply(model, RazorConfig.from_options(cfg, exclude=("cl",))):
@@ -255,7 +255,7 @@ def test_complex_or_integer_intermediate_of_a_real_linear(model_cls, caplog):
     torch.manual_seed(0)
     model = model_cls()
     x = torch.randn(4, 16)
-    cfg = RazorConfig(sparsity=0.7, block_size=8, compiler="eager", value_dtype="float32", targets=("linear",))
+    cfg = RazorConfig(policy="backrazor", sparsity=0.7, block_size=8, compiler="eager", value_dtype="float32", targets=("linear",))
     dense = _run(model, model, x)
     with reference.apply(model, cfg):
         ref = _run(model, model, x)
@@ -290,7 +290,7 @@ def test_inference_compresses_nothing(compiler, compress_calls):
     torch.manual_seed(0)
     model = MLP()
     x = torch.randn(4, 3, 24)
-    cfg = RazorConfig(sparsity=0.9, block_size=64, compiler=compiler)
+    cfg = RazorConfig(policy="backrazor", sparsity=0.9, block_size=64, compiler=compiler)
     compiled = razorpass.compile(model, cfg)
     tol = TIGHT if compiler == "eager" else dict(rtol=1e-4, atol=1e-5)
     with razorpass.record_compiles() as records:
@@ -321,7 +321,7 @@ def test_dynamic_batch_and_sequence_compile_once():
     torch.manual_seed(0)
     model = tiny_bert()
     model.train()
-    cfg = RazorConfig(sparsity=0.7, block_size=64, compiler="eager", value_dtype="float32", targets=("linear",))
+    cfg = RazorConfig(policy="backrazor", sparsity=0.7, block_size=64, compiler="eager", value_dtype="float32", targets=("linear",))
     compiled = razorpass.compile(model, cfg)
     graphs_before = counters["stats"]["unique_graphs"]
     gap = 0.0
@@ -373,7 +373,7 @@ def test_graph_break_between_linears(kind):
     torch.manual_seed(0)
     model = Broken(kind)
     x = torch.randn(4, 3, 24)
-    cfg = RazorConfig(sparsity=0.7, block_size=64, compiler="eager", value_dtype="float32", targets=("linear",))
+    cfg = RazorConfig(policy="backrazor", sparsity=0.7, block_size=64, compiler="eager", value_dtype="float32", targets=("linear",))
     dense = _run(model, model, x)
     with reference.apply(model, cfg):
         ref = _run(model, model, x)
@@ -405,7 +405,7 @@ def _live_tensors():
 def test_training_loop_memory_does_not_grow():
     torch.manual_seed(0)
     model = MLP()
-    cfg = RazorConfig(sparsity=0.9, block_size=64, compiler="eager")
+    cfg = RazorConfig(policy="backrazor", sparsity=0.9, block_size=64, compiler="eager")
     compiled = razorpass.compile(model, cfg)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     seen = {}

@@ -29,8 +29,8 @@ def _saved_bytes(model, x, cfg):
 @pytest.mark.parametrize("granularity", ["block", "sample"])
 def test_saved_bytes_equal_the_analytic_compressed_size(compiler, granularity):
     model, x = _chain(), torch.randn(6, 5, 24)
-    cfg = RazorConfig(sparsity=0.9, granularity=granularity, block_size=64, compiler=compiler)
-    dense, _ = _saved_bytes(model, x, RazorConfig(targets=(), compiler=compiler))
+    cfg = RazorConfig(policy="backrazor", sparsity=0.9, granularity=granularity, block_size=64, compiler=compiler)
+    dense, _ = _saved_bytes(model, x, RazorConfig(policy="backrazor", targets=(), compiler=compiler))
     got, _ = _saved_bytes(model, x, cfg)
     # Linear chain: the inputs of the three layers are all that is saved (weights are
     # parameters, excluded). Dense: h0 and h1 (x is the caller's input, saved as is and
@@ -43,7 +43,7 @@ def test_saved_bytes_equal_the_analytic_compressed_size(compiler, granularity):
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
 def test_frozen_layer_input_is_never_stored(compiler):
     model, x = _chain(frozen=(1,)), torch.randn(6, 5, 24)
-    cfg = RazorConfig(sparsity=0.9, block_size=64, compiler=compiler)
+    cfg = RazorConfig(policy="backrazor", sparsity=0.9, block_size=64, compiler=compiler)
     with razorpass.record_compiles() as records:
         got, saved = _saved_bytes(model, x, cfg)
     # layer 1 is frozen: its input (h0) is needed by no gradient and not saved at all;
@@ -55,7 +55,7 @@ def test_frozen_layer_input_is_never_stored(compiler):
 
 def test_memory_report_rows_add_up_and_match_measurement():
     model, x = _chain(), torch.randn(6, 5, 24)
-    rep = razorpass.memory_report(model, x, sparsity=0.9, block_size=64, compiler="eager")
+    rep = razorpass.memory_report(model, x, policy="backrazor", sparsity=0.9, block_size=64, compiler="eager")
     assert rep.batch_size == 6 and rep.fallbacks == []
     assert rep.baseline_bytes == 2 * 6 * 5 * 40 * 4
     assert sum(r.saved_bytes for r in rep.rows) == rep.saved_bytes
@@ -74,7 +74,7 @@ def test_backrazor_analytic_accounting_matches_the_architecture():
                                  num_attention_heads=4, intermediate_size=128)
     model = transformers.ViTModel(cfg, add_pooling_layer=False)
     batch, sparsity = 2, 0.9
-    report = razorpass.memory_report(model, torch.randn(batch, 3, 32, 32), sparsity=sparsity, targets=("all",))
+    report = razorpass.memory_report(model, torch.randn(batch, 3, 32, 32), policy="backrazor", sparsity=sparsity, targets=("all",))
     got = report.backrazor_analytic()
 
     tokens = (32 // 8) ** 2 + 1
@@ -88,4 +88,4 @@ def test_backrazor_analytic_accounting_matches_the_architecture():
     assert got["gelu"] == pytest.approx(layers * batch * tokens * inter * 2)
     assert got["total"] == pytest.approx(sum(v for k, v in got.items() if k != "total"))
     with pytest.raises(ValueError, match="targets=\\('all',\\)"):
-        razorpass.memory_report(model, torch.randn(batch, 3, 32, 32), sparsity=sparsity).backrazor_analytic()
+        razorpass.memory_report(model, torch.randn(batch, 3, 32, 32), policy="backrazor", sparsity=sparsity).backrazor_analytic()

@@ -8,6 +8,7 @@ import torch
 
 import razorpass
 from razorpass import RazorConfig
+from razorpass.passes.records import CompressedRoot, QuantizedRoot
 
 from .test_gradients import CASES, check
 from .models import loss_of, tiny_vit
@@ -54,7 +55,7 @@ def test_batchnorm_in_eval_mode_matches_reference():
     model, inputs = CASES["cnn"][0]()
     model.train()
     model.bn1.eval()
-    cfg = RazorConfig(sparsity=0.7, block_size=64, compiler="eager", targets=("batchnorm", "conv"))
+    cfg = RazorConfig(policy="backrazor", sparsity=0.7, block_size=64, compiler="eager", targets=("batchnorm", "conv"))
     dense = _run(model, inputs, model)
     with reference.apply(model, cfg):
         ref = _run(model, inputs, model)
@@ -81,9 +82,26 @@ def _classes(model, inputs, **options):
     return rec, collections.Counter("+".join(c.op_classes) for c in rec.compressed)
 
 
+def test_default_policy_on_a_vit_stores_every_class_and_nothing_large_dense():
+    """The accurate policy on a ViT: Back Razor's coverage quantized per group (int4),
+    the softmax output top-k (P, shared with P·V), the GELU as its 3-bit derivative; what
+    stays dense is the per-row LayerNorm statistics only."""
+    model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
+    rec, counts = _classes(model, (x,))
+    assert counts == {"linear": 8, "layernorm": 5, "matmul": 6, "matmul+softmax": 2}
+    for c in rec.compressed:
+        if "softmax" in c.op_classes:
+            assert isinstance(c, CompressedRoot) and c.keep == RazorConfig().keep_count(c.group_size)
+        else:
+            assert isinstance(c, QuantizedRoot) and (c.bits, c.group_size) == (4, 128)
+    assert [q.op_classes for q in rec.quantized] == [("gelu",)] * 2 and {q.bits for q in rec.quantized} == {3}
+    dense = [e for e in rec.saved if e.op_class == "dense" and not e.input]
+    assert dense and all(e.shape[-1] == 1 for e in dense)
+
+
 def test_compressed_roots_per_class_on_nanogpt():
     model, inputs = CASES["nanogpt"][0]()
-    _, counts = _classes(model, inputs, targets=("all",))
+    _, counts = _classes(model, inputs, policy="backrazor", targets=("all",))
     # 2 blocks: 4 Linear inputs each + lm_head; 2 LayerNorms each + ln_f; one GELU each;
     # attention: q, kᵀ, v, plus P which P·V and the softmax backward share (one copy).
     assert counts == {"linear": 9, "layernorm": 5, "gelu": 2, "matmul": 6, "matmul+softmax": 2}
@@ -91,7 +109,7 @@ def test_compressed_roots_per_class_on_nanogpt():
 
 def test_vit_leaves_no_targeted_activation_dense():
     model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
-    rec, counts = _classes(model, (x,), targets=("all",))
+    rec, counts = _classes(model, (x,), policy="backrazor", targets=("all",))
     # 2 layers: q/k/v share one input, attention output, fc1, fc2 (the patch conv reads
     # the pixels, an input held by the caller); 2 LayerNorms per layer + the final one;
     # GELU; q, kᵀ, v; P shared by P·V and the softmax backward.
@@ -102,10 +120,11 @@ def test_vit_leaves_no_targeted_activation_dense():
     assert len(dense) == 5 and all(e.shape[-1] == 1 for e in dense)
 
 
-def test_default_targets_are_back_razors_vit_coverage():
+def test_backrazor_policy_targets_are_back_razors_vit_coverage():
     model, x = tiny_vit(), torch.randn(2, 3, 32, 32)
-    rec, counts = _classes(model, (x,))
-    assert "gelu" not in RazorConfig().targets
+    rec, counts = _classes(model, (x,), policy="backrazor")
+    assert "gelu" not in RazorConfig(policy="backrazor").target_classes
+    assert all(isinstance(c, CompressedRoot) for c in rec.compressed) and rec.quantized == []
     assert counts == {"linear": 8, "layernorm": 5, "matmul": 6, "matmul+softmax": 2}
     dense = [e for e in rec.saved if e.op_class == "dense" and not e.input and e.shape[-1] != 1]
     # only the GELU inputs (fc1 outputs) stay dense, as in Back Razor
@@ -138,7 +157,7 @@ def test_inputs_recomputable_from_the_batch_are_not_compressed(compiler):
 
     torch.manual_seed(0)
     model, x = _PaddedStem().train(), torch.randn(2, 3, 15, 15)
-    cfg = RazorConfig(sparsity=0.9, block_size=64, compiler=compiler, targets=("conv",))
+    cfg = RazorConfig(policy="backrazor", sparsity=0.9, block_size=64, compiler=compiler, targets=("conv",))
     dense = _run(model, (x,), model)
     with reference.apply(model, cfg):
         ref = _run(model, (x,), model)

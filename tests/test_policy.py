@@ -1,0 +1,217 @@
+"""The default "accurate" policy against Back Razor's rule ("backrazor"), one option away.
+
+Accurate: linear / conv / matmul / layernorm / batchnorm tensors are quantized per group
+(``quant_bits``, ``quant_group_size``), the softmax output is top-k sparsified (and so is
+P of P·V, which shares that tensor), the GELU stores its 3-bit derivative.
+
+Gradients are compared in float64: the compiled graph computes the forward in a
+different order than eager (decomposed LayerNorm, fused kernels), and in float32 that
+moves a value across a quantization boundary now and then (one element off by one
+step). In float64 those differences are ~1e-16 and vanish in the float32 cast the
+quantizer starts with, so compiled and reference gradients are equal up to float64
+rounding; under bfloat16 autocast the bf16 cast absorbs them the same way.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import razorpass
+from razorpass import RazorConfig, reference
+from razorpass.config import BACKRAZOR_TARGETS, DEFAULT_TARGETS
+from razorpass.passes.records import CompressedRoot, QuantizedDerivative, QuantizedRoot
+
+from .test_gradients import CASES, _run
+from .test_matrix import MODELS
+from .test_matrix import _run as _run_hf
+
+# ---------------------------------------------------------------- config
+
+
+def test_default_is_the_accurate_policy():
+    cfg = RazorConfig()
+    assert (cfg.policy, cfg.quant_bits, cfg.quant_group_size, cfg.targets, cfg.gelu_encoding) == (
+        "accurate", 4, 128, None, None)
+    assert cfg.target_classes == DEFAULT_TARGETS and "gelu" in cfg.target_classes
+    assert cfg.gelu_mode == "deriv3" and cfg.gelu_derivative_bits == 3
+    assert {c: cfg.encoding_of(c) for c in ("linear", "conv", "matmul", "layernorm", "batchnorm", "softmax")} == {
+        "linear": "quant", "conv": "quant", "matmul": "quant", "layernorm": "quant", "batchnorm": "quant",
+        "softmax": "topk"}
+
+
+def test_backrazor_is_one_option_away_and_replace_re_resolves():
+    br = RazorConfig(policy="backrazor")
+    assert br.target_classes == BACKRAZOR_TARGETS and "gelu" not in br.target_classes
+    assert br.gelu_mode == "topk" and br.gelu_derivative_bits is None
+    assert all(br.encoding_of(c) == "topk" for c in DEFAULT_TARGETS)
+    # the policy's defaults are resolved when read, so replacing the policy changes them
+    assert dataclasses.replace(RazorConfig(), policy="backrazor").target_classes == BACKRAZOR_TARGETS
+    assert RazorConfig.from_options(RazorConfig(), policy="backrazor").gelu_mode == "topk"
+    # explicit choices win over the policy's
+    cfg = RazorConfig(policy="backrazor", targets=("linear", "gelu"), gelu_encoding="deriv2")
+    assert cfg.target_classes == ("linear", "gelu") and cfg.gelu_mode == "deriv2"
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("policy", "fast", "('accurate', 'backrazor')"),
+    ("quant_bits", 5, "(2, 3, 4, 8)"),
+    ("quant_bits", True, "(2, 3, 4, 8)"),
+    ("quant_group_size", 12, "multiple of 8"),
+    ("quant_group_size", 0, "multiple of 8"),
+])
+def test_bad_policy_values_name_the_field(field, value, needle):
+    with pytest.raises(ValueError) as e:
+        RazorConfig(**{field: value})
+    assert f"RazorConfig.{field}" in str(e.value) and needle in str(e.value)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def _double(name):
+    torch.manual_seed(0)
+    model, inputs = CASES[name][0]()
+    model.train().double()
+    return model, tuple(i.double() if i.is_floating_point() else i for i in inputs)
+
+
+def _close(got, ref, dense, rtol):
+    assert ref.keys() == got.keys()
+    top = max(g.abs().max().item() for g in ref.values())
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=rtol, atol=rtol * top, msg=lambda m: f"{k}: {m}")
+    gap = max((dense[k] - ref[k]).abs().max().item() for k in ref) / top
+    assert gap > 1000 * rtol, "the policy had no visible effect"
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+@pytest.mark.parametrize("name", ["nanogpt", "vit", "bert", "cnn", "mlp"])
+def test_default_gradients_equal_the_reference(name, compiler):
+    model, inputs = _double(name)
+    cfg = RazorConfig(compiler=compiler)
+    dense = _run(model, inputs, model)
+    with reference.apply(model, cfg):
+        ref = _run(model, inputs, model)
+    with razorpass.record_compiles() as records:
+        got = _run(model, inputs, razorpass.compile(model, cfg, fullgraph=True))
+    (rec,) = records
+    assert rec.fallback is None and rec.excluded_roots == []
+    assert any(isinstance(c, QuantizedRoot) for c in rec.compressed)
+    _close(got, ref, dense, rtol=1e-9)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_quant_bits_reach_kernels_and_reference(bits):
+    model, inputs = _double("bert")
+    cfg = RazorConfig(compiler="eager", quant_bits=bits, quant_group_size=64)
+    dense = _run(model, inputs, model)
+    with reference.apply(model, cfg):
+        ref = _run(model, inputs, model)
+    with razorpass.record_compiles() as records:
+        got = _run(model, inputs, razorpass.compile(model, cfg, fullgraph=True))
+    quant = [c for c in records[0].compressed if isinstance(c, QuantizedRoot)]
+    assert quant and {(c.bits, c.group_size) for c in quant} == {(bits, 64)}
+    _close(got, ref, dense, rtol=1e-9)
+
+
+@pytest.mark.parametrize("model_name", ["vit-eager", "bert-sdpa", "gpt2-eager", "lora-bert", "cnn"])
+def test_default_on_hugging_face_models_equals_the_reference(model_name):
+    build, _, _ = MODELS[model_name]
+    torch.manual_seed(0)
+    model, inputs = build()
+    model.train().double()
+    inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    cfg = RazorConfig(compiler="eager")
+    dense = _run_hf(model, model, inputs, False)
+    with reference.apply(model, cfg):
+        ref = _run_hf(model, model, inputs, False)
+    with razorpass.record_compiles() as records:
+        got = _run_hf(model, razorpass.compile(model, cfg), inputs, False)
+    assert records and all(r.fallback is None and r.excluded_roots == [] for r in records)
+    _close(got, ref, dense, rtol=1e-7)  # float64 sums in another order over larger models
+
+
+@pytest.mark.parametrize("model_name", ["vit-eager", "bert-eager", "gpt2-eager"])
+def test_default_under_bf16_autocast_matches_the_reference(model_name):
+    build, _, _ = MODELS[model_name]
+    torch.manual_seed(0)
+    model, inputs = build()
+    model.train()
+    cfg = RazorConfig(compiler="eager")
+    with reference.apply(model, cfg):
+        ref = _run_hf(model, model, inputs, True)
+    with razorpass.record_compiles() as records:
+        got = _run_hf(model, razorpass.compile(model, cfg), inputs, True)
+    assert records and all(r.fallback is None for r in records)
+    quant = [c for r in records for c in r.compressed if isinstance(c, QuantizedRoot)]
+    assert quant and all(c.dtype in (torch.bfloat16, torch.float32) for c in quant)
+    for k in ref:
+        if ref[k].norm() > 0:
+            err = ((got[k].float() - ref[k].float()).norm() / ref[k].float().norm()).item()
+            assert err < 4e-3, f"{k}: relative error {err:.3g}"
+
+
+# ---------------------------------------------------------------- memory
+
+
+def test_saved_bytes_are_codes_and_bounds():
+    """Each quantized root saves ceil(n / G) * G * bits / 8 code bytes and (groups, 2)
+    bfloat16 bounds instead of itself; each softmax output its top-k; each GELU its
+    3-bit derivative; nothing of activation size stays dense."""
+    torch.manual_seed(0)
+    model, inputs = CASES["vit"][0]()
+    with razorpass.record_compiles() as records:
+        _run(model, inputs, razorpass.compile(model, compiler="eager", fullgraph=True))
+    (rec,) = records
+    saved = {e.name: e for e in rec.saved}
+    kinds = set()
+    for c in rec.compressed:
+        n = math.prod(c.shape)
+        kinds.add(type(c).__name__)
+        if isinstance(c, QuantizedRoot):
+            codes, bounds = (saved[o] for o in c.outputs)
+            groups = -(-n // 128)
+            assert (codes.shape, codes.dtype) == ((groups * 128 * 4 // 8,), torch.uint8)
+            assert (bounds.shape, bounds.dtype) == ((groups, 2), torch.bfloat16)
+        else:
+            assert isinstance(c, CompressedRoot) and "softmax" in c.op_classes
+        assert c.root not in saved
+    assert kinds == {"QuantizedRoot", "CompressedRoot"}
+    assert all(isinstance(q, QuantizedDerivative) and q.bits == 3 for q in rec.quantized) and rec.quantized
+    dense = [e for e in rec.saved if e.op_class == "dense" and not e.input]
+    assert all(e.shape[-1] == 1 for e in dense)  # LayerNorm statistics only
+
+
+def test_memory_report_counts_the_quantized_bytes():
+    torch.manual_seed(0)
+    model, inputs = CASES["bert"][0]()
+    rep = razorpass.memory_report(model, inputs)
+    old = razorpass.memory_report(model, inputs, {"policy": "backrazor"})
+    assert rep.baseline_bytes == old.baseline_bytes
+    # the GELU input (dense under Back Razor) is now 3 bits: less saved in all
+    assert rep.saved_bytes < old.saved_bytes < rep.baseline_bytes
+
+
+@pytest.mark.parametrize("special", [math.nan, math.inf], ids=["nan", "inf"])
+def test_non_finite_activation_makes_its_group_nan_never_finite(special):
+    """A group holding a NaN or an infinity decodes to NaN (the dense weight gradient
+    would hold NaN / inf there too): never a finite value that hides it. fc2's input is
+    4 x 16 = 64 elements, one group of 64: every weight-gradient entry turns NaN."""
+    from .test_robustness import TwoLayer, _loss_without_row_1
+    from .test_robustness import _run as _run_r
+
+    torch.manual_seed(0)
+    model = TwoLayer()
+    x = torch.randn(4, 16)
+    x[1, 3] = special
+    cfg = RazorConfig(compiler="eager", targets=("linear",), quant_group_size=64)
+    with reference.apply(model, cfg):
+        ref = _run_r(model, model, x, loss=_loss_without_row_1)
+    with razorpass.record_compiles() as records:
+        got = _run_r(model, razorpass.compile(model, cfg), x, loss=_loss_without_row_1)
+    assert [type(c).__name__ for c in records[0].compressed] == ["QuantizedRoot"]
+    assert torch.isnan(got["fc2.weight"]).all() and torch.isnan(ref["fc2.weight"]).all()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], equal_nan=True, rtol=1e-5, atol=1e-6)
