@@ -143,3 +143,22 @@ def test_opcheck(shape, bits):
     codes, bounds = ops.quantize_group(x, 8, bits)
     torch.library.opcheck(torch.ops.razor.dequantize_group.default, (codes, bounds, list(shape), 8, bits,
                                                                      torch.bfloat16))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n", [1, 9, 4095, 4097, 10001])
+def test_native_uniform_kernel_bit_identical(n, bits):
+    """The native kernel of ``razor::quantize_uniform`` / ``dequantize_uniform`` (the
+    GELU derivative codes) against the PyTorch kernel, across its 4096-element chunks
+    and partial last bytes, with NaN and infinities."""
+    assert quantize_cpu.load() is not None
+    lo, hi = quantize.GELU_DERIVATIVE_RANGE["none"]
+    for dtype in DTYPES:
+        x = (_sample((n,), torch.float32, n + bits) * 0.6 + 0.3).to(dtype)
+        if n > 8:
+            x[3], x[5], x[7] = math.nan, math.inf, -math.inf
+        codes = quantize_cpu.cpu_quantize_uniform(x, bits, lo, hi)
+        assert torch.equal(codes, quantize.torch_quantize_uniform(x, bits, lo, hi))
+        for out_dtype in DTYPES:
+            assert torch.equal(quantize_cpu.cpu_dequantize_uniform(codes, [n], bits, lo, hi, out_dtype),
+                               quantize.torch_dequantize_uniform(codes, [n], bits, lo, hi, out_dtype))

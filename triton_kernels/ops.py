@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import quantize_cpu, topk_compress_cpu
-from .quantize import (check_args, check_group_args, check_group_shapes, group_quantized_shapes, quantized_numel, torch_dequantize_group,
+from .quantize import (check_args, check_uniform_codes, check_group_args, check_group_shapes, group_quantized_shapes, quantized_numel, torch_dequantize_group,
                        torch_dequantize_uniform, torch_quantize_group, torch_quantize_uniform)
 from .topk_compress import torch_compress, torch_decompress
 
@@ -169,6 +169,11 @@ def quantize_uniform(x: torch.Tensor, bits: int, lo: float, hi: float) -> torch.
     """Round every element of ``x`` to the nearest of ``2**bits`` uniform levels on
     ``[lo, hi]`` (half to even, clamped) and pack the codes, ``bits`` bits each, into
     ``ceil(numel * bits / 8)`` uint8 bytes (``quantize.py`` documents rule and layout)."""
+    if x.device.type == "cpu":
+        check_args("razor::quantize_uniform", bits, lo, hi)
+        out = quantize_cpu.cpu_quantize_uniform(x, bits, lo, hi)
+        if out is not None:
+            return out
     return torch_quantize_uniform(x, bits, lo, hi)
 
 
@@ -182,6 +187,11 @@ def _(x, bits, lo, hi):
 def dequantize_uniform(codes: torch.Tensor, shape: list[int], bits: int, lo: float, hi: float,
                        dtype: torch.dtype) -> torch.Tensor:
     """The tensor of ``shape`` / ``dtype`` (contiguous) whose levels ``codes`` store."""
+    if codes.device.type == "cpu":
+        check_uniform_codes("razor::dequantize_uniform", codes, shape, bits, lo, hi)
+        out = quantize_cpu.cpu_dequantize_uniform(codes, shape, bits, lo, hi, dtype)
+        if out is not None:
+            return out
     return torch_dequantize_uniform(codes, shape, bits, lo, hi, dtype)
 
 

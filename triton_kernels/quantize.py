@@ -39,7 +39,8 @@ GELU_DERIVATIVE_RANGE: dict[str, tuple[float, float]] = {
     "tanh": (-0.128994, 1.128994),
 }
 
-__all__ = ["GELU_DERIVATIVE_RANGE", "torch_quantize_uniform", "torch_dequantize_uniform", "quantized_numel", "QUANT_BITS", "check_args"]
+__all__ = ["GELU_DERIVATIVE_RANGE", "torch_quantize_uniform", "torch_dequantize_uniform", "quantized_numel", "QUANT_BITS", "check_args",
+           "check_uniform_codes"]
 
 QUANT_BITS = (2, 3, 4, 8)
 
@@ -57,6 +58,17 @@ def check_args(op: str, bits: int, lo: float, hi: float) -> None:
         raise ValueError(f"{op}: bits must be one of {QUANT_BITS}, got {bits!r}")
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"{op}: need finite lo < hi, got lo={lo!r}, hi={hi!r}")
+
+
+def check_uniform_codes(op: str, codes: torch.Tensor, shape, bits: int, lo: float, hi: float) -> None:
+    """Refuse codes that do not encode ``shape`` at ``bits`` (before any kernel reads them)."""
+    check_args(op, bits, lo, hi)
+    n = math.prod(shape)
+    if codes.dtype != torch.uint8 or codes.dim() != 1 or codes.numel() != quantized_numel(n, bits):
+        raise ValueError(
+            f"{op}: expects {quantized_numel(n, bits)} uint8 bytes for shape {list(shape)} at "
+            f"{bits} bits, got {codes.dtype} of shape {tuple(codes.shape)}"
+        )
 
 
 def _step(bits: int, lo: float, hi: float) -> float:
@@ -112,13 +124,8 @@ def torch_quantize_uniform(x: torch.Tensor, bits: int, lo: float, hi: float) -> 
 def torch_dequantize_uniform(codes: torch.Tensor, shape: list[int], bits: int, lo: float, hi: float,
                              dtype: torch.dtype) -> torch.Tensor:
     """The contiguous tensor of ``shape`` / ``dtype`` that ``codes`` encode."""
-    check_args("dequantize_uniform", bits, lo, hi)
+    check_uniform_codes("dequantize_uniform", codes, shape, bits, lo, hi)
     n = math.prod(shape)
-    if codes.dtype != torch.uint8 or codes.dim() != 1 or codes.numel() != quantized_numel(n, bits):
-        raise ValueError(
-            f"dequantize_uniform: expects {quantized_numel(n, bits)} uint8 bytes for shape {list(shape)} at "
-            f"{bits} bits, got {codes.dtype} of shape {tuple(codes.shape)}"
-        )
     step = _step(bits, lo, hi)
     out = torch.empty(n, dtype=dtype, device=codes.device)
     for e0 in range(0, n, _CHUNK_ELEMS):

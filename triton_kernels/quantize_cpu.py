@@ -1,8 +1,10 @@
-"""Per-group quantize / dequantize: the native CPU kernel (C++, parallel over groups).
+"""Uniform quantize / dequantize, per group and on one fixed range: the native CPU
+kernels (C++, parallel over groups / chunks).
 
 Built on first use like the top-k kernel (``topk_compress_cpu.build``) from
 ``csrc/quantize_group_cpu.cpp``; bit-identical to ``torch_quantize_group`` /
-``torch_dequantize_group`` in ``quantize.py``. ``load()`` returns None when it cannot
+``torch_dequantize_group`` and ``torch_quantize_uniform`` / ``torch_dequantize_uniform``
+in ``quantize.py``. ``load()`` returns None when it cannot
 be built: the caller then uses the PyTorch kernel.
 """
 
@@ -35,3 +37,15 @@ def cpu_dequantize_group(codes, bounds, shape, group_size: int, bits: int, dtype
     if dtype not in SUPPORTED or (ext := load()) is None:
         return None
     return ext.dequantize_group(codes, bounds, math.prod(shape), group_size, bits, dtype).view(shape)
+
+
+def cpu_quantize_uniform(x: torch.Tensor, bits: int, lo: float, hi: float):
+    if x.dtype not in SUPPORTED or (ext := load()) is None:
+        return None
+    return ext.quantize_uniform(x.detach(), bits, lo, hi)
+
+
+def cpu_dequantize_uniform(codes, shape, bits: int, lo: float, hi: float, dtype: torch.dtype):
+    if dtype not in SUPPORTED or (ext := load()) is None:
+        return None
+    return ext.dequantize_uniform(codes, math.prod(shape), bits, lo, hi, dtype).view(shape)

@@ -1,5 +1,8 @@
-// Per-group uniform quantization (razor::quantize_group / dequantize_group): the CPU
-// kernel.
+// Uniform quantization: the CPU kernels of razor::quantize_group / dequantize_group
+// (per-group bounds) and of razor::quantize_uniform / dequantize_uniform (one fixed
+// [lo, hi] for the whole tensor, the GELU derivative codes; same rounding as below with
+// float32(lo) and float32((hi - lo) / (2^bits - 1)), the values a float32 tensor op
+// with Python-float operands computes with, and one bit stream over all elements).
 //
 // Same rule and layout as the PyTorch kernel in quantize.py (whose comments define
 // them), bit-identical to it (tests compare them): per group of `group` elements of the
@@ -166,6 +169,53 @@ void dequantize_impl(const uint8_t* codes, const c10::BFloat16* bounds, int64_t 
   });
 }
 
+constexpr int64_t kUniformChunk = 4096;  // elements per parallel task, a multiple of 8
+
+template <typename T>
+void quantize_uniform_impl(const T* x, int64_t n, int64_t bits, float lo, float step, uint8_t* codes) {
+  const float top = static_cast<float>((1 << bits) - 1);
+  const int64_t total = (n * bits + 7) / 8;
+  const int64_t chunks = (n + kUniformChunk - 1) / kUniformChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<uint8_t> q(kUniformChunk), packed(kUniformChunk * bits / 8);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t e0 = c * kUniformChunk, m = std::min(kUniformChunk, n - e0);
+      for (int64_t i = 0; i < m; ++i) {
+        float t = (static_cast<float>(x[e0 + i]) - lo) / step;
+        t = t >= 0.0f ? t : 0.0f;  // NaN to 0
+        t = t < top ? t : top;
+        q[i] = static_cast<uint8_t>(round_even(t));
+      }
+      const int64_t count = (m + 7) / 8 * 8;
+      std::fill(q.begin() + m, q.begin() + count, uint8_t{0});
+      pack(q.data(), count, bits, packed.data());
+      const int64_t b0 = e0 * bits / 8;
+      std::memcpy(codes + b0, packed.data(), std::min(count * bits / 8, total - b0));
+    }
+  });
+}
+
+template <typename T>
+void dequantize_uniform_impl(const uint8_t* codes, int64_t n, int64_t bits, float lo, float step, T* out) {
+  const int64_t total = (n * bits + 7) / 8;
+  const int64_t chunks = (n + kUniformChunk - 1) / kUniformChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<uint8_t> q(kUniformChunk), packed(kUniformChunk * bits / 8, 0);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t e0 = c * kUniformChunk, m = std::min(kUniformChunk, n - e0);
+      const int64_t count = (m + 7) / 8 * 8, b0 = e0 * bits / 8;
+      const int64_t have = std::min(count * bits / 8, total - b0);
+      std::memcpy(packed.data(), codes + b0, have);
+      std::fill(packed.begin() + have, packed.begin() + count * bits / 8, uint8_t{0});
+      unpack(packed.data(), count, bits, q.data());
+      for (int64_t i = 0; i < m; ++i) {
+        const float prod = static_cast<float>(q[i]) * step;
+        out[e0 + i] = static_cast<T>(prod + lo);
+      }
+    }
+  });
+}
+
 std::vector<at::Tensor> quantize_group(const at::Tensor& x_in, int64_t group, int64_t bits) {
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
@@ -193,9 +243,35 @@ at::Tensor dequantize_group(const at::Tensor& codes_in, const at::Tensor& bounds
   return out;
 }
 
+at::Tensor quantize_uniform(const at::Tensor& x_in, int64_t bits, double lo, double hi) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.numel();
+  at::Tensor codes = at::empty({(n * bits + 7) / 8}, x.options().dtype(at::kByte));
+  if (n == 0) return codes;
+  const float step = static_cast<float>((hi - lo) / static_cast<double>((1 << bits) - 1));
+  RAZOR_FLOAT_TYPES(x.scalar_type(), [&] {
+    quantize_uniform_impl<T>(x.data_ptr<T>(), n, bits, static_cast<float>(lo), step, codes.data_ptr<uint8_t>());
+  });
+  return codes;
+}
+
+at::Tensor dequantize_uniform(const at::Tensor& codes_in, int64_t n, int64_t bits, double lo, double hi,
+                              at::ScalarType dtype) {
+  const at::Tensor codes = codes_in.contiguous();
+  at::Tensor out = at::empty({n}, codes.options().dtype(dtype));
+  if (n == 0) return out;
+  const float step = static_cast<float>((hi - lo) / static_cast<double>((1 << bits) - 1));
+  RAZOR_FLOAT_TYPES(dtype, [&] {
+    dequantize_uniform_impl<T>(codes.data_ptr<uint8_t>(), n, bits, static_cast<float>(lo), step, out.data_ptr<T>());
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_group", &quantize_group, "per-group quantize (CPU)");
   m.def("dequantize_group", &dequantize_group, "per-group dequantize (CPU)");
+  m.def("quantize_uniform", &quantize_uniform, "uniform quantize on one fixed range (CPU)");
+  m.def("dequantize_uniform", &dequantize_uniform, "uniform dequantize on one fixed range (CPU)");
 }
