@@ -60,8 +60,9 @@ def __getattr__(name: str) -> Any:  # lazy: keep `import razorpass` light
 @contextlib.contextmanager
 def record_compiles() -> Iterator[list]:
     """Collect one ``PartitionRecord`` per partitioned graph compiled inside the block
-    (``razorpass.passes.records``): what was compressed (``CompressedRoot``: root, op
-    classes, modules, group size, k) or packed (``PackedMask``), what stays saved
+    (``razorpass.passes.records``): what was encoded (``compressed``: ``QuantizedRoot``,
+    root, op classes, modules, group size, bits, or top-k ``CompressedRoot`` with k;
+    ``quantized``: GELU derivative codes) or packed (``PackedMask``), what stays saved
     (``SavedTensor``), which roots a retry left dense, and the fallback reason if a
     pass could not apply."""
     from .passes.pipeline import recording
