@@ -73,6 +73,20 @@ inline float round_even(float t) {
   return (t + kMagic) - kMagic;
 }
 
+// The level of v (clamped, NaN to 0) and the value of a level: the one rule both
+// layouts (per group, fixed range) encode and decode with.
+inline uint8_t level(float v, float lo, float step, float top) {
+  float t = (v - lo) / step;
+  t = t >= 0.0f ? t : 0.0f;  // NaN to 0
+  t = t < top ? t : top;     // clamping before rounding: the ends are integers
+  return static_cast<uint8_t>(round_even(t));
+}
+
+inline float level_value(uint8_t q, float step, float lo) {
+  const float prod = static_cast<float>(q) * step;  // a multiply, then an add: no FMA
+  return prod + lo;
+}
+
 // Pack `count` codes (a multiple of 8) of `bits` bits into count * bits / 8 bytes.
 inline void pack(const uint8_t* q, int64_t count, int64_t bits, uint8_t* out) {
   if (bits == 8) {
@@ -130,12 +144,7 @@ void quantize_impl(const T* x, int64_t n, int64_t group, int64_t bits, uint8_t* 
       if (step == 0.0f || step != step) {  // a constant group, or NaN bounds: code 0
         std::fill(q.begin(), q.end(), uint8_t{0});
       } else {
-        for (int64_t i = 0; i < m; ++i) {
-          float t = (static_cast<float>(xs[i]) - lo) / step;
-          t = t >= 0.0f ? t : 0.0f;  // NaN to 0
-          t = t < top ? t : top;     // clamping before rounding: the ends are integers
-          q[i] = static_cast<uint8_t>(round_even(t));
-        }
+        for (int64_t i = 0; i < m; ++i) q[i] = level(static_cast<float>(xs[i]), lo, step, top);
         std::fill(q.begin() + m, q.end(), uint8_t{0});  // padding
       }
       pack(q.data(), group, bits, codes + g * gbytes);
@@ -161,10 +170,7 @@ void dequantize_impl(const uint8_t* codes, const c10::BFloat16* bounds, int64_t 
         continue;
       }
       unpack(codes + g * gbytes, group, bits, q.data());
-      for (int64_t i = 0; i < m; ++i) {
-        const float prod = static_cast<float>(q[i]) * step;
-        o[i] = static_cast<T>(prod + lo);
-      }
+      for (int64_t i = 0; i < m; ++i) o[i] = static_cast<T>(level_value(q[i], step, lo));
     }
   });
 }
@@ -180,12 +186,7 @@ void quantize_uniform_impl(const T* x, int64_t n, int64_t bits, float lo, float 
     std::vector<uint8_t> q(kUniformChunk), packed(kUniformChunk * bits / 8);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t e0 = c * kUniformChunk, m = std::min(kUniformChunk, n - e0);
-      for (int64_t i = 0; i < m; ++i) {
-        float t = (static_cast<float>(x[e0 + i]) - lo) / step;
-        t = t >= 0.0f ? t : 0.0f;  // NaN to 0
-        t = t < top ? t : top;
-        q[i] = static_cast<uint8_t>(round_even(t));
-      }
+      for (int64_t i = 0; i < m; ++i) q[i] = level(static_cast<float>(x[e0 + i]), lo, step, top);
       const int64_t count = (m + 7) / 8 * 8;
       std::fill(q.begin() + m, q.begin() + count, uint8_t{0});
       pack(q.data(), count, bits, packed.data());
@@ -208,10 +209,7 @@ void dequantize_uniform_impl(const uint8_t* codes, int64_t n, int64_t bits, floa
       std::memcpy(packed.data(), codes + b0, have);
       std::fill(packed.begin() + have, packed.begin() + count * bits / 8, uint8_t{0});
       unpack(packed.data(), count, bits, q.data());
-      for (int64_t i = 0; i < m; ++i) {
-        const float prod = static_cast<float>(q[i]) * step;
-        out[e0 + i] = static_cast<T>(prod + lo);
-      }
+      for (int64_t i = 0; i < m; ++i) out[e0 + i] = static_cast<T>(level_value(q[i], step, lo));
     }
   });
 }
