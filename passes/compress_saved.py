@@ -279,8 +279,8 @@ def not_smaller(val: torch.Tensor, group: int, keep: int, config) -> bool:
 def not_smaller_quantized(val: torch.Tensor, group: int, bits: int) -> bool:
     """The size rule for a quantized copy (``bits`` per element of whole groups plus the
     bounds of each group)."""
-    (code_bytes,), (groups, two) = group_quantized_shapes(val.numel(), group, bits)
-    return statically_known_true(code_bytes + groups * two * 2 >= val.numel() * val.element_size())
+    (code_bytes,), (nbounds,) = group_quantized_shapes(val.numel(), group, bits)
+    return statically_known_true(code_bytes + nbounds * 2 >= val.numel() * val.element_size())
 
 
 def _topk_group(cfg, received: fx.Node):

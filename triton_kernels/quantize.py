@@ -158,7 +158,9 @@ def torch_dequantize_uniform(codes: torch.Tensor, shape: list[int], bits: int, l
 #
 # Layout: ``codes`` is the bit stream of ``quantize_uniform`` over ``groups * group_size``
 # codes (the padding's codes are 0), ``groups * group_size * bits / 8`` uint8 bytes;
-# ``bounds`` is a ``(groups, 2)`` bfloat16 tensor of ``[lo, hi]`` rows. ``group_size`` is
+# ``bounds`` is a flat bfloat16 tensor of ``2 * groups`` values, ``lo, hi`` of group 0,
+# then of group 1, ... (flat rather than ``(groups, 2)``: a dimension that may be 1 makes
+# the compiler specialize a dynamic batch on it). ``group_size`` is
 # a positive multiple of 8, so every group owns whole bytes. Static shapes: a function of
 # ``numel``, ``group_size`` and ``bits`` only.
 
@@ -179,20 +181,20 @@ def check_group_shapes(op: str, codes: torch.Tensor, bounds: torch.Tensor, shape
                        bits: int) -> None:
     """Refuse codes / bounds that do not encode ``shape`` (before any kernel reads them)."""
     check_group_args(op, group_size, bits)
-    (nbytes,), (groups, _) = group_quantized_shapes(math.prod(shape), group_size, bits)
+    (nbytes,), (nbounds,) = group_quantized_shapes(math.prod(shape), group_size, bits)
     if (codes.dtype != torch.uint8 or tuple(codes.shape) != (nbytes,) or bounds.dtype != torch.bfloat16
-            or tuple(bounds.shape) != (groups, 2)):
+            or tuple(bounds.shape) != (nbounds,)):
         raise ValueError(
-            f"{op}: expects {nbytes} uint8 code bytes and ({groups}, 2) bfloat16 bounds for shape "
+            f"{op}: expects {nbytes} uint8 code bytes and {nbounds} bfloat16 bounds for shape "
             f"{list(shape)}, group_size {group_size}, {bits} bits; got codes {codes.dtype} {tuple(codes.shape)}, "
             f"bounds {bounds.dtype} {tuple(bounds.shape)}"
         )
 
 
 def group_quantized_shapes(numel, group_size: int, bits: int):
-    """((code bytes,), (groups, 2)): the shapes of ``codes`` and ``bounds``; SymInt-safe."""
+    """((code bytes,), (2 * groups,)): the shapes of ``codes`` and ``bounds``; SymInt-safe."""
     groups = (numel + group_size - 1) // group_size
-    return (groups * (group_size * bits // 8),), (groups, 2)
+    return (groups * (group_size * bits // 8),), (2 * groups,)
 
 
 def _outward_bounds(g: torch.Tensor) -> torch.Tensor:
@@ -217,7 +219,8 @@ def torch_quantize_group(x: torch.Tensor, group_size: int, bits: int) -> tuple[t
     check_group_args("quantize_group", group_size, bits)
     flat = x.detach().reshape(-1)
     n = flat.numel()
-    (nbytes,), (groups, _) = group_quantized_shapes(n, group_size, bits)
+    (nbytes,), (nbounds,) = group_quantized_shapes(n, group_size, bits)
+    groups = nbounds // 2
     codes = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
     bounds = torch.empty(groups, 2, dtype=torch.bfloat16, device=x.device)
     per_chunk = max(1, _CHUNK_ELEMS // group_size)  # whole groups per chunk
@@ -236,7 +239,7 @@ def torch_quantize_group(x: torch.Tensor, group_size: int, bits: int) -> tuple[t
             q.view(-1)[q.numel() - pad:] = 0
         codes[g0 * gbytes: g1 * gbytes] = _pack(q.reshape(-1), bits)
         bounds[g0:g1] = bnd
-    return codes, bounds
+    return codes, bounds.view(-1)
 
 
 def torch_dequantize_group(codes: torch.Tensor, bounds: torch.Tensor, shape: list[int], group_size: int, bits: int,
@@ -244,14 +247,15 @@ def torch_dequantize_group(codes: torch.Tensor, bounds: torch.Tensor, shape: lis
     """The contiguous tensor of ``shape`` / ``dtype`` that ``(codes, bounds)`` encode."""
     check_group_shapes("dequantize_group", codes, bounds, shape, group_size, bits)
     n = math.prod(shape)
-    groups = group_quantized_shapes(n, group_size, bits)[1][0]
+    groups = group_quantized_shapes(n, group_size, bits)[1][0] // 2
+    rows = bounds.view(groups, 2)
     out = torch.empty(n, dtype=dtype, device=codes.device)
     per_chunk = max(1, _CHUNK_ELEMS // group_size)
     gbytes = group_size * bits // 8
     for g0 in range(0, groups, per_chunk):
         g1 = min(groups, g0 + per_chunk)
         q = _unpack(codes[g0 * gbytes: g1 * gbytes], bits).view(g1 - g0, group_size)
-        bnd = bounds[g0:g1]
+        bnd = rows[g0:g1]
         lo, step = _group_step(bnd, bits)
         vals = q.to(torch.float32) * step + lo
         finite = torch.isfinite(bnd.to(torch.float32)).all(dim=1, keepdim=True)

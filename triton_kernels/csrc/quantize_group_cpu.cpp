@@ -219,7 +219,7 @@ std::vector<at::Tensor> quantize_group(const at::Tensor& x_in, int64_t group, in
   const int64_t n = x.numel();
   const int64_t groups = (n + group - 1) / group;
   at::Tensor codes = at::empty({groups * (group * bits / 8)}, x.options().dtype(at::kByte));
-  at::Tensor bounds = at::empty({groups, 2}, x.options().dtype(at::kBFloat16));
+  at::Tensor bounds = at::empty({2 * groups}, x.options().dtype(at::kBFloat16));
   if (groups == 0) return {codes, bounds};
   RAZOR_FLOAT_TYPES(x.scalar_type(), [&] {
     quantize_impl<T>(x.data_ptr<T>(), n, group, bits, codes.data_ptr<uint8_t>(),
