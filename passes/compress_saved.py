@@ -11,6 +11,10 @@ analyse  Find each backward consumer that computes a weight gradient (an ``mm``/
          layer actually receives. Groups ("block" / "sample") are formed over the root.
          The size rule: a tensor whose compressed copy is not smaller than the dense
          tensor stays dense (``not_smaller``; the reference applies the same rule).
+share    Under a quantized encoding, a Linear / conv input computed pointwise from a
+         LayerNorm / BatchNorm root (x̂ · γ + β, a ReLU / ReLU6 clamp, a cast, reshapes)
+         becomes a use of that root: its weight gradient reads the pointwise chain
+         replayed on the decoded x̂, and one code serves both (``_merge_derived``).
 plan     One compressed copy per root (q, k and v projections reading the same input
          share it), one decompress right before the first consumer in backward.
 apply    Insert compress after the root in forward, decompress before the first
@@ -296,6 +300,99 @@ def _topk_group(cfg, received: fx.Node):
     return int(group)
 
 
+# Pointwise forward ops through which a layer input may be computed from a normalized
+# tensor another class already stores: the affine part of a LayerNorm / BatchNorm
+# (x̂ · γ + β), a ReLU / ReLU6 clamp, a dtype cast.
+DERIVING_OPS = frozenset({
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
+    aten.clamp_min.default, aten.clamp_max.default, aten.clamp.default, aten.relu.default, aten.hardtanh.default,
+    prims.convert_element_type.default,
+})
+NORM_CLASSES = frozenset({"layernorm", "batchnorm"})
+
+
+def _operand_key(a):
+    """An operand up to order-preserving reshapes that broadcast alike: (1, C, 1, 1) and
+    (C, 1, 1) views of one per-channel tensor are the same operand."""
+    if not isinstance(a, fx.Node):
+        return repr(a)
+    base = strip_views(a, ORDER_PRESERVING)[0]
+    shape = tuple(getattr(a.meta.get("val"), "shape", ()))
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return (id(base), repr(shape))
+
+
+def _value_key(n: fx.Node):
+    """Nodes with equal keys compute the same value (the BatchNorm backward recomputes
+    ``input - mean`` from the nodes the forward used, through other reshapes)."""
+    return (n.target, tuple(map(_operand_key, n.args)), repr(n.kwargs))
+
+
+def _numel(n) -> int | None:
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return v.numel() if isinstance(v, torch.Tensor) else None
+
+
+def _derived_from(root: fx.Node, norm_keys: dict, bwd: set[fx.Node]) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(stored normalized node, links) when the forward computes ``root`` from a tensor a
+    normalization class stores through ``DERIVING_OPS`` and reshapes alone, each reading that tensor
+    and nothing else as large (the other operands are per-channel or per-row: γ, β,
+    rstd). ``links`` runs from that node (exclusive) to ``root`` (inclusive)."""
+    links, n = [], root
+    while n not in bwd and n.op == "call_function":
+        hit = norm_keys.get(_value_key(n))
+        if hit is not None and links:
+            return n, links[::-1]
+        if n.target not in DERIVING_OPS and not _order_preserving(n):
+            return None
+        size = _numel(n)
+        big = [a for a in n.all_input_nodes if _numel(a) is None or not statically_known_true(_numel(a) < size)]
+        if len(big) != 1:
+            return None
+        links.append(n)
+        n = big[0]
+    return None
+
+
+def _merge_derived(cands: dict, cfg, bwd: set[fx.Node]) -> None:
+    """One stored tensor for a normalization and the layer that reads its output.
+
+    A Linear after a LayerNorm (or a convolution after BatchNorm + ReLU6) reads
+    y = f(x̂) with f pointwise and cheap; x̂ is stored quantized for the normalization's
+    own backward already. Storing a quantized y as well would keep two codes of one
+    value: instead the layer's weight gradient reads f(decoded x̂), replayed in
+    backward. Only under a quantized encoding (Back Razor's top-k rule is unchanged).
+    """
+    norm_keys = {}
+    for root, uses in cands.items():
+        if (any(c in NORM_CLASSES for _, _, c in uses)
+                and all(cfg.encoding_of(c) == "quant" for _, _, c in uses)
+                and not not_smaller_quantized(root.meta["val"], cfg.quant_group_size, cfg.quant_bits)):
+            norm_keys[_value_key(root)] = root
+    if not norm_keys:
+        return
+    for root in list(cands):
+        uses = cands.get(root)
+        if uses is None or any(c not in ("linear", "conv") or cfg.encoding_of(c) != "quant" for _, _, c in uses):
+            continue
+        found = _derived_from(root, norm_keys, bwd)
+        if found is None:
+            continue
+        node, links = found
+        stored = norm_keys[_value_key(node)]
+        if stored is not node:
+            # the normalization's root is a backward copy of ``node``: store the forward
+            # node itself (its uses are rerouted by argument index, so either serves)
+            cands[node] = cands.pop(stored)
+            norm_keys[_value_key(node)] = node
+        for sites, _, _ in uses:
+            for site in sites:
+                site.chain = links + site.chain
+        cands[node].extend(uses)
+        del cands[root]
+
+
 def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     """One plan per (root, group size): every targeted backward use of a saved activation."""
     cfg = ctx.config
@@ -369,6 +466,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                     skipped.append(f"{root.name}: recomputable from the inputs the caller holds")
                 continue
             cands.setdefault(root, []).append((sites, received, op_class))
+    _merge_derived(cands, cfg, bwd)
     plans: dict[tuple[fx.Node, int], Plan] = {}
     for root, uses in cands.items():
         # one encoding per root: a root some top-k class reads (the softmax output, also

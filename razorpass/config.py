@@ -37,15 +37,20 @@ TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", 
 # output and V of P·V, the LayerNorm inputs; convolution inputs for CNNs. Plus the
 # boolean masks, packed losslessly (free in accuracy). The "backrazor" policy's targets.
 BACKRAZOR_TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "sdpa", "mask")
-# The "accurate" policy (the default) covers the GELU too: its derivative, at 3 bits.
-DEFAULT_TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "gelu", "sdpa", "mask")
+# The "accurate" policy (the default) covers the GELU too (its derivative, at 3 bits)
+# and the BatchNorm input.
+DEFAULT_TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "gelu", "batchnorm", "sdpa",
+                                    "mask")
 # How a targeted class is stored:
 #   "backrazor": every class top-k sparsified (Back Razor's rule; the GELU input, when
 #                targeted, too): keep ceil((1 - sparsity) * group) values per group.
 #   "accurate":  the softmax output top-k sparsified as above (probabilities are sparse);
 #                linear / conv / matmul / layernorm / batchnorm tensors quantized per group
 #                of ``quant_group_size`` to ``quant_bits`` bits on the group's own range;
-#                the GELU as its 3-bit derivative (``gelu_encoding`` "deriv3").
+#                the GELU as its 3-bit derivative (``gelu_encoding`` "deriv3"). A Linear
+#                / conv input computed pointwise from a LayerNorm / BatchNorm output
+#                (x̂ · γ + β, then a ReLU / ReLU6 or a cast) stores no code of its own:
+#                its weight gradient reads that computation on the decoded x̂.
 POLICIES: tuple[str, ...] = ("accurate", "backrazor")
 TOPK_CLASSES: frozenset[str] = frozenset({"softmax"})  # top-k under "accurate"
 QUANT_BITS: tuple[int, ...] = (2, 3, 4, 8)
@@ -139,8 +144,8 @@ class RazorConfig:
     # is Back Razor's rule exactly (the behaviour of razorpass before the policy existed).
     policy: str = "accurate"
     # Bits per element and group size of the "accurate" policy's quantized classes.
-    quant_bits: int = 4
-    quant_group_size: int = 128
+    quant_bits: int = 3
+    quant_group_size: int = 256
 
     # ---- BSR (block selective reprogramming) ----
     # Indices of the blocks to train (negative indices count from the end); the final

@@ -153,8 +153,20 @@ def not_smaller_quantized(shape, dtype: torch.dtype, group: int, bits: int) -> b
     return n == 0 or rows * group * bits // 8 + rows * 4 >= n * torch.empty((), dtype=dtype).element_size()
 
 
+class _Derived:
+    """A layer input computed pointwise from a normalization's quantized x̂ (its affine
+    part, a ReLU / ReLU6, a cast): backward reads that computation on the decoded x̂,
+    ``value``, rather than a code of its own."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+
 def _encode(x: torch.Tensor, enc) -> torch.Tensor:
-    """``x`` as backward reads it: exact (None), top-k (a RazorConfig) or quantized."""
+    """``x`` as backward reads it: exact (None), top-k (a RazorConfig), quantized, or
+    derived from a normalization's quantized x̂."""
+    if isinstance(enc, _Derived):
+        return enc.value.to(x.dtype)
     if isinstance(enc, _Quantized):
         return quantize_group(x, enc.group, enc.bits)
     return sparsify(x, enc)
@@ -254,16 +266,28 @@ class _Conv(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None
 
 
+def _affine(xhat: torch.Tensor, weight, bias, shape) -> torch.Tensor:
+    """A normalization's output from its normalized input: x̂ · γ + β."""
+    out = xhat if weight is None else xhat * weight.view(shape)
+    return out if bias is None else out + bias.view(shape)
+
+
 class _LayerNorm(torch.autograd.Function):
     """Saves the sparsified normalized input x̂ = (x - mean) * rstd; mean/rstd stay exact."""
 
     @staticmethod
-    def forward(ctx, x, shape, weight, bias, eps, config):
+    def forward(ctx, x, shape, weight, bias, eps, config, sink=None):
         dims = tuple(range(x.dim() - len(shape), x.dim()))
+        if _autocast_dtype(x) is not None or (x.dtype in (torch.float16, torch.bfloat16)
+                                              and torch.is_autocast_enabled(x.device.type)):
+            x = x.float()  # autocast runs layer_norm in float32: x̂ is a float32 tensor
         mean = x.mean(dims, keepdim=True)
         rstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
         xhat = (x - mean) * rstd
-        ctx.save_for_backward(_encode(xhat, config), rstd, weight)
+        stored = _encode(xhat, config)
+        if sink is not None:  # the output as computed from the stored x̂
+            sink.append(_affine(stored, weight, bias, [1] * (x.dim() - len(shape)) + list(shape)))
+        ctx.save_for_backward(stored, rstd, weight)
         ctx.dims, ctx.has_bias = dims, bias is not None
         return F.layer_norm(x, shape, weight, bias, eps)
 
@@ -279,7 +303,7 @@ class _LayerNorm(torch.autograd.Function):
         gx = rstd / n * (n * gx_hat - gx_hat.sum(dims, keepdim=True) - xhat * (gx_hat * xhat).sum(dims, keepdim=True))
         gw = (grad * xhat).sum(batch) if weight is not None and ctx.needs_input_grad[2] else None
         gb = grad.sum(batch) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return gx, None, gw, gb, None, None
+        return gx, None, gw, gb, None, None, None
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -289,7 +313,7 @@ class _BatchNorm(torch.autograd.Function):
     F.batch_norm does), eval mode with the running ones."""
 
     @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps, config):
+    def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps, config, sink=None):
         axes = (0, *range(2, x.dim()))
         if training:
             mean = x.mean(axes)
@@ -297,7 +321,10 @@ class _BatchNorm(torch.autograd.Function):
         else:
             mean, invstd = running_mean, torch.rsqrt(running_var + eps)
         shape = [1, -1] + [1] * (x.dim() - 2)
-        ctx.save_for_backward(_encode(x - mean.view(shape), config), invstd, weight)
+        stored = _encode(x - mean.view(shape), config)
+        if sink is not None:  # the output as computed from the stored x - mean
+            sink.append(_affine(stored * invstd.view(shape), weight, bias, shape))
+        ctx.save_for_backward(stored, invstd, weight)
         ctx.axes, ctx.training, ctx.has_bias = axes, training, bias is not None
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
 
@@ -317,7 +344,7 @@ class _BatchNorm(torch.autograd.Function):
             gx = grad * scale
         gw = dot * invstd if weight is not None and ctx.needs_input_grad[3] else None
         gb = g_sum if ctx.has_bias and ctx.needs_input_grad[4] else None
-        return gx, None, None, gw, gb, None, None, None, None
+        return gx, None, None, gw, gb, None, None, None, None, None
 
 
 class _Gelu(torch.autograd.Function):
@@ -461,6 +488,36 @@ _HEAVY = frozenset({
 _SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
 _MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
 _ADDMM = (torch.addmm, torch.Tensor.addmm)
+# Pointwise functions through which a layer input stays derived from a normalization's
+# stored x̂ (as the compiled path replays them: compress_saved.DERIVING_OPS).
+_DERIVING = frozenset({
+    F.relu, F.relu6, F.hardtanh, torch.relu, torch.Tensor.relu, torch.clamp, torch.Tensor.clamp,
+    torch.clamp_min, torch.clamp_max, torch.Tensor.clamp_min, torch.Tensor.clamp_max, F.relu_, torch.relu_,
+    torch.Tensor.relu_, F.hardtanh_, torch.Tensor.clamp_, torch.Tensor.to, torch.Tensor.float, torch.Tensor.double,
+    torch.Tensor.half, torch.Tensor.bfloat16, torch.add, torch.sub, torch.mul, torch.div, torch.Tensor.add,
+    torch.Tensor.sub, torch.Tensor.mul, torch.Tensor.div, torch.Tensor.__add__, torch.Tensor.__radd__,
+    torch.Tensor.__sub__, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__truediv__,
+    # reshapes that keep the element order
+    torch.flatten, torch.Tensor.flatten, torch.reshape, torch.Tensor.reshape, torch.Tensor.view,
+    torch.Tensor.view_as, torch.Tensor.reshape_as, torch.unsqueeze, torch.Tensor.unsqueeze, torch.squeeze,
+    torch.Tensor.squeeze, torch.Tensor.contiguous, torch.clone, torch.Tensor.clone,
+})
+_DROPOUT = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
+
+
+def _is_identity_dropout(args, kwargs) -> bool:
+    """A dropout that drops nothing (p = 0, or not training): the compiled graph has no
+    dropout there at all."""
+    a = {"p": 0.5, "training": True, **dict(zip(("input", "p", "training"), args)), **kwargs}
+    return a["p"] == 0 or not a["training"]
+
+
+def _is_basic_index(args) -> bool:
+    """``x[...]`` with slices / ints only (no index tensor): a view; one that keeps every
+    element (``x[:, 0:]``) keeps their order and is derived like a reshape."""
+    return len(args) == 2 and not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(args[1]))
+
+
 _MM = (torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 
 
@@ -475,6 +532,9 @@ class _ReferenceMode(TorchFunctionMode):
         self.config, self.paths, self.inputs, self.state = config, paths, inputs, state
         self.derived: dict[int, torch.Tensor] = {}
         self.topk_stored: dict[int, torch.Tensor] = {}  # outputs a top-k class stores (softmax)
+        # outputs computed from a normalization's quantized x̂ -> (output, the same
+        # computation on the stored x̂): a layer reading one reads the second
+        self.from_norm: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _free(self, t: torch.Tensor) -> bool:
         """Held by the caller (a model input, parameter or buffer that needs no gradient)
@@ -535,8 +595,10 @@ class _ReferenceMode(TorchFunctionMode):
         if func is F.layer_norm and "layernorm" in targets:
             a = {"weight": None, "bias": None, "eps": 1e-5, **dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args)), **kwargs}
             if self._selected(a["input"], a["weight"], a["bias"]):
-                return _LayerNorm.apply(a["input"], tuple(a["normalized_shape"]), a["weight"], a["bias"], a["eps"],
-                                        self._cfg(a["input"], cls="layernorm", exact_if_free=False))
+                enc, sink = self._cfg(a["input"], cls="layernorm", exact_if_free=False), []
+                out = _LayerNorm.apply(a["input"], tuple(a["normalized_shape"]), a["weight"], a["bias"], a["eps"],
+                                       enc, sink if isinstance(enc, _Quantized) else None)
+                return self._track(out, sink)
         if func is F.batch_norm and "batchnorm" in targets:
             names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
             a = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5,
@@ -544,8 +606,11 @@ class _ReferenceMode(TorchFunctionMode):
             if a["training"] or a["running_mean"] is not None:  # eval mode needs running statistics
                 x = a["input"]
                 if self._selected(x, a["weight"], a["bias"]):
-                    return _BatchNorm.apply(x, a["running_mean"], a["running_var"], a["weight"], a["bias"],
-                                            a["training"], a["momentum"], a["eps"], self._cfg(x, cls="batchnorm"))
+                    enc, sink = self._cfg(x, cls="batchnorm"), []
+                    out = _BatchNorm.apply(x, a["running_mean"], a["running_var"], a["weight"], a["bias"],
+                                           a["training"], a["momentum"], a["eps"], enc,
+                                           sink if isinstance(enc, _Quantized) else None)
+                    return self._track(out, sink)
         if func is F.gelu and "gelu" in targets and self._selected(args[0]):
             approximate = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
             if self.config.gelu_mode != "topk":
@@ -568,7 +633,7 @@ class _ReferenceMode(TorchFunctionMode):
                 (x, w), bias, beta, alpha = args, None, 1, 1
             if (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and w.dim() == 2 and id(w) in self.state
                     and id(x) not in self.state and w.requires_grad and self._selected(w)):
-                return _WeightMatmul.apply(x, w, bias, beta, alpha, self._cfg(x, _op_dtype(x, w), cls="linear"))
+                return _WeightMatmul.apply(x, w, bias, beta, alpha, self._layer_cfg(x, _op_dtype(x, w), "linear"))
         if func in _MATMUL and "matmul" in targets and len(args) == 2 and self._selected(*args):
             a, b = args
             if not isinstance(a, torch.nn.Parameter) and not isinstance(b, torch.nn.Parameter):
@@ -581,7 +646,7 @@ class _ReferenceMode(TorchFunctionMode):
             x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             if self._selected(w) and w.requires_grad:
-                return _Linear.apply(x, w, b, self._cfg(x, _op_dtype(x, w), cls="linear"))
+                return _Linear.apply(x, w, b, self._layer_cfg(x, _op_dtype(x, w), "linear"))
         if func in (F.conv1d, F.conv2d, F.conv3d) and "conv" in self.config.target_classes:
             names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
             defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -589,8 +654,43 @@ class _ReferenceMode(TorchFunctionMode):
             if self._selected(a["weight"]) and a["weight"].requires_grad and not isinstance(a["padding"], str):
                 return _Conv.apply(a["input"], a["weight"], a["bias"], a["stride"], a["padding"],
                                    a["dilation"], a["groups"],
-                                   self._cfg(a["input"], _op_dtype(a["input"], a["weight"]), cls="conv"))
+                                   self._layer_cfg(a["input"], _op_dtype(a["input"], a["weight"]), "conv"))
+        if self.from_norm and (func in _DERIVING or (func in _DROPOUT and _is_identity_dropout(args, kwargs))
+                               or (func is torch.Tensor.__getitem__ and _is_basic_index(args))):
+            return self._derive(func, args, kwargs)
         return func(*args, **kwargs)
+
+    def _track(self, out: torch.Tensor, sink: list) -> torch.Tensor:
+        if sink:
+            self.from_norm[id(out)] = (out, sink[0].detach().to(out.dtype))
+        return out
+
+    def _stored(self, t):
+        hit = self.from_norm.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return hit[1] if hit is not None and hit[0] is t else None
+
+    def _derive(self, func, args, kwargs):
+        """A pointwise function of one tracked tensor (the others smaller, broadcast):
+        the result is tracked too, as the same function of the stored value."""
+        out = func(*args, **kwargs)
+        leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        tracked = [t for t in leaves if self._stored(t) is not None]
+        if (len(tracked) == 1 and isinstance(out, torch.Tensor) and out.numel() == tracked[0].numel()
+                and all(t is tracked[0] or t.numel() < out.numel() for t in leaves)):
+            src, stored = tracked[0], self._stored(tracked[0])
+            swap = lambda t: stored.clone() if t is src else t  # noqa: E731
+            with torch.no_grad():
+                value = func(*torch.utils._pytree.tree_map(swap, args), **torch.utils._pytree.tree_map(swap, kwargs))
+            self.from_norm[id(out)] = (out, value.detach())
+        return out
+
+    def _layer_cfg(self, x: torch.Tensor, dtype, cls: str):
+        """A linear / conv input's encoding: derived from a normalization's stored x̂
+        when it is computed from it pointwise, else its own (``_cfg``)."""
+        stored = self._stored(x)
+        if stored is not None and self.config.encoding_of(cls) == "quant" and not self._free(x):
+            return _Derived(stored)
+        return self._cfg(x, dtype, cls=cls)
 
 
 @contextlib.contextmanager

@@ -18,9 +18,10 @@ from razorpass import RazorConfig
 from razorpass.backend import RazorBackend, RazorFallbackWarning
 
 H, GLOBAL_B, WORLD = 32, 8, 2
-# granularity="sample": each sample is one group, so splitting the batch across
-# processes keeps exactly the elements one process over the global batch keeps
-CFG = RazorConfig(compiler="eager", granularity="sample", sparsity=0.5)
+# Each sample is one group (top-k: granularity="sample"; quantized: groups of H, one row
+# of an (B, H) activation), so splitting the batch across processes keeps exactly the
+# codes one process over the global batch keeps
+CFG = RazorConfig(compiler="eager", granularity="sample", sparsity=0.5, quant_group_size=H)
 
 
 class MLP(nn.Module):

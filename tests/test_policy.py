@@ -33,8 +33,8 @@ from .test_matrix import _run as _run_hf
 def test_default_is_the_accurate_policy():
     cfg = RazorConfig()
     assert (cfg.policy, cfg.quant_bits, cfg.quant_group_size, cfg.targets, cfg.gelu_encoding) == (
-        "accurate", 4, 128, None, None)
-    assert cfg.target_classes == DEFAULT_TARGETS and "gelu" in cfg.target_classes
+        "accurate", 3, 256, None, None)
+    assert cfg.target_classes == DEFAULT_TARGETS and {"gelu", "batchnorm"} <= set(cfg.target_classes)
     assert cfg.gelu_mode == "deriv3" and cfg.gelu_derivative_bits == 3
     assert {c: cfg.encoding_of(c) for c in ("linear", "conv", "matmul", "layernorm", "batchnorm", "softmax")} == {
         "linear": "quant", "conv": "quant", "matmul": "quant", "layernorm": "quant", "batchnorm": "quant",
@@ -117,11 +117,23 @@ def test_quant_bits_reach_kernels_and_reference(bits):
     _close(got, ref, dense, rtol=1e-9)
 
 
+def _random_norm_affine(model):
+    """γ, β of every LayerNorm / BatchNorm drawn at random: at γ = 1, β = 0 (a fresh
+    model) a code of a norm's output and the output computed from a code of x̂ agree,
+    and the test could not tell which one a layer after the norm reads."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.modules.batchnorm._BatchNorm)) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.5)
+
+
 @pytest.mark.parametrize("model_name", ["vit-eager", "bert-sdpa", "gpt2-eager", "lora-bert", "cnn"])
 def test_default_on_hugging_face_models_equals_the_reference(model_name):
     build, _, _ = MODELS[model_name]
     torch.manual_seed(0)
     model, inputs = build()
+    _random_norm_affine(model)
     model.train().double()
     inputs = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     cfg = RazorConfig(compiler="eager")
@@ -139,6 +151,7 @@ def test_default_under_bf16_autocast_matches_the_reference(model_name):
     build, _, _ = MODELS[model_name]
     torch.manual_seed(0)
     model, inputs = build()
+    _random_norm_affine(model)
     model.train()
     cfg = RazorConfig(compiler="eager")
     with reference.apply(model, cfg):
@@ -158,7 +171,7 @@ def test_default_under_bf16_autocast_matches_the_reference(model_name):
 
 
 def test_saved_bytes_are_codes_and_bounds():
-    """Each quantized root saves ceil(n / G) * G * bits / 8 code bytes and (groups, 2)
+    """Each quantized root saves ceil(n / G) * G * bits / 8 code bytes and 2 * groups
     bfloat16 bounds instead of itself; each softmax output its top-k; each GELU its
     3-bit derivative; nothing of activation size stays dense."""
     torch.manual_seed(0)
@@ -173,9 +186,10 @@ def test_saved_bytes_are_codes_and_bounds():
         kinds.add(type(c).__name__)
         if isinstance(c, QuantizedRoot):
             codes, bounds = (saved[o] for o in c.outputs)
-            groups = -(-n // 128)
-            assert (codes.shape, codes.dtype) == ((groups * 128 * 4 // 8,), torch.uint8)
-            assert (bounds.shape, bounds.dtype) == ((groups, 2), torch.bfloat16)
+            g, bits = RazorConfig().quant_group_size, RazorConfig().quant_bits
+            groups = -(-n // g)
+            assert (codes.shape, codes.dtype) == ((groups * g * bits // 8,), torch.uint8)
+            assert (bounds.shape, bounds.dtype) == ((2 * groups,), torch.bfloat16)
         else:
             assert isinstance(c, CompressedRoot) and "softmax" in c.op_classes
         assert c.root not in saved
@@ -216,3 +230,123 @@ def test_non_finite_activation_makes_its_group_nan_never_finite(special):
     assert torch.isnan(got["fc2.weight"]).all() and torch.isnan(ref["fc2.weight"]).all()
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- one code for a norm and its layer
+
+
+class _NormThenLayer(torch.nn.Module):
+    """LayerNorm -> Linear (a transformer block's qkv / fc1 input) or BatchNorm -> ReLU6
+    -> conv (a CNN block), optionally with a residual add in between (then the layer's
+    input is not a function of x̂ alone)."""
+
+    def __init__(self, kind: str, residual: bool = False, inplace: bool = False):
+        super().__init__()
+        self.kind, self.residual = kind, residual
+        if kind == "ln":
+            self.pre, self.norm, self.act = torch.nn.Linear(16, 256), torch.nn.LayerNorm(256), torch.nn.Identity()
+            self.layer = torch.nn.Linear(256, 8)
+        else:
+            self.pre, self.norm = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)
+            self.act, self.layer = torch.nn.ReLU6(inplace=inplace), torch.nn.Conv2d(8, 4, 3)
+        with torch.no_grad():  # γ = 1, β = 0 would hide a code of the output vs of x̂
+            self.norm.weight.normal_()
+            self.norm.bias.normal_()
+
+    def forward(self, x):
+        h = self.pre(x).to(x.dtype)  # under autocast: a float32 input to the norm, as a residual stream is
+        y = self.act(self.norm(h))
+        return self.layer(y + h if self.residual else y)
+
+
+def _norm_case(kind, dtype=torch.float64, **kw):
+    torch.manual_seed(0)
+    model = _NormThenLayer(kind, **kw).to(dtype)
+    x = torch.randn(4, 5, 16, dtype=dtype) if kind == "ln" else 3 * torch.randn(2, 3, 20, 20, dtype=dtype)
+    return model, (x,)
+
+
+def _grads_of(model, inputs, cfg, compiled: bool):
+    model.zero_grad()
+    if compiled:
+        with razorpass.record_compiles() as records:
+            razorpass.compile(model, cfg, fullgraph=True)(*inputs).square().sum().backward()
+    else:
+        records = None
+        with reference.apply(model, cfg):
+            model(*inputs).square().sum().backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters()}, records
+
+
+@pytest.mark.parametrize("kind,inplace", [("ln", False), ("bn", False), ("bn", True)],
+                         ids=["layernorm-linear", "batchnorm-relu6-conv", "inplace-relu6"])
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_a_layer_after_a_norm_reads_the_norms_code(kind, inplace, compiler):
+    """One quantized x̂ serves the normalization's backward and the next layer's weight
+    gradient (which reads γ·x̂+β, then ReLU6, on the decoded x̂): one code where there
+    were two, and gradients equal to the reference, which computes the same thing from
+    its own quantized x̂. Back Razor's rule keeps two top-k copies."""
+    model, inputs = _norm_case(kind, inplace=inplace)
+    cfg = RazorConfig(compiler=compiler)
+    ref, _ = _grads_of(model, inputs, cfg, compiled=False)
+    got, records = _grads_of(model, inputs, cfg, compiled=True)
+    (rec,) = records
+    assert rec.fallback is None and rec.excluded_roots == []
+    norm_class = "layernorm" if kind == "ln" else "batchnorm"
+    layer_class = "linear" if kind == "ln" else "conv"
+    shared = [c for c in rec.compressed if set(c.op_classes) == {norm_class, layer_class}]
+    assert len(shared) == 1 and isinstance(shared[0], QuantizedRoot)
+    assert not [c for c in rec.compressed if c.op_classes == (layer_class,) and c.shape == shared[0].shape]
+    # a code of the layer's input itself (what the pass stored before) gives another
+    # weight gradient: the test can tell the two apart
+    own = quantize_output_gradient(model, inputs, cfg)
+    top = ref["layer.weight"].abs().max().item()
+    assert (own - ref["layer.weight"]).abs().max().item() > 1e-4 * top
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
+    br_rec = _grads_of(model, inputs, RazorConfig(compiler=compiler, policy="backrazor",
+                                                  targets=BACKRAZOR_TARGETS + ("batchnorm",)), compiled=True)[1][0]
+    assert not [c for c in br_rec.compressed if len(set(c.op_classes) & {norm_class, layer_class}) == 2]
+
+
+def quantize_output_gradient(model, inputs, cfg):
+    """The layer's weight gradient from a code of its own input (no sharing)."""
+    with torch.no_grad():
+        h = model.pre(*inputs)
+        y = model.act(model.norm(h).clone())
+        yq = reference.quantize_group(y, cfg.quant_group_size, cfg.quant_bits)
+    y = y.detach().requires_grad_()
+    out = model.layer(y)
+    g = torch.autograd.grad(out.square().sum(), out)[0]
+    if model.kind == "ln":
+        return g.reshape(-1, g.shape[-1]).t() @ yq.reshape(-1, yq.shape[-1])
+    return torch.ops.aten.convolution_backward(g, yq, model.layer.weight, None, [1, 1], [0, 0], [1, 1], False,
+                                               [0, 0], 1, [False, True, False])[1]
+
+
+@pytest.mark.parametrize("kind", ["ln", "bn"])
+def test_a_residual_between_norm_and_layer_keeps_its_own_code(kind):
+    """y + h is not a function of x̂: the layer's input gets a code of its own, and the
+    gradients still equal the reference."""
+    model, inputs = _norm_case(kind, residual=True)
+    cfg = RazorConfig(compiler="eager")
+    ref, _ = _grads_of(model, inputs, cfg, compiled=False)
+    got, (rec,) = _grads_of(model, inputs, cfg, compiled=True)
+    assert not [c for c in rec.compressed if len(c.op_classes) > 1]
+    assert len([c for c in rec.compressed if isinstance(c, QuantizedRoot)]) == 2
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
+
+
+def test_shared_code_under_bf16_autocast_matches_the_reference():
+    """Under autocast the Linear reads a bfloat16 cast of the float32 LayerNorm output:
+    the cast is replayed on γ·x̂+β from the decoded float32 x̂."""
+    model, inputs = _norm_case("ln", dtype=torch.float32)
+    cfg = RazorConfig(compiler="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, _ = _grads_of(model, inputs, cfg, compiled=False)
+        got, (rec,) = _grads_of(model, inputs, cfg, compiled=True)
+    assert [set(c.op_classes) for c in rec.compressed if len(c.op_classes) > 1] == [{"layernorm", "linear"}]
+    for k in ref:
+        err = ((got[k].float() - ref[k].float()).norm() / ref[k].float().norm()).item()
+        assert err < 4e-3, f"{k}: relative error {err:.3g}"
