@@ -35,7 +35,7 @@ SCALES = ("tiny", "default", "full")
 # The default job (``make demo``): baseline, razorpass with the default targets (Back
 # Razor's coverage) and with every target class, each alone and with BSR, and the
 # strongest exact baseline.
-DEFAULT_METHODS = ("baseline", "razor", "razor-int3", "backrazor0.9", "bsr+razor", "checkpoint", "budget0.5")
+DEFAULT_METHODS = ("baseline", "razor", "razor-int4", "backrazor0.9", "bsr+razor", "checkpoint", "budget0.5")
 
 
 @dataclasses.dataclass(frozen=True)
