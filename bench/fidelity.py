@@ -31,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="what the gelu target saves: the top-k input (topk) or gelu'(x) at 2/3/4 bits "
                         "(default: the policy's)")
     p.add_argument("--policy", choices=("accurate", "backrazor"), default="accurate")
-    p.add_argument("--quant-bits", type=int, default=4, help="bits of the accurate policy's quantized classes")
+    p.add_argument("--quant-bits", type=int, help="bits of the accurate policy's quantized classes (default: razorpass's)")
+    p.add_argument("--quant-group-size", type=int, help="their group size (default: razorpass's)")
     p.add_argument("--batch-size", type=int, help="examples in the batch (default: the workload's batch size)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -45,7 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .workloads import load_workload
 
     options = {"sparsity": args.sparsity, "granularity": args.granularity, "gelu_encoding": args.gelu_encoding,
-               "policy": args.policy, "quant_bits": args.quant_bits}
+               "policy": args.policy}
+    for name in ("quant_bits", "quant_group_size"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if args.targets:
         options["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     razorpass.RazorConfig(**options)  # a bad option fails here, before the model loads
