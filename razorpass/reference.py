@@ -13,6 +13,10 @@ autocast copy of their input (what autograd keeps for the weight gradient; the s
 rule is judged on it) and compute backward in the autocast dtype. ``torch.addmm`` /
 ``mm`` / ``matmul`` with a trainable 2-D parameter as the right operand (GPT-2's Conv1D)
 follow the "linear" rule; ``softmax(x, dim, dtype=d)`` is ``softmax(x.to(d), dim)``.
+Under a quantized encoding, a Linear / conv input computed from a LayerNorm / BatchNorm
+output by pointwise functions (``_DERIVING``: the affine, ReLU / ReLU6 / clamp, casts,
+order-keeping reshapes, a dropout that drops nothing) reads those functions applied to
+the norm's own quantized x̂ instead of a code of its own, as the compiled path does.
 
     with razorpass.reference.apply(model, RazorConfig(sparsity=0.9)):
         model(x).sum().backward()
