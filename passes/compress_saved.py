@@ -334,16 +334,17 @@ def _numel(n) -> int | None:
     return v.numel() if isinstance(v, torch.Tensor) else None
 
 
-def _derived_from(root: fx.Node, norm_keys: dict, bwd: set[fx.Node]) -> tuple[fx.Node, list[fx.Node]] | None:
-    """(stored normalized node, links) when the forward computes ``root`` from a tensor a
-    normalization class stores through ``DERIVING_OPS`` and reshapes alone, each reading that tensor
-    and nothing else as large (the other operands are per-channel or per-row: γ, β,
-    rstd). ``links`` runs from that node (exclusive) to ``root`` (inclusive)."""
+def _derived_from(root: fx.Node, norm_keys: dict, bwd: set[fx.Node]) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
+    """(normalized node, its candidate root in ``norm_keys``, links) when the forward
+    computes ``root`` from a tensor a normalization class stores through ``DERIVING_OPS``
+    and reshapes alone, each reading that tensor and nothing else as large (the other
+    operands are per-channel or per-row: γ, β, rstd). ``links`` runs from that node
+    (exclusive) to ``root`` (inclusive)."""
     links, n = [], root
     while n not in bwd and n.op == "call_function":
         hit = norm_keys.get(_value_key(n))
         if hit is not None and links:
-            return n, links[::-1]
+            return n, hit, links[::-1]
         if n.target not in DERIVING_OPS and not _order_preserving(n):
             return None
         size = _numel(n)
@@ -379,8 +380,7 @@ def _merge_derived(cands: dict, cfg, bwd: set[fx.Node]) -> None:
         found = _derived_from(root, norm_keys, bwd)
         if found is None:
             continue
-        node, links = found
-        stored = norm_keys[_value_key(node)]
+        node, stored, links = found
         if stored is not node:
             # the normalization's root is a backward copy of ``node``: store the forward
             # node itself (its uses are rerouted by argument index, so either serves)

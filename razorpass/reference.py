@@ -282,8 +282,7 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shape, weight, bias, eps, config, sink=None):
         dims = tuple(range(x.dim() - len(shape), x.dim()))
-        if _autocast_dtype(x) is not None or (x.dtype in (torch.float16, torch.bfloat16)
-                                              and torch.is_autocast_enabled(x.device.type)):
+        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
             x = x.float()  # autocast runs layer_norm in float32: x̂ is a float32 tensor
         mean = x.mean(dims, keepdim=True)
         rstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
