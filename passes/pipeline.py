@@ -3,11 +3,13 @@ apply falls back.
 
     Dynamo graph --bsr_token_check--freeze_blocks--decompose_sdpa--> (AOTAutograd)
     joint graph  --canonicalize--compress_saved--encode_derivative--pack_masks--> rewritten joint
-                 --min-cut--> (fw, bw) --check_saved
+                 --min-cut--> (fw, bw) --check_saved--> (describe saved) --inline_codecs--> Inductor
 
 Every pass is a ``Pass(name, run)`` with ``run(gm, ctx) -> gm``: pre-autograd passes get
 a ``PreAutogradContext``, joint passes and the post-partition check a ``PassContext``
-(the check reads ``ctx.joint``, the rewritten joint graph). :func:`run_passes` runs a
+(the check reads ``ctx.joint``, the rewritten joint graph). The post-partition passes
+run on both graphs once the partition is final and described: they change how a
+graph computes its values, never which tensors cross to backward. :func:`run_passes` runs a
 list in order, each under Inductor's ``GraphTransformObserver`` (so graph-transform
 logging sees it by name) and counted in ``torch._dynamo.utils.counters["razorpass"]``.
 
@@ -34,11 +36,11 @@ from torch._dynamo.utils import counters
 from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from . import (bsr_token_check, canonicalize, check_saved, compress_saved, decompose_sdpa, encode_derivative,
-               freeze_blocks, pack_masks)
+               freeze_blocks, inline_codecs, pack_masks)
 from .common import PassContext, PreAutogradContext, module_path
 from .records import PartitionRecord, SavedTensor
 
-__all__ = ["Pass", "PRE_AUTOGRAD_PASSES", "JOINT_PASSES", "POST_PARTITION_CHECKS", "run_passes", "run_pre_autograd",
+__all__ = ["Pass", "PRE_AUTOGRAD_PASSES", "JOINT_PASSES", "POST_PARTITION_CHECKS", "POST_PARTITION_PASSES", "run_passes", "run_pre_autograd",
            "partition", "recording", "strict_mode", "describe_saved", "MAX_ATTEMPTS", "STRICT_ENV"]
 
 log = logging.getLogger("razorpass")
@@ -64,6 +66,8 @@ JOINT_PASSES: tuple[Pass, ...] = (
 )
 # Checks on the partitioned forward graph.
 POST_PARTITION_CHECKS: tuple[Pass, ...] = (Pass("check_saved", check_saved.run),)
+# Passes on the final forward and backward graphs, in order.
+POST_PARTITION_PASSES: tuple[Pass, ...] = (Pass("inline_codecs", inline_codecs.run),)
 
 # Partition attempts before giving up on compression for a graph.
 MAX_ATTEMPTS = 3
@@ -145,6 +149,18 @@ def describe_saved(fw: fx.GraphModule, ctx: PassContext) -> list[SavedTensor]:
     return entries
 
 
+def _post_partition(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """The post-partition passes; a failure leaves the graph as the partitioner made it
+    (these passes change speed, not values), or raises in strict mode."""
+    try:
+        return run_passes(POST_PARTITION_PASSES, _copy(gm), ctx)
+    except Exception as e:  # noqa: BLE001
+        if strict_mode(ctx.config):
+            raise
+        log.warning("razorpass: post-partition passes skipped (%s: %s)", type(e).__name__, e)
+        return gm
+
+
 def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_fn) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Run the joint passes on a copy of ``joint``, partition it and check the result."""
     record = PartitionRecord(config=ctx.config)
@@ -180,6 +196,9 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_f
     record.excluded_roots = list(ctx.excluded_roots)
     record.recomputed_in_backward, record.dense_kept = list(ctx.recomputed_in_backward), list(ctx.dense_kept)
     record.saved = describe_saved(fw, ctx)
+    if record.fallback is None:
+        fw, bw = (_post_partition(g, ctx) for g in (fw, bw))
+        record.inlined = ctx.inlined
     for rec in _recorders:
         rec.append(record)
     return fw, bw

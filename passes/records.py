@@ -94,6 +94,7 @@ class PartitionRecord:
     recomputed_in_backward: list[str] = field(default_factory=list)
     dense_kept: list[str] = field(default_factory=list)  # encoded roots an untargeted backward op still reads
     saved: list[SavedTensor] = field(default_factory=list)
+    inlined: int = 0  # pack / unpack ops handed to Inductor as plain ops (inline_codecs)
 
     @property
     def encoded(self) -> list[EncodedRoot]:

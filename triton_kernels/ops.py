@@ -19,7 +19,8 @@ from .quantize import (check_args, check_uniform_codes, check_group_args, check_
                        torch_dequantize_uniform, torch_quantize_group, torch_quantize_uniform)
 from .topk_compress import torch_compress, torch_decompress
 
-__all__ = ["compress", "decompress", "compressed_shapes", "pack_bits", "unpack_bits", "packed_numel", "rank_tokens",
+__all__ = ["compress", "decompress", "compressed_shapes", "pack_bits", "unpack_bits", "packed_numel", "fused_pack_bits",
+           "fused_unpack_bits", "rank_tokens",
            "RANK_TOKENS_OP", "VALUE_DTYPES", "value_dtype_of", "quantize_uniform", "dequantize_uniform", "quantized_numel",
            "quantize_group", "dequantize_group", "group_quantized_shapes"]
 
@@ -162,6 +163,31 @@ def unpack_bits(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
 @unpack_bits.register_fake
 def _(packed, shape):
     return packed.new_empty(shape, dtype=torch.bool)
+
+
+def fused_pack_bits(x: torch.Tensor) -> torch.Tensor:
+    """``razor::pack_bits`` as plain pointwise ops (no loop, no reduction): what a compiler
+    fuses into the kernel that computes the mask, so the boolean tensor is never written.
+    Bit-identical to the op (the same layout; integer ops only)."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    nbytes = packed_numel(n)
+    b = torch.constant_pad_nd(flat.to(torch.uint8), (0, nbytes * 8 - n)).view(nbytes, 8)
+    out = b[:, 0]
+    for j in range(1, 8):
+        out = out | (b[:, j] << j)
+    return out
+
+
+def fused_unpack_bits(packed: torch.Tensor, shape: list) -> torch.Tensor:
+    """``razor::unpack_bits`` as plain pointwise ops: fused into the kernel that reads the
+    mask. Bit-identical to the op."""
+    n = 1
+    for s in shape:
+        n *= s
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(1) >> shifts) & 1
+    return bits.view(-1)[:n].view(shape) != 0
 
 
 @torch.library.custom_op("razor::quantize_uniform", mutates_args=())
