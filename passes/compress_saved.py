@@ -308,6 +308,9 @@ DERIVING_OPS = frozenset({
     aten.clamp_min.default, aten.clamp_max.default, aten.clamp.default, aten.relu.default, aten.hardtanh.default,
     prims.convert_element_type.default,
 })
+# Ops that add constant elements around their one tensor input (a "same" padding before
+# a convolution): the result is derived too, though larger than the input.
+PADDING_OPS = frozenset({aten.constant_pad_nd.default})
 NORM_CLASSES = frozenset({"layernorm", "batchnorm"})
 
 
@@ -336,8 +339,8 @@ def _numel(n) -> int | None:
 
 def _derived_from(root: fx.Node, norm_keys: dict, bwd: set[fx.Node]) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
     """(normalized node, its candidate root in ``norm_keys``, links) when the forward
-    computes ``root`` from a tensor a normalization class stores through ``DERIVING_OPS``
-    and reshapes alone, each reading that tensor and nothing else as large (the other
+    computes ``root`` from a tensor a normalization class stores through ``DERIVING_OPS``,
+    constant padding and reshapes alone, each reading that tensor and nothing else as large (the other
     operands are per-channel or per-row: γ, β, rstd). ``links`` runs from that node
     (exclusive) to ``root`` (inclusive)."""
     links, n = [], root
@@ -345,10 +348,13 @@ def _derived_from(root: fx.Node, norm_keys: dict, bwd: set[fx.Node]) -> tuple[fx
         hit = norm_keys.get(_value_key(n))
         if hit is not None and links:
             return n, hit, links[::-1]
-        if n.target not in DERIVING_OPS and not _order_preserving(n):
+        if n.target in PADDING_OPS:
+            big = n.all_input_nodes
+        elif n.target in DERIVING_OPS or _order_preserving(n):
+            size = _numel(n)
+            big = [a for a in n.all_input_nodes if _numel(a) is None or not statically_known_true(_numel(a) < size)]
+        else:
             return None
-        size = _numel(n)
-        big = [a for a in n.all_input_nodes if _numel(a) is None or not statically_known_true(_numel(a) < size)]
         if len(big) != 1:
             return None
         links.append(n)

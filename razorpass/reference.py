@@ -15,7 +15,7 @@ rule is judged on it) and compute backward in the autocast dtype. ``torch.addmm`
 follow the "linear" rule; ``softmax(x, dim, dtype=d)`` is ``softmax(x.to(d), dim)``.
 Under a quantized encoding, a Linear / conv input computed from a LayerNorm / BatchNorm
 output by pointwise functions (``_DERIVING``: the affine, ReLU / ReLU6 / clamp, casts,
-order-keeping reshapes, a dropout that drops nothing) reads those functions applied to
+order-keeping reshapes, a dropout that drops nothing, a constant ``F.pad``) reads those functions applied to
 the norm's own quantized x̂ instead of a code of its own, as the compiled path does.
 
     with razorpass.reference.apply(model, RazorConfig(sparsity=0.9)):
@@ -521,6 +521,13 @@ def _is_basic_index(args) -> bool:
     return len(args) == 2 and not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(args[1]))
 
 
+def _is_constant_pad(args, kwargs) -> bool:
+    """``F.pad`` adding constants around its input (``nn.ZeroPad2d``, a "same" padding):
+    derived like a pointwise function (the compiled path replays ``constant_pad_nd``)."""
+    a = {"mode": "constant", **dict(zip(("input", "pad", "mode", "value"), args)), **kwargs}
+    return a["mode"] == "constant"
+
+
 _MM = (torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 
 
@@ -659,7 +666,8 @@ class _ReferenceMode(TorchFunctionMode):
                                    a["dilation"], a["groups"],
                                    self._layer_cfg(a["input"], _op_dtype(a["input"], a["weight"]), "conv"))
         if self.from_norm and (func in _DERIVING or (func in _DROPOUT and _is_identity_dropout(args, kwargs))
-                               or (func is torch.Tensor.__getitem__ and _is_basic_index(args))):
+                               or (func is torch.Tensor.__getitem__ and _is_basic_index(args))
+                               or (func is F.pad and _is_constant_pad(args, kwargs))):
             return self._derive(func, args, kwargs)
         return func(*args, **kwargs)
 
@@ -678,7 +686,8 @@ class _ReferenceMode(TorchFunctionMode):
         out = func(*args, **kwargs)
         leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         tracked = [t for t in leaves if self._stored(t) is not None]
-        if (len(tracked) == 1 and isinstance(out, torch.Tensor) and out.numel() == tracked[0].numel()
+        if (len(tracked) == 1 and isinstance(out, torch.Tensor)
+                and (out.numel() == tracked[0].numel() or func is F.pad)
                 and all(t is tracked[0] or t.numel() < out.numel() for t in leaves)):
             src, stored = tracked[0], self._stored(tracked[0])
             swap = lambda t: stored.clone() if t is src else t  # noqa: E731

@@ -237,8 +237,9 @@ def test_non_finite_activation_makes_its_group_nan_never_finite(special):
 
 class _NormThenLayer(torch.nn.Module):
     """LayerNorm -> Linear (a transformer block's qkv / fc1 input) or BatchNorm -> ReLU6
-    -> conv (a CNN block), optionally with a residual add in between (then the layer's
-    input is not a function of x̂ alone)."""
+    -> conv (a CNN block; ``bn-pad``: with a zero "same" padding before the conv, as
+    EfficientNet's depthwise convs have), optionally with a residual add in between
+    (then the layer's input is not a function of x̂ alone)."""
 
     def __init__(self, kind: str, residual: bool = False, inplace: bool = False):
         super().__init__()
@@ -249,6 +250,7 @@ class _NormThenLayer(torch.nn.Module):
         else:
             self.pre, self.norm = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)
             self.act, self.layer = torch.nn.ReLU6(inplace=inplace), torch.nn.Conv2d(8, 4, 3)
+        self.pad = torch.nn.ZeroPad2d((0, 1, 0, 1)) if kind == "bn-pad" else torch.nn.Identity()
         with torch.no_grad():  # γ = 1, β = 0 would hide a code of the output vs of x̂
             self.norm.weight.normal_()
             self.norm.bias.normal_()
@@ -256,7 +258,7 @@ class _NormThenLayer(torch.nn.Module):
     def forward(self, x):
         h = self.pre(x).to(x.dtype)  # under autocast: a float32 input to the norm, as a residual stream is
         y = self.act(self.norm(h))
-        return self.layer(y + h if self.residual else y)
+        return self.layer(self.pad(y + h if self.residual else y))
 
 
 def _norm_case(kind, dtype=torch.float64, **kw):
@@ -278,8 +280,8 @@ def _grads_of(model, inputs, cfg, compiled: bool):
     return {k: p.grad.clone() for k, p in model.named_parameters()}, records
 
 
-@pytest.mark.parametrize("kind,inplace", [("ln", False), ("bn", False), ("bn", True)],
-                         ids=["layernorm-linear", "batchnorm-relu6-conv", "inplace-relu6"])
+@pytest.mark.parametrize("kind,inplace", [("ln", False), ("bn", False), ("bn", True), ("bn-pad", False)],
+                         ids=["layernorm-linear", "batchnorm-relu6-conv", "inplace-relu6", "zero-pad"])
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
 def test_a_layer_after_a_norm_reads_the_norms_code(kind, inplace, compiler):
     """One quantized x̂ serves the normalization's backward and the next layer's weight
@@ -313,7 +315,7 @@ def quantize_output_gradient(model, inputs, cfg):
     """The layer's weight gradient from a code of its own input (no sharing)."""
     with torch.no_grad():
         h = model.pre(*inputs)
-        y = model.act(model.norm(h).clone())
+        y = model.pad(model.act(model.norm(h).clone()))
         yq = reference.quantize_group(y, cfg.quant_group_size, cfg.quant_bits)
     y = y.detach().requires_grad_()
     out = model.layer(y)
