@@ -184,6 +184,13 @@ def _join_group(rank, port):
     return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
 
 
+def _leave_group():
+    """Wait for every rank before tearing the group down: a rank that closes its gloo
+    connections while a peer still has a collective in flight makes the peer abort."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _assert_params_equal(params: list, model: nn.Module, msg: str) -> None:
     for p, q in zip(params, model.parameters()):
         torch.testing.assert_close(torch.tensor(p), q.detach(), rtol=1e-5, atol=1e-6, msg=msg)
@@ -208,7 +215,7 @@ def _ddp_worker(rank, port, queue):
         out[name] = ([len(r.compressed) for r in records], [r.fallback for r in records],
                      _plain(model.parameters()))
     queue.put((rank, out))
-    dist.destroy_process_group()
+    _leave_group()
 
 
 def test_ddp_compresses_and_matches_one_process_over_the_global_batch():
@@ -246,7 +253,7 @@ def _fsdp_worker(rank, port, queue):
         _sgd_step(model, xs, ys)
     full = _plain(p.full_tensor() for p in model.parameters())
     queue.put((rank, ([len(r.compressed) for r in records], full)))
-    dist.destroy_process_group()
+    _leave_group()
 
 
 def test_fsdp2_with_blocks_compiled_in_place_matches_one_process():
