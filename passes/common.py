@@ -128,12 +128,13 @@ class PassContext:
     quantized: list[Any] = field(default_factory=list)  # records.QuantizedDerivative (encode_derivative)
     quantize_skipped: list[str] = field(default_factory=list)  # encode_derivative: "node: why"
     inlined: int = 0  # inline_codecs: bit-packing ops handed to the compiler as plain ops
+    split_decodes: int = 0  # split_decodes: decodes added so none lives across a heavy op
 
     def reset(self) -> None:
         """Forget what an attempt recorded (not the excluded roots)."""
         self.compressed, self.packed, self.skipped, self.pack_skipped = [], [], [], []
         self.recomputed_in_backward, self.dense_kept, self.joint = [], [], None
-        self.quantized, self.quantize_skipped, self.inlined = [], [], 0
+        self.quantized, self.quantize_skipped, self.inlined, self.split_decodes = [], [], 0, 0
 
     def primals(self, gm: fx.GraphModule) -> list[fx.Node]:
         return primals(gm)

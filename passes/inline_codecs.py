@@ -41,7 +41,7 @@ def inline(graph: fx.Graph, node: fx.Node, fn: Callable, args: list) -> None:
     (tensors or symbolic ints) or plain ints; ``fn`` must return one tensor."""
     nodes = [a for a in args if isinstance(a, fx.Node)]
     vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
-    fake_mode = fake_mode_of_vals(vals)
+    fake_mode = _fake_mode_of(vals)
 
     def traced(*node_vals):
         it = iter(node_vals)
@@ -49,8 +49,9 @@ def inline(graph: fx.Graph, node: fx.Node, fn: Callable, args: list) -> None:
 
     from torch._inductor.decomposition import select_decomp_table
 
+    node_vals = [v for a, v in zip(args, vals) if isinstance(a, fx.Node)]
     with fake_mode:  # Inductor's decompositions: the ops its lowering expects
-        sub = make_fx(traced, select_decomp_table(), tracing_mode="real")(*[v for a, v in zip(args, vals) if isinstance(a, fx.Node)])
+        sub = make_fx(traced, select_decomp_table(), tracing_mode="real")(*node_vals)
     env: dict[fx.Node, fx.Node] = {}
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(nodes) or any(n.op == "get_attr" for n in sub.graph.nodes):
@@ -68,7 +69,7 @@ def inline(graph: fx.Graph, node: fx.Node, fn: Callable, args: list) -> None:
     graph.erase_node(node)
 
 
-def fake_mode_of_vals(vals: list):
+def _fake_mode_of(vals: list):
     for v in vals:
         if isinstance(v, torch._subclasses.fake_tensor.FakeTensor):
             return v.fake_mode

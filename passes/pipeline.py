@@ -3,7 +3,7 @@ apply falls back.
 
     Dynamo graph --bsr_token_check--freeze_blocks--decompose_sdpa--> (AOTAutograd)
     joint graph  --canonicalize--compress_saved--encode_derivative--pack_masks--> rewritten joint
-                 --min-cut--> (fw, bw) --check_saved--> (describe saved) --inline_codecs--> Inductor
+                 --min-cut--> (fw, bw) --check_saved--> (describe saved) --split_decodes--inline_codecs--> Inductor
 
 Every pass is a ``Pass(name, run)`` with ``run(gm, ctx) -> gm``: pre-autograd passes get
 a ``PreAutogradContext``, joint passes and the post-partition check a ``PassContext``
@@ -36,7 +36,7 @@ from torch._dynamo.utils import counters
 from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from . import (bsr_token_check, canonicalize, check_saved, compress_saved, decompose_sdpa, encode_derivative,
-               freeze_blocks, inline_codecs, pack_masks)
+               freeze_blocks, inline_codecs, pack_masks, split_decodes)
 from .common import PassContext, PreAutogradContext, module_path
 from .records import PartitionRecord, SavedTensor
 
@@ -67,7 +67,10 @@ JOINT_PASSES: tuple[Pass, ...] = (
 # Checks on the partitioned forward graph.
 POST_PARTITION_CHECKS: tuple[Pass, ...] = (Pass("check_saved", check_saved.run),)
 # Passes on the final forward and backward graphs, in order.
-POST_PARTITION_PASSES: tuple[Pass, ...] = (Pass("inline_codecs", inline_codecs.run),)
+POST_PARTITION_PASSES: tuple[Pass, ...] = (
+    Pass("split_decodes", split_decodes.run),  # no decoded tensor kept across a heavy op
+    Pass("inline_codecs", inline_codecs.run),  # Inductor: bit packing as plain ops
+)
 
 # Partition attempts before giving up on compression for a graph.
 MAX_ATTEMPTS = 3
@@ -198,7 +201,7 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_f
     record.saved = describe_saved(fw, ctx)
     if record.fallback is None:
         fw, bw = (_post_partition(g, ctx) for g in (fw, bw))
-        record.inlined = ctx.inlined
+        record.inlined, record.split_decodes = ctx.inlined, ctx.split_decodes
     for rec in _recorders:
         rec.append(record)
     return fw, bw

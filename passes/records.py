@@ -95,6 +95,7 @@ class PartitionRecord:
     dense_kept: list[str] = field(default_factory=list)  # encoded roots an untargeted backward op still reads
     saved: list[SavedTensor] = field(default_factory=list)
     inlined: int = 0  # pack / unpack ops handed to Inductor as plain ops (inline_codecs)
+    split_decodes: int = 0  # extra decodes so that no decoded tensor lives across a heavy op
 
     @property
     def encoded(self) -> list[EncodedRoot]:
