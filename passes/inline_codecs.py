@@ -36,12 +36,11 @@ __all__ = ["run", "inline"]
 log = logging.getLogger("razorpass")
 
 
-def inline(graph: fx.Graph, node: fx.Node, fn: Callable, args: list) -> None:
-    """Replace ``node`` by ``fn(*args)`` traced to aten ops. ``args`` are graph nodes
-    (tensors or symbolic ints) or plain ints; ``fn`` must return one tensor."""
+def inline(graph: fx.Graph, node: fx.Node, fn: Callable, args: list, fake_mode) -> None:
+    """Replace ``node`` by ``fn(*args)`` traced to aten ops under ``fake_mode`` (the
+    graph's). ``args`` are graph nodes (tensors or symbolic ints) or plain ints; ``fn``
+    must return one tensor."""
     nodes = [a for a in args if isinstance(a, fx.Node)]
-    vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
-    fake_mode = _fake_mode_of(vals)
 
     def traced(*node_vals):
         it = iter(node_vals)
@@ -49,9 +48,8 @@ def inline(graph: fx.Graph, node: fx.Node, fn: Callable, args: list) -> None:
 
     from torch._inductor.decomposition import select_decomp_table
 
-    node_vals = [v for a, v in zip(args, vals) if isinstance(a, fx.Node)]
     with fake_mode:  # Inductor's decompositions: the ops its lowering expects
-        sub = make_fx(traced, select_decomp_table(), tracing_mode="real")(*node_vals)
+        sub = make_fx(traced, select_decomp_table(), tracing_mode="real")(*[a.meta["val"] for a in nodes])
     env: dict[fx.Node, fx.Node] = {}
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(nodes) or any(n.op == "get_attr" for n in sub.graph.nodes):
@@ -69,25 +67,18 @@ def inline(graph: fx.Graph, node: fx.Node, fn: Callable, args: list) -> None:
     graph.erase_node(node)
 
 
-def _fake_mode_of(vals: list):
-    for v in vals:
-        if isinstance(v, torch._subclasses.fake_tensor.FakeTensor):
-            return v.fake_mode
-    raise RuntimeError("no fake tensor among the arguments")
-
-
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if ctx.config.compiler != "inductor":
         return gm
-    fake_mode_of(gm)  # bails out on a graph without fake metadata
+    fake_mode = fake_mode_of(gm)  # bails out on a graph without fake metadata
     done = 0
     for node in list(gm.graph.nodes):
         try:
             if node.target is torch.ops.razor.pack_bits.default:
-                inline(gm.graph, node, fused_pack_bits, [node.args[0]])
+                inline(gm.graph, node, fused_pack_bits, [node.args[0]], fake_mode)
             elif node.target is torch.ops.razor.unpack_bits.default:
                 packed, shape = node.args
-                inline(gm.graph, node, lambda p, *s: fused_unpack_bits(p, list(s)), [packed, *shape])
+                inline(gm.graph, node, lambda p, *s: fused_unpack_bits(p, list(s)), [packed, *shape], fake_mode)
             else:
                 continue
             done += 1
