@@ -129,6 +129,8 @@ class PassContext:
     quantize_skipped: list[str] = field(default_factory=list)  # encode_derivative: "node: why"
     inlined: int = 0  # inline_codecs: bit-packing ops handed to the compiler as plain ops
     split_decodes: int = 0  # split_decodes: decodes added so none lives across a heavy op
+    # memory_budget: root -> bits (0: dense), kept across attempts like excluded_roots
+    budget_bits: dict[str, int] = field(default_factory=dict)
 
     def reset(self) -> None:
         """Forget what an attempt recorded (not the excluded roots)."""

@@ -104,6 +104,7 @@ class Plan:
     group_size: int = 0
     keep: int = 0  # top-k: values kept per group
     bits: int = 0  # quantized: bits per element (0: top-k)
+    derived: list[fx.Node] = field(default_factory=list)  # layer inputs computed from the root, served by its code
 
 
 def _reaches_param_grad(gm: fx.GraphModule, ctx: PassContext, bwd: set[fx.Node]) -> set[fx.Node]:
@@ -362,7 +363,7 @@ def _derived_from(root: fx.Node, norm_keys: dict, bwd: set[fx.Node]) -> tuple[fx
     return None
 
 
-def _merge_derived(cands: dict, cfg, bwd: set[fx.Node]) -> None:
+def _merge_derived(cands: dict, cfg, bwd: set[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
     """One stored tensor for a normalization and the layer that reads its output.
 
     A Linear after a LayerNorm (or a convolution after BatchNorm + ReLU6) reads
@@ -370,15 +371,16 @@ def _merge_derived(cands: dict, cfg, bwd: set[fx.Node]) -> None:
     own backward already. Storing a quantized y as well would keep two codes of one
     value: instead the layer's weight gradient reads f(decoded x̂), replayed in
     backward. Only under a quantized encoding (Back Razor's top-k rule is unchanged).
+    Returns each normalization root's merged layer inputs (what it would cost dense).
     """
-    norm_keys = {}
+    norm_keys, merged = {}, {}
     for root, uses in cands.items():
         if (any(c in NORM_CLASSES for _, _, c in uses)
                 and all(cfg.encoding_of(c) == "quant" for _, _, c in uses)
                 and not not_smaller_quantized(root.meta["val"], cfg.quant_group_size, cfg.quant_bits)):
             norm_keys[_value_key(root)] = root
     if not norm_keys:
-        return
+        return merged
     for root in list(cands):
         uses = cands.get(root)
         if uses is None or any(c not in ("linear", "conv") or cfg.encoding_of(c) != "quant" for _, _, c in uses):
@@ -392,11 +394,15 @@ def _merge_derived(cands: dict, cfg, bwd: set[fx.Node]) -> None:
             # node itself (its uses are rerouted by argument index, so either serves)
             cands[node] = cands.pop(stored)
             norm_keys[_value_key(node)] = node
+            if stored in merged:
+                merged[node] = merged.pop(stored)
         for sites, _, _ in uses:
             for site in sites:
                 site.chain = links + site.chain
         cands[node].extend(uses)
+        merged.setdefault(node, []).append(root)
         del cands[root]
+    return merged
 
 
 def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
@@ -472,16 +478,19 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                     skipped.append(f"{root.name}: recomputable from the inputs the caller holds")
                 continue
             cands.setdefault(root, []).append((sites, received, op_class))
-    _merge_derived(cands, cfg, bwd)
+    merged = _merge_derived(cands, cfg, bwd)
     plans: dict[tuple[fx.Node, int], Plan] = {}
     for root, uses in cands.items():
         # one encoding per root: a root some top-k class reads (the softmax output, also
         # the P of P·V) is stored top-k for all its uses, otherwise quantized
         quant = all(cfg.encoding_of(c) == "quant" for _, _, c in uses)
         val = root.meta["val"]
+        if quant and ctx.budget_bits.get(root.name) == 0:
+            skipped.append(f"{root.name}: kept dense by memory_budget")
+            continue
         for sites, received, op_class in uses:
             if quant:
-                group, keep, bits = cfg.quant_group_size, 0, cfg.quant_bits
+                group, keep, bits = cfg.quant_group_size, 0, ctx.budget_bits.get(root.name, cfg.quant_bits)
             else:
                 group, bits = _topk_group(cfg, received), 0
                 if isinstance(group, str):
@@ -495,7 +504,8 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                     too_small.add(root)
                     skipped.append(f"{root.name}: compressed copy not smaller than the dense tensor")
                 continue
-            plan = plans.setdefault((root, group), Plan(root, group_size=group, keep=keep, bits=bits))
+            plan = plans.setdefault((root, group), Plan(root, group_size=group, keep=keep, bits=bits,
+                                                        derived=merged.get(root, [])))
             plan.sites.extend(sites)
     ctx.skipped = skipped
     return list(plans.values())
@@ -521,7 +531,11 @@ def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[Compr
             common = dict(**done.record_fields(), layer=layer_label(modules), modules=modules,
                           op_classes=tuple(sorted({s.op_class for s in plan.sites})), consumers=len(plan.sites),
                           group_size=group)
-            records.append(QuantizedRoot(**common, bits=bits) if bits else CompressedRoot(**common, keep=plan.keep))
+            if bits:
+                derived = sum(d.meta["val"].numel() * d.meta["val"].element_size() for d in plan.derived)
+                records.append(QuantizedRoot(**common, bits=bits, derived_bytes=derived))
+            else:
+                records.append(CompressedRoot(**common, keep=plan.keep))
     return records
 
 

@@ -4,6 +4,7 @@ apply falls back.
     Dynamo graph --bsr_token_check--freeze_blocks--decompose_sdpa--> (AOTAutograd)
     joint graph  --canonicalize--compress_saved--encode_derivative--pack_masks--> rewritten joint
                  --min-cut--> (fw, bw) --check_saved--> (describe saved) --split_decodes--inline_codecs--> Inductor
+                 (memory_budget: after the first check_saved, choose bits per root, back to the joint passes once)
 
 Every pass is a ``Pass(name, run)`` with ``run(gm, ctx) -> gm``: pre-autograd passes get
 a ``PreAutogradContext``, joint passes and the post-partition check a ``PassContext``
@@ -33,10 +34,11 @@ from typing import Any, NamedTuple
 
 import torch.fx as fx
 from torch._dynamo.utils import counters
+from torch._ops import OpOverload
 from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from . import (bsr_token_check, canonicalize, check_saved, compress_saved, decompose_sdpa, encode_derivative,
-               freeze_blocks, inline_codecs, pack_masks, split_decodes)
+               freeze_blocks, inline_codecs, memory_budget, pack_masks, split_decodes)
 from .common import PassContext, PreAutogradContext, module_path
 from .records import PartitionRecord, SavedTensor
 
@@ -74,6 +76,9 @@ POST_PARTITION_PASSES: tuple[Pass, ...] = (
 
 # Partition attempts before giving up on compression for a graph.
 MAX_ATTEMPTS = 3
+# memory_budget: plans per graph (the first from a partition at uniform bits, the next
+# correcting for bytes the partition saved beyond the plan).
+MAX_BUDGET_ROUNDS = 2
 
 STRICT_ENV = "RAZORPASS_STRICT"
 
@@ -128,6 +133,23 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
         return fx.GraphModule(gm, copy.deepcopy(gm.graph))
 
 
+def _view_of_input(n: fx.Node) -> bool:
+    """A graph input, or a view of one (an expanded buffer): held by the caller anyway."""
+    while n.op == "call_function" and isinstance(n.target, OpOverload) and n.args and isinstance(n.args[0], fx.Node):
+        ret = n.target._schema.returns
+        if not (ret and ret[0].alias_info is not None and not ret[0].alias_info.is_write):
+            return False
+        n = n.args[0]
+    return n.op == "placeholder"
+
+
+def _storage_bytes(val) -> Any:
+    try:
+        return val.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):  # no storage (a sparse or nested tensor)
+        return val.numel() * val.element_size()
+
+
 def describe_saved(fw: fx.GraphModule, ctx: PassContext) -> list[SavedTensor]:
     """One entry per tensor the forward graph saves, in order: shape, dtype, whether it
     is a graph input, and which layer / op class it belongs to (the first output of an
@@ -141,7 +163,8 @@ def describe_saved(fw: fx.GraphModule, ctx: PassContext) -> list[SavedTensor]:
         val = n.meta.get("val")
         if not hasattr(val, "shape"):
             continue
-        common = dict(name=n.name, shape=tuple(val.shape), dtype=val.dtype, input=n.op == "placeholder")
+        common = dict(name=n.name, shape=tuple(val.shape), dtype=val.dtype, input=_view_of_input(n),
+                      nbytes=_storage_bytes(val))
         if n.name in owners:
             r, first = owners[n.name]
             entries.append(SavedTensor(**common, layer=r.layer, op_class="+".join(r.op_classes),
@@ -171,26 +194,49 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_f
     try:
         # A root the partitioner still saves dense (it chose to recompute something
         # from it) is left uncompressed and the rest retried, a bounded number of times.
-        for attempt in range(MAX_ATTEMPTS):
+        # Under memory_budget, the first partition (uniform bits) sizes the graph, the
+        # choices are made, and the graph is partitioned again with them.
+        attempt, budget_rounds = 0, 0
+        while True:
             ctx.reset()
             gm = run_passes(JOINT_PASSES, _copy(joint), ctx)
             ctx.joint = _copy(gm)
             fw, bw = partition_fn(gm, joint_inputs, **kwargs)
             try:
                 run_passes(POST_PARTITION_CHECKS, fw, ctx)
-                break
             except check_saved.DenseSaved as e:
-                if attempt == MAX_ATTEMPTS - 1:
+                attempt += 1
+                if attempt == MAX_ATTEMPTS:
                     raise
                 log.info("razorpass: leaving %s uncompressed (the partitioner saves it dense)", e.roots)
                 ctx.excluded_roots.extend(e.roots)
+                continue
+            if ctx.config.memory_budget is None or budget_rounds == MAX_BUDGET_ROUNDS:
+                break
+            saved = describe_saved(fw, ctx)
+            if record.budget is None:  # the first partition, at uniform bits, sizes the graph
+                before, unplanned = {}, 0
+            else:  # the partition saved more than planned (its own choices moved): plan for that
+                before, unplanned = dict(ctx.budget_bits), memory_budget.saved_bytes(saved) - record.budget.planned_bytes
+                if memory_budget.saved_bytes(saved) <= record.budget.target_bytes or unplanned <= 0:
+                    break
+                saved, unplanned = first_saved, record.budget.unplanned + unplanned
+            with GraphTransformObserver(gm, "memory_budget", subsystem="razorpass"):
+                record.budget = memory_budget.plan(saved, first_compressed, ctx, unplanned) if before else \
+                    memory_budget.plan(saved, list(ctx.compressed), ctx)
+            counters["razorpass"]["memory_budget"] += 1
+            budget_rounds += 1
+            if not before:
+                first_saved, first_compressed = saved, list(ctx.compressed)
+            if ctx.budget_bits == (before or {c.root: ctx.config.quant_bits for c in record.budget.choices}):
+                break  # the partition in hand is already the budget's
     except Exception as e:  # noqa: BLE001 - any failure of ours falls back, loudly
         if strict_mode(ctx.config):
             raise
         reason = f"{type(e).__name__}: {e}"
         log.warning("razorpass: compiling this graph without compression (%s)", reason)
         counters["razorpass"]["fallback"] += 1
-        record.fallback = reason
+        record.fallback, record.budget = reason, None
         ctx.reset()
         fw, bw = partition_fn(joint, joint_inputs, **kwargs)
     record.compressed, record.packed, record.quantized = list(ctx.compressed), list(ctx.packed), list(ctx.quantized)
@@ -199,6 +245,11 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_f
     record.excluded_roots = list(ctx.excluded_roots)
     record.recomputed_in_backward, record.dense_kept = list(ctx.recomputed_in_backward), list(ctx.dense_kept)
     record.saved = describe_saved(fw, ctx)
+    if record.budget is not None:
+        record.budget.saved_bytes = memory_budget.saved_bytes(record.saved)
+        if not record.budget.met:
+            log.warning("razorpass: memory_budget %.3g not met: the graph saves %d bytes, target %d",
+                        record.budget.budget, record.budget.saved_bytes, record.budget.target_bytes)
     if record.fallback is None:
         fw, bw = (_post_partition(g, ctx) for g in (fw, bw))
         record.inlined, record.split_decodes = ctx.inlined, ctx.split_decodes

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["EncodedRoot", "CompressedRoot", "QuantizedRoot", "PackedMask", "QuantizedDerivative", "SavedTensor", "PartitionRecord"]
+__all__ = ["EncodedRoot", "CompressedRoot", "QuantizedRoot", "PackedMask", "QuantizedDerivative", "SavedTensor",
+           "BudgetChoice", "BudgetRecord", "PartitionRecord"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class QuantizedRoot(EncodedRoot):
 
     group_size: int = 0
     bits: int = 0
+    # dense bytes of the layer inputs computed pointwise from the root that its code
+    # serves too (a norm's output read by the next Linear): saved as well if it is dense
+    derived_bytes: Any = 0
 
 
 @dataclass(frozen=True)
@@ -72,10 +76,71 @@ class SavedTensor:
     name: str
     shape: tuple
     dtype: torch.dtype
-    input: bool  # a graph input (held by the caller anyway)
+    input: bool  # a graph input or a view of one (held by the caller anyway)
     layer: str
     op_class: str  # "dense", or the classes of the encoded root it belongs to ("linear+matmul", "mask")
     dense_bytes: Any  # the dense size this entry stands for (0 for a compressed root's values)
+    nbytes: Any = 0  # bytes of its storage (what holding it costs: less than its size when expanded)
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    """How ``memory_budget`` stores one quantizable root: ``bits`` per element (0: kept
+    dense), taking ``nbytes``; ``error`` is the allocator's proxy for the gradient error
+    it costs (uses x relative quantization noise, 0 dense); ``options`` every
+    (bits, bytes, error) it was chosen from."""
+
+    root: str
+    layer: str
+    modules: tuple[str, ...]  # module path of each backward use
+    numel: int
+    dense_bytes: int
+    bits: int
+    nbytes: int
+    error: float
+    options: tuple[tuple[int, int, float], ...]
+
+
+@dataclass
+class BudgetRecord:
+    """What ``memory_budget`` chose for one graph, and why.
+
+    The graph's saved tensors take ``dense_bytes`` dense (graph inputs excluded); the
+    budget allows ``target_bytes`` = budget x that. ``fixed_bytes`` are saved bytes the
+    allocator does not choose (top-k softmax codes, packed masks, GELU derivative codes,
+    statistics and tensors no class covers); the quantizable roots share the rest. Each
+    choice minimises ``error + price * bytes`` over its options at the smallest ``price``
+    whose choices fit (so no allocation of no more bytes has a smaller total error);
+    ``saved_bytes`` is what the final partition saves."""
+
+    budget: float
+    dense_bytes: int
+    fixed_bytes: int
+    target_bytes: int
+    planned_bytes: int
+    price: float
+    choices: tuple[BudgetChoice, ...]
+    saved_bytes: int = 0
+    unplanned: int = 0  # of fixed_bytes: what an earlier plan's partition saved beyond it
+
+    @property
+    def met(self) -> bool:
+        return self.saved_bytes <= self.target_bytes
+
+    @property
+    def error(self) -> float:
+        return sum(c.error for c in self.choices)
+
+    def reference_choices(self) -> dict[tuple[str, int], int]:
+        """(module path, numel) -> bits (0: dense) of every use: what
+        ``razorpass.reference.apply(..., choices=...)`` needs to follow this graph."""
+        out: dict[tuple[str, int], int] = {}
+        for c in self.choices:
+            for m in c.modules:
+                if out.setdefault((m, c.numel), c.bits) != c.bits:
+                    raise ValueError(f"memory_budget chose different bits for two tensors of {c.numel} elements "
+                                     f"used by {m!r}: the reference cannot tell them apart")
+        return out
 
 
 @dataclass
@@ -96,6 +161,7 @@ class PartitionRecord:
     saved: list[SavedTensor] = field(default_factory=list)
     inlined: int = 0  # pack / unpack ops handed to Inductor as plain ops (inline_codecs)
     split_decodes: int = 0  # extra decodes so that no decoded tensor lives across a heavy op
+    budget: BudgetRecord | None = None  # memory_budget's choices, when one is set
 
     @property
     def encoded(self) -> list[EncodedRoot]:

@@ -146,6 +146,12 @@ class RazorConfig:
     # Bits per element and group size of the "accurate" policy's quantized classes.
     quant_bits: int = 3
     quant_group_size: int = 256
+    # Fraction of the dense saved-for-backward bytes each compiled graph may keep, in
+    # (0, 1]; None: no budget (every quantized class at ``quant_bits``). With a budget,
+    # each quantized tensor gets its own bits (2, 3, 4, 8) or stays dense, chosen for
+    # the least gradient error by a static proxy (``passes/memory_budget.py``); needs
+    # the "accurate" policy. The choices are in ``record_compiles()`` (``.budget``).
+    memory_budget: float | None = None
 
     # ---- BSR (block selective reprogramming) ----
     # Indices of the blocks to train (negative indices count from the end); the final
@@ -193,6 +199,14 @@ class RazorConfig:
         g = self.quant_group_size
         if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 8:
             raise ValueError(f"RazorConfig.quant_group_size must be a positive multiple of 8, got {g!r}")
+        m = self.memory_budget
+        if m is not None:
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or not 0.0 < m <= 1.0:
+                raise ValueError(f"RazorConfig.memory_budget must be a fraction in (0, 1] or None, got {m!r}")
+            if self.policy != "accurate":
+                raise ValueError(f"RazorConfig.memory_budget needs policy='accurate' (it chooses bits per quantized "
+                                 f"tensor); policy={self.policy!r} quantizes nothing")
+            object.__setattr__(self, "memory_budget", float(m))
         if self.targets is not None:
             object.__setattr__(self, "targets", _as_targets(self.targets))
         object.__setattr__(self, "include", _as_patterns("include", self.include))

@@ -537,9 +537,11 @@ def _op_dtype(*operands) -> torch.dtype | None:
 
 
 class _ReferenceMode(TorchFunctionMode):
-    def __init__(self, config: RazorConfig, paths: list[str], inputs: set[int], state: set[int]):
+    def __init__(self, config: RazorConfig, paths: list[str], inputs: set[int], state: set[int],
+                 choices: dict[tuple[str, int], int] | None = None):
         super().__init__()
         self.config, self.paths, self.inputs, self.state = config, paths, inputs, state
+        self.choices = choices  # memory_budget's (module path, numel) -> bits, 0 dense
         self.derived: dict[int, torch.Tensor] = {}
         self.topk_stored: dict[int, torch.Tensor] = {}  # outputs a top-k class stores (softmax)
         # outputs computed from a normalization's quantized x̂ -> (output, the same
@@ -566,7 +568,12 @@ class _ReferenceMode(TorchFunctionMode):
             return None
         cfg, dt = self.config, dtype or x.dtype
         if cfg.encoding_of(cls) == "quant" and not (dt == x.dtype and self.topk_stored.get(id(x)) is x):
-            q = _Quantized(cfg.quant_group_size, cfg.quant_bits)
+            bits = cfg.quant_bits
+            if self.choices is not None:  # a tensor memory_budget did not choose bits for stays exact
+                bits = self.choices.get((self.paths[-1] if self.paths else "", x.numel()), 0)
+                if not bits:
+                    return None
+            q = _Quantized(cfg.quant_group_size, bits)
             return None if not_smaller_quantized(tuple(x.shape), dt, q.group, q.bits) else q
         return None if not_smaller(tuple(x.shape), dt, cfg) else cfg
 
@@ -706,9 +713,18 @@ class _ReferenceMode(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def apply(model: torch.nn.Module, config: RazorConfig | None = None, **options) -> Iterator[None]:
-    """Run ``model`` eagerly with the reference rule while the block is active."""
+def apply(model: torch.nn.Module, config: RazorConfig | None = None, *,
+          choices: dict[tuple[str, int], int] | None = None, **options) -> Iterator[None]:
+    """Run ``model`` eagerly with the reference rule while the block is active.
+
+    ``memory_budget`` chooses bits per tensor from the whole graph's saved bytes, known
+    only once it is partitioned: pass the compile's choices as ``choices`` ((module
+    path, numel) -> bits, 0 for dense; ``BudgetRecord.reference_choices()``). Quantized
+    tensors then take those bits, and one with no entry stays exact."""
     config = RazorConfig.from_options(config, **options)
+    if config.memory_budget is not None and choices is None:
+        raise ValueError("reference.apply with memory_budget needs choices=: the bits come from the compiled graph "
+                         "(record_compiles()[i].budget.reference_choices())")
     paths: list[str] = []
     inputs: set[int] = set()
     handles = []
@@ -731,7 +747,7 @@ def apply(model: torch.nn.Module, config: RazorConfig | None = None, **options) 
         handles.append(mod.register_forward_hook(leave))
     state = {id(t) for t in [*model.parameters(), *model.buffers()]}
     try:
-        with _ReferenceMode(config, paths, inputs, state):
+        with _ReferenceMode(config, paths, inputs, state, choices):
             yield
     finally:
         for h in handles:

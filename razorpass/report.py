@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from .config import RazorConfig
-from .passes.records import PartitionRecord
+from .passes.records import BudgetRecord, PartitionRecord
 
 __all__ = ["MemoryReport", "LayerRow", "memory_report", "measure_saved"]
 
@@ -41,6 +41,7 @@ class MemoryReport:
     baseline_rows: list[LayerRow]
     config: RazorConfig
     fallbacks: list[str]
+    budgets: list[BudgetRecord] = dataclasses.field(default_factory=list)  # memory_budget's choices, per graph
 
     @property
     def ratio(self) -> float:
@@ -64,6 +65,13 @@ class MemoryReport:
             f"{'total (measured)':<48} {'':<10} {self.baseline_bytes / div / 2**20:>16.3f} {self.saved_bytes / div / 2**20:>16.3f}"
             f"   ({self.ratio:.2f}x less)"
         )
+        for i, b in enumerate(self.budgets):
+            lines.append(f"memory_budget {b.budget:g}, graph {i}: target {b.target_bytes / div / 2**20:.3f}, "
+                         f"fixed {b.fixed_bytes / div / 2**20:.3f}, saved {b.saved_bytes / div / 2**20:.3f} {unit} "
+                         f"({'met' if b.met else 'NOT met'}); each root: least error + price x bytes at price {b.price:.3g}")
+            for c in b.choices:
+                how = "dense" if c.bits == 0 else f"{c.bits} bits"
+                lines.append(f"  {c.layer[:60]:<60} {how:>8} {c.nbytes / div / 2**20:>10.3f}  error {c.error:.2e}")
         return "\n".join(lines)
 
     def backrazor_analytic(self) -> dict[str, float]:
@@ -222,4 +230,5 @@ def memory_report(model: torch.nn.Module, example_inputs, config: RazorConfig | 
         baseline_rows=_rows(base_records, base_saved),
         config=cfg,
         fallbacks=fallbacks,
+        budgets=[r.budget for r in records if r.budget is not None],
     )
