@@ -3,6 +3,7 @@
     .venv/bin/python -m razorpass.bench.fidelity                        # tweets (MiniLM), batch 32, ~1 min
     .venv/bin/python -m razorpass.bench.fidelity --workload fashion --targets all --sparsity 0.97
     .venv/bin/python -m razorpass.bench.fidelity --targets gelu --gelu-encoding deriv3
+    .venv/bin/python -m razorpass.bench.fidelity --memory-budget 0.088   # bits chosen per tensor
 
 One training batch of the workload (its first ``--batch-size`` examples, the model in
 training mode, cross-entropy on the labels) and :func:`razorpass.gradient_fidelity`:
@@ -33,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--policy", choices=("accurate", "backrazor"), default="accurate")
     p.add_argument("--quant-bits", type=int, help="bits of the accurate policy's quantized classes (default: razorpass's)")
     p.add_argument("--quant-group-size", type=int, help="their group size (default: razorpass's)")
+    p.add_argument("--memory-budget", type=float,
+                   help="memory_budget: the bits per tensor a compile of one step chooses (default: none)")
     p.add_argument("--batch-size", type=int, help="examples in the batch (default: the workload's batch size)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -47,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     options = {"sparsity": args.sparsity, "granularity": args.granularity, "gelu_encoding": args.gelu_encoding,
                "policy": args.policy}
-    for name in ("quant_bits", "quant_group_size"):
+    for name in ("quant_bits", "quant_group_size", "memory_budget"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.targets:

@@ -26,7 +26,7 @@ import torch
 
 from .config import RazorConfig
 
-__all__ = ["FidelityRow", "FidelityReport", "gradient_fidelity"]
+__all__ = ["FidelityRow", "FidelityReport", "gradient_fidelity", "budget_choices"]
 
 _LOSSLESS = frozenset({"mask"})
 
@@ -52,7 +52,10 @@ class FidelityReport:
 
     def table(self) -> str:
         w = max([len("targets")] + [len("+".join(r.targets)) for r in self.rows])
-        lines = [f"gradient vs dense at sparsity {self.config.sparsity} ({self.config.granularity}); "
+        c = self.config
+        how = (f"{c.quant_bits}-bit groups of {c.quant_group_size}" if c.memory_budget is None
+               else f"memory_budget {c.memory_budget}") if c.policy == "accurate" else ""
+        lines = [f"gradient vs dense, {c.policy} policy {how}, sparsity {c.sparsity} ({c.granularity}); "
                  f"{self.params} parameter tensors",
                  f"{'targets':<{w}} {'cosine':>7} {'norm':>6} {'changed':>8}  worst parameter (cosine)"]
         for r in self.rows:
@@ -97,6 +100,13 @@ def gradient_fidelity(model: torch.nn.Module, example_inputs: Any,
     if not params:
         raise ValueError("gradient_fidelity: the model has no parameter that requires grad")
     kept = [p.grad for _, p in params]
+    choices = None
+    if cfg.memory_budget is not None:
+        try:
+            choices = budget_choices(model, inputs, loss_fn, cfg, seed=seed)
+        finally:
+            for (_, p), g in zip(params, kept):
+                p.grad = g
 
     def grads(row_cfg: RazorConfig | None) -> list[torch.Tensor]:
         for _, p in params:
@@ -106,7 +116,7 @@ def gradient_fidelity(model: torch.nn.Module, example_inputs: Any,
             if row_cfg is None:
                 loss = loss_fn(model(*inputs))
             else:
-                with reference.apply(model, row_cfg):
+                with reference.apply(model, row_cfg, choices=choices):
                     loss = loss_fn(model(*inputs))
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise ValueError(f"gradient_fidelity: loss_fn must return a scalar tensor, got "
@@ -127,6 +137,30 @@ def gradient_fidelity(model: torch.nn.Module, example_inputs: Any,
         for (_, p), g in zip(params, kept):
             p.grad = g
     return FidelityReport(rows=rows, config=cfg, params=len(params))
+
+
+def budget_choices(model: torch.nn.Module, inputs: tuple, loss_fn: Callable[[Any], torch.Tensor],
+                   config: RazorConfig, seed: int = 0) -> dict[tuple[str, int], int]:
+    """What ``config.memory_budget`` chooses for ``model`` on ``inputs``, as
+    :func:`razorpass.reference.apply` takes it: compiles one step (the "eager" inner
+    compiler: the choices come from the partition, not from code generation) and reads
+    every graph's :class:`~razorpass.passes.records.BudgetRecord`. Leaves ``.grad`` set."""
+    from . import compile as razor_compile
+    from . import record_compiles
+
+    torch._dynamo.reset()
+    compiled = razor_compile(model, dataclasses.replace(config, compiler="eager"))
+    with record_compiles() as records, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        loss_fn(compiled(*inputs)).backward()
+    torch._dynamo.reset()
+    choices: dict[tuple[str, int], int] = {}
+    for rec in records:
+        if rec.budget is not None:
+            for key, bits in rec.budget.reference_choices().items():
+                if choices.setdefault(key, bits) != bits:
+                    raise ValueError(f"memory_budget chose different bits for {key} in two graphs")
+    return choices
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:

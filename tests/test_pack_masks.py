@@ -205,8 +205,9 @@ def _assert_same_gradients(grads0, grads1, compiler):
             torch.testing.assert_close(grads1[k], grads0[k], rtol=1e-5, atol=1e-6 * scale)
 
 
-@pytest.mark.parametrize("compiler", ["eager", "inductor"])
-@pytest.mark.parametrize("name", ["mlp", "bert"])
+# bert under Inductor is left out: its gradients are checked above, and the byte count
+# is Inductor's the same as the eager compiler's (mlp checks it under both)
+@pytest.mark.parametrize(("name", "compiler"), [("mlp", "eager"), ("mlp", "inductor"), ("bert", "eager")])
 def test_memory_report_counts_packed_masks_exactly(name, compiler):
     model, inputs = BUILDERS[name]()
     dims = _dims(model, inputs)
