@@ -13,7 +13,7 @@ budget0.5         baseline compiled under
 razor             ``razorpass.compile(model)``: the defaults (the "accurate" policy)
 razor-int4        the defaults with ``quant_bits=4, quant_group_size=128`` (more bytes,
                   closer gradients)
-razor-budget0.08  the defaults with ``memory_budget=0.08``: each graph saves at most 8% of
+razor-budget0.1  the defaults with ``memory_budget=0.1``: each graph saves at most 10% of
                   its dense bytes, bits chosen per tensor for the least error
 backrazor0.9      ``razorpass.compile(model, policy="backrazor", sparsity=0.9)``: Back
                   Razor's rule (razorpass's default before the accurate policy)
@@ -78,8 +78,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "derivative, one code per norm and the layer after it)", razor={}),
     Method("razor-int4", "razorpass defaults with quant_bits=4, quant_group_size=128",
            razor={"quant_bits": 4, "quant_group_size": 128}),
-    Method("razor-budget0.08", "razorpass defaults with memory_budget=0.08: bits per tensor (2-8, or dense) "
-           "chosen for the least error within 8% of the dense saved bytes", razor={"memory_budget": 0.08}),
+    Method("razor-budget0.1", "razorpass defaults with memory_budget=0.1: bits per tensor (2-8, or dense) "
+           "chosen for the least error within 10% of the dense saved bytes", razor={"memory_budget": 0.1}),
     Method("backrazor0.9", "Back Razor rule, sparsity 0.9", razor={"policy": "backrazor", "sparsity": 0.9}),
     Method("backrazor0.97", "Back Razor rule, sparsity 0.97", razor={"policy": "backrazor", "sparsity": 0.97}),
     Method("backrazor0.9-all", "Back Razor rule, sparsity 0.9, every target class (GELU input too)",
