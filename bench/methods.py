@@ -13,7 +13,7 @@ budget0.5         baseline compiled under
 razor             ``razorpass.compile(model)``: the defaults (the "accurate" policy)
 razor-int4        the defaults with ``quant_bits=4, quant_group_size=128`` (more bytes,
                   closer gradients)
-razor-budget0.1  the defaults with ``memory_budget=0.1``: each graph saves at most 10% of
+razor-budget0.1   the defaults with ``memory_budget=0.1``: each graph saves at most 10% of
                   its dense bytes, bits chosen per tensor for the least error
 backrazor0.9      ``razorpass.compile(model, policy="backrazor", sparsity=0.9)``: Back
                   Razor's rule (razorpass's default before the accurate policy)
