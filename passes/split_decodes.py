@@ -28,9 +28,9 @@ DECODE_OPS = frozenset({torch.ops.razor.dequantize_group.default, torch.ops.razo
                         torch.ops.razor.dequantize_uniform.default})
 # Only a convolution backward: on MiniLM and ViT-B/16 a LayerNorm's x̂ decoded once
 # lives across one matmul backward (its qkv weight gradient, then the norm's backward)
-# and splitting it there measured no lower peak (ViT-B/16: 387 MiB without, 394 with)
-# for 2-6% of step time; on EfficientNet-Lite0 the split across a convolution backward
-# took the peak from 192 to 159 MiB.
+# and splitting it there measured no lower peak (ViT-B/16: 387 and 403 MiB in two runs
+# without, 394 with: run-to-run noise) for 2-6% of step time; on EfficientNet-Lite0 the
+# split across a convolution backward took the peak from 192 to 159 MiB.
 _HEAVY = frozenset({aten.convolution_backward.default})
 
 

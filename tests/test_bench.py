@@ -223,6 +223,14 @@ def test_fidelity_script_rejects_bad_options():
         main(["--sparsity", "1.5"])
 
 
+@pytest.mark.parametrize("argv,field", [(["--budgets", "1.5"], "memory_budget"), (["--bits", "5"], "quant_bits")])
+def test_budget_script_rejects_bad_options_before_loading(argv, field):
+    from razorpass.bench.budget import main
+
+    with pytest.raises(ValueError, match=f"RazorConfig.{field}"):
+        main(argv)
+
+
 def test_bsr_check_accepts_frozen_parameters_and_rejects_a_full_fine_tune():
     from razorpass.bench.runner import _check_bsr_applied
 
