@@ -35,6 +35,7 @@ import bisect
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
@@ -43,7 +44,7 @@ from ..kernels.quantize import GROUP_BITS, group_quantized_shapes
 from .common import PassContext
 from .records import BudgetChoice, BudgetRecord, QuantizedRoot, SavedTensor
 
-__all__ = ["allocate", "plan", "quantization_error"]
+__all__ = ["Planner", "allocate", "plan", "quantization_error", "saved_bytes"]
 
 log = logging.getLogger("razorpass")
 
@@ -120,6 +121,40 @@ def _nbytes(entry: SavedTensor) -> int:
 def saved_bytes(saved: Sequence[SavedTensor]) -> int:
     """Bytes of the saved tensors that are not graph inputs."""
     return sum(_nbytes(e) for e in saved if not e.input)
+
+
+# Plans per graph: the first from a partition at uniform bits, the next correcting for
+# bytes a partition with the first plan's choices saved beyond it.
+MAX_ROUNDS = 2
+
+
+@dataclass
+class Planner:
+    """The budget's rounds for one graph, between its partitions."""
+
+    ctx: PassContext
+    record: BudgetRecord | None = None
+    first: tuple[list[SavedTensor], list] | None = None  # the first partition's saved tensors and encoded roots
+    rounds: int = 0
+
+    def replan(self, saved: Sequence[SavedTensor]) -> bool:
+        """After a partition that saved ``saved``: True when the joint graph is to be
+        partitioned again with new choices (left in ``ctx.budget_bits``)."""
+        if self.rounds == MAX_ROUNDS:
+            return False
+        cfg, ctx = self.ctx.config, self.ctx
+        if self.record is None:
+            self.first = (list(saved), list(ctx.compressed))
+            before = {r.root: cfg.quant_bits for r in ctx.compressed if isinstance(r, QuantizedRoot)}
+            self.record = plan(*self.first, ctx)
+        else:
+            over = saved_bytes(saved) - self.record.planned_bytes
+            if saved_bytes(saved) <= self.record.target_bytes or over <= 0:
+                return False
+            before = dict(ctx.budget_bits)
+            self.record = plan(*self.first, ctx, self.record.unplanned + over)
+        self.rounds += 1
+        return ctx.budget_bits != before
 
 
 def plan(saved: Sequence[SavedTensor], encoded: Sequence, ctx: PassContext, unplanned: int = 0) -> BudgetRecord:

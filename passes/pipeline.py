@@ -76,9 +76,6 @@ POST_PARTITION_PASSES: tuple[Pass, ...] = (
 
 # Partition attempts before giving up on compression for a graph.
 MAX_ATTEMPTS = 3
-# memory_budget: plans per graph (the first from a partition at uniform bits, the next
-# correcting for bytes the partition saved beyond the plan).
-MAX_BUDGET_ROUNDS = 2
 
 STRICT_ENV = "RAZORPASS_STRICT"
 
@@ -196,7 +193,8 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_f
         # from it) is left uncompressed and the rest retried, a bounded number of times.
         # Under memory_budget, the first partition (uniform bits) sizes the graph, the
         # choices are made, and the graph is partitioned again with them.
-        attempt, budget_rounds = 0, 0
+        attempt = 0
+        planner = memory_budget.Planner(ctx) if ctx.config.memory_budget is not None else None
         while True:
             ctx.reset()
             gm = run_passes(JOINT_PASSES, _copy(joint), ctx)
@@ -211,32 +209,16 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_f
                 log.info("razorpass: leaving %s uncompressed (the partitioner saves it dense)", e.roots)
                 ctx.excluded_roots.extend(e.roots)
                 continue
-            if ctx.config.memory_budget is None or budget_rounds == MAX_BUDGET_ROUNDS:
+            if planner is None or not planner.replan(describe_saved(fw, ctx)):
                 break
-            saved = describe_saved(fw, ctx)
-            if record.budget is None:  # the first partition, at uniform bits, sizes the graph
-                before, unplanned = {}, 0
-            else:  # the partition saved more than planned (its own choices moved): plan for that
-                before, unplanned = dict(ctx.budget_bits), memory_budget.saved_bytes(saved) - record.budget.planned_bytes
-                if memory_budget.saved_bytes(saved) <= record.budget.target_bytes or unplanned <= 0:
-                    break
-                saved, unplanned = first_saved, record.budget.unplanned + unplanned
-            with GraphTransformObserver(gm, "memory_budget", subsystem="razorpass"):
-                record.budget = memory_budget.plan(saved, first_compressed, ctx, unplanned) if before else \
-                    memory_budget.plan(saved, list(ctx.compressed), ctx)
             counters["razorpass"]["memory_budget"] += 1
-            budget_rounds += 1
-            if not before:
-                first_saved, first_compressed = saved, list(ctx.compressed)
-            if ctx.budget_bits == (before or {c.root: ctx.config.quant_bits for c in record.budget.choices}):
-                break  # the partition in hand is already the budget's
     except Exception as e:  # noqa: BLE001 - any failure of ours falls back, loudly
         if strict_mode(ctx.config):
             raise
         reason = f"{type(e).__name__}: {e}"
         log.warning("razorpass: compiling this graph without compression (%s)", reason)
         counters["razorpass"]["fallback"] += 1
-        record.fallback, record.budget = reason, None
+        record.fallback, planner = reason, None
         ctx.reset()
         fw, bw = partition_fn(joint, joint_inputs, **kwargs)
     record.compressed, record.packed, record.quantized = list(ctx.compressed), list(ctx.packed), list(ctx.quantized)
@@ -245,6 +227,7 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_f
     record.excluded_roots = list(ctx.excluded_roots)
     record.recomputed_in_backward, record.dense_kept = list(ctx.recomputed_in_backward), list(ctx.dense_kept)
     record.saved = describe_saved(fw, ctx)
+    record.budget = planner.record if planner is not None else None
     if record.budget is not None:
         record.budget.saved_bytes = memory_budget.saved_bytes(record.saved)
         if not record.budget.met:

@@ -89,7 +89,9 @@ def _compile_step(model, inputs, cfg):
     return got, rec
 
 
-@pytest.mark.parametrize("name", ["bert", "cnn"])
+# vit at 0.3: the first plan's partition saves a LayerNorm's statistics it did not plan
+# for, and the second round plans for them
+@pytest.mark.parametrize("name", ["bert", "cnn", "vit"])
 def test_budget_holds_and_gradients_follow_the_reference(name):
     model, inputs = _double(name)
     dense = _run(model, inputs, model)
