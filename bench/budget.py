@@ -33,8 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     rows = [{"quant_bits": int(b)} for b in _floats(args.bits)] + [{"memory_budget": b} for b in _floats(args.budgets)]
+    from razorpass import RazorConfig
+
     for opts in rows:
-        __import__("razorpass").RazorConfig(**opts)  # a bad option fails here, before the model loads
+        RazorConfig(**opts)  # a bad option fails here, before the model loads
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -42,7 +44,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch.nn.functional as F
 
     import razorpass
-    from razorpass.passes.memory_budget import saved_bytes
 
     from .workloads import load_workload
 
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.manual_seed(args.seed)
             loss(compiled(*inputs)).backward()
         dense = sum(int(e.dense_bytes) for r in records for e in r.saved if not e.input)
-        saved = sum(saved_bytes(r.saved) for r in records)
+        saved = sum(int(e.nbytes) for r in records for e in r.saved if not e.input)
         row = razorpass.gradient_fidelity(model, inputs, loss, per_class=False, seed=args.seed, **opts).rows[0]
         name = ", ".join(f"{k}={v}" for k, v in opts.items())
         print(f"{name:<22} {saved / dense:>13.4f} {saved / len(labels) / 2**20:>10.3f} {row.cosine:>7.3f}  "
