@@ -8,7 +8,10 @@ encoded root counted at its dense size, graph inputs left out) and the *fixed* b
 F: everything saved that is not a quantized root's codes (top-k codes, packed masks,
 GELU derivative codes, statistics, tensors no class covers). The quantized roots share
 ``budget * D - F``. The choices go back to ``compress_saved`` (``ctx.budget_bits``) and
-the joint graph is partitioned again.
+the joint graph is partitioned again; if that partition saves more than planned (its
+own choices moved, e.g. a dense norm's statistics), :class:`Planner` plans once more
+with the excess counted as fixed. Dense, a normalization's root also costs the layer
+inputs computed from it that its code served (``QuantizedRoot.derived_bytes``).
 
 The choice. A root r with u uses (weight gradients and norm backwards that read it)
 may be stored dense (error 0) or at b in ``GROUP_BITS`` where that is smaller than dense,
