@@ -377,7 +377,8 @@ def _merge_derived(cands: dict, cfg, bwd: set[fx.Node]) -> dict[fx.Node, list[fx
     for root, uses in cands.items():
         if (any(c in NORM_CLASSES for _, _, c in uses)
                 and all(cfg.encoding_of(c) == "quant" for _, _, c in uses)
-                and not not_smaller_quantized(root.meta["val"], cfg.quant_group_size, cfg.quant_bits)):
+                and not not_smaller_quantized(root.meta["val"], cfg.quant_group([c for _, _, c in uses]),
+                                              cfg.quant_bits)):
             norm_keys[_value_key(root)] = root
     if not norm_keys:
         return merged
@@ -490,7 +491,8 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
             continue
         for sites, received, op_class in uses:
             if quant:
-                group, keep, bits = cfg.quant_group_size, 0, ctx.budget_bits.get(root.name, cfg.quant_bits)
+                group, keep, bits = (cfg.quant_group([c for _, _, c in uses]), 0,
+                                     ctx.budget_bits.get(root.name, cfg.quant_bits))
             else:
                 group, bits = _topk_group(cfg, received), 0
                 if isinstance(group, str):

@@ -573,7 +573,7 @@ class _ReferenceMode(TorchFunctionMode):
                 bits = self.choices.get((self.paths[-1] if self.paths else "", x.numel()), 0)
                 if not bits:
                     return None
-            q = _Quantized(cfg.quant_group_size, bits)
+            q = _Quantized(cfg.quant_group(cls), bits)
             return None if not_smaller_quantized(tuple(x.shape), dt, q.group, q.bits) else q
         return None if not_smaller(tuple(x.shape), dt, cfg) else cfg
 
