@@ -302,6 +302,8 @@ def test_a_layer_after_a_norm_reads_the_norms_code(kind, inplace, compiler):
     layer_class = "linear" if kind == "ln" else "conv"
     shared = [c for c in rec.compressed if set(c.op_classes) == {norm_class, layer_class}]
     assert len(shared) == 1 and isinstance(shared[0], QuantizedRoot)
+    # x − mean is not normalized per channel: BatchNorm codes use their own, smaller groups
+    assert shared[0].group_size == (cfg.quant_group_size if kind == "ln" else cfg.batchnorm_group_size)
     assert not [c for c in rec.compressed if c.op_classes == (layer_class,) and c.shape == shared[0].shape]
     # a code of the layer's input itself (what the pass stored before) gives another
     # weight gradient: the test can tell the two apart
