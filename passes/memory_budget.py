@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-import torch
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from ..kernels.quantize import GROUP_BITS, group_quantized_shapes
 from .common import PassContext
@@ -110,15 +110,8 @@ def _fill(options: Sequence[Sequence[tuple[int, float]]], idx: list[int], spare:
         idx[k], spare = j, spare - extra
 
 
-def _hint(v) -> int:
-    """An int of a size that may be symbolic (its hint: the example's size)."""
-    if isinstance(v, torch.SymInt):
-        return int(v.node.hint) if v.node.hint is not None else int(v.node.shape_env.size_hint(v.node.expr))
-    return int(v)
-
-
 def _nbytes(entry: SavedTensor) -> int:
-    return _hint(entry.nbytes)
+    return optimization_hint(entry.nbytes)
 
 
 def saved_bytes(saved: Sequence[SavedTensor]) -> int:
@@ -151,8 +144,9 @@ class Planner:
             before = {r.root: cfg.quant_bits for r in ctx.compressed if isinstance(r, QuantizedRoot)}
             self.record = plan(*self.first, ctx)
         else:
-            over = saved_bytes(saved) - self.record.planned_bytes
-            if saved_bytes(saved) <= self.record.target_bytes or over <= 0:
+            held = saved_bytes(saved)
+            over = held - self.record.planned_bytes
+            if held <= self.record.target_bytes or over <= 0:
                 return False
             before = dict(ctx.budget_bits)
             self.record = plan(*self.first, ctx, self.record.unplanned + over)
@@ -167,14 +161,14 @@ def plan(saved: Sequence[SavedTensor], encoded: Sequence, ctx: PassContext, unpl
     cfg = ctx.config
     roots = [r for r in encoded if isinstance(r, QuantizedRoot)]
     owned = {name for r in roots for name in r.outputs}
-    dense = sum(_hint(e.dense_bytes) for e in saved if not e.input)
+    dense = sum(optimization_hint(e.dense_bytes) for e in saved if not e.input)
     fixed = sum(_nbytes(e) for e in saved if not e.input and e.name not in owned) + unplanned
     target = int(cfg.memory_budget * dense)
     table = []
     for r in roots:
-        numel, nbytes = math.prod(_hint(s) for s in r.shape), _hint(r.dense_bytes)
+        numel, nbytes = math.prod(optimization_hint(s) for s in r.shape), optimization_hint(r.dense_bytes)
         # dense, a norm's x̂ no longer serves the layer after it: its input is saved too
-        opts = [(0, nbytes + _hint(r.derived_bytes), 0.0)]
+        opts = [(0, nbytes + optimization_hint(r.derived_bytes), 0.0)]
         for b in GROUP_BITS:
             (codes,), (bounds,) = group_quantized_shapes(numel, r.group_size, b)
             size = codes + 2 * bounds
