@@ -129,6 +129,7 @@ class PassContext:
     quantize_skipped: list[str] = field(default_factory=list)  # encode_derivative: "node: why"
     inlined: int = 0  # inline_codecs: bit-packing ops handed to the compiler as plain ops
     split_decodes: int = 0  # split_decodes: decodes added so none lives across a heavy op
+    backward_packs_dropped: int = 0  # drop_backward_packs: pack/unpack pairs removed from backward
     # memory_budget: root -> bits (0: dense), kept across attempts like excluded_roots
     budget_bits: dict[str, int] = field(default_factory=dict)
 
@@ -137,6 +138,7 @@ class PassContext:
         self.compressed, self.packed, self.skipped, self.pack_skipped = [], [], [], []
         self.recomputed_in_backward, self.dense_kept, self.joint = [], [], None
         self.quantized, self.quantize_skipped, self.inlined, self.split_decodes = [], [], 0, 0
+        self.backward_packs_dropped = 0
 
     def primals(self, gm: fx.GraphModule) -> list[fx.Node]:
         return primals(gm)

@@ -161,6 +161,9 @@ class PartitionRecord:
     saved: list[SavedTensor] = field(default_factory=list)
     inlined: int = 0  # pack / unpack ops handed to Inductor as plain ops (inline_codecs)
     split_decodes: int = 0  # extra decodes so that no decoded tensor lives across a heavy op
+    # masks the partitioner recomputes in backward, used there unpacked (drop_backward_packs);
+    # they stay in ``packed`` (packed on the joint graph) and in ``recomputed_in_backward``
+    backward_packs_dropped: int = 0
     budget: BudgetRecord | None = None  # memory_budget's choices, when one is set
 
     @property
