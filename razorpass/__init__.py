@@ -64,10 +64,17 @@ def record_compiles() -> Iterator[list]:
     root, op classes, modules, group size, bits, or top-k ``CompressedRoot`` with k;
     ``quantized``: GELU derivative codes) or packed (``PackedMask``), what stays saved
     (``SavedTensor``), which roots a retry left dense, and the fallback reason if a
-    pass could not apply."""
+    pass could not apply.
+
+    Inside the block AOTAutograd's compile cache is off (Inductor's own cache stays on):
+    a cache hit returns the compiled graphs without partitioning them again, so a warm
+    cache (a second run of the same script) would leave the list silently empty. A
+    model compiled before the block and not recompiled in it adds no record."""
+    import torch._functorch.config
+
     from .passes.pipeline import recording
 
-    with recording() as records:
+    with recording() as records, torch._functorch.config.patch(enable_autograd_cache=False):
         yield records
 
 

@@ -1,6 +1,9 @@
 """The backend: registration, entry points, fallback, cache keys, lean import."""
 
+import ast
 import logging
+import os
+import pathlib
 import pickle
 import subprocess
 import sys
@@ -111,6 +114,34 @@ def test_changing_sparsity_never_reuses_a_cached_graph():
                 loss_of(model(x)).backward()
             for n, p in model.named_parameters():
                 torch.testing.assert_close(got[n], p.grad, rtol=2e-3, atol=2e-4)
+
+
+_CACHED_TWICE = """
+import torch, razorpass
+from razorpass.passes.pipeline import recording
+from tests.models import MLP, loss_of
+torch.manual_seed(0)
+model, x = MLP(), torch.randn(4, 3, 24)
+for record in (recording, recording, razorpass.record_compiles):  # cold, cache hit, cache hit
+    torch._dynamo.reset()
+    with record() as records:
+        loss_of(razorpass.compile(model)(x)).backward()
+    print([len(r.compressed) for r in records])
+"""
+
+
+def test_record_compiles_records_a_graph_that_the_compile_caches_hold(tmp_path):
+    # A second compile of the same graph with the caches on (what a second run of a
+    # script gets) is an AOTAutograd cache hit, which skips the partitioner and with it
+    # the record; inside record_compiles that cache is off, so the record is there.
+    # A fresh process: the tests' environment turns every cache off for good.
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_FORCE_DISABLE_CACHES"}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", _CACHED_TWICE], env=env, capture_output=True, text=True,
+                         cwd=pathlib.Path(__file__).parents[1], check=True).stdout.split("\n")
+    cold, hit, recorded = (ast.literal_eval(line) for line in out[:3])
+    assert cold == recorded and len(cold) == 1 and cold[0] > 0
+    assert hit == []  # without record_compiles: no record, and no word about why
 
 
 def test_bad_option_is_a_clear_error_before_compiling():
