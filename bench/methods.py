@@ -17,7 +17,10 @@ razor-budget0.1   the defaults with ``memory_budget=0.1``: each graph saves at m
                   its dense bytes, bits chosen per tensor for the least error
 backrazor0.9      ``razorpass.compile(model, policy="backrazor", sparsity=0.9)``: Back
                   Razor's rule (razorpass's default before the accurate policy)
-backrazor0.97     the same at sparsity 0.97
+backrazor0.97     the same at sparsity 0.97 (kept positions stored as offsets: cheaper
+                  than the mask above sparsity 15/16, ``topk_layout="auto"``)
+backrazor0.97-mask  the same with the 1-bit mask (``topk_layout="mask"``; also
+                  backrazor0.97-all-mask)
 backrazor0.9-all  Back Razor's rule on every target class (``targets=("all",)``, the GELU
                   input too; also backrazor0.97-all)
 backrazor0.9-all-deriv3  every target class, the GELU backward stored as gelu'(x) in 3
@@ -82,10 +85,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "chosen for the least error within 10% of the dense saved bytes", razor={"memory_budget": 0.1}),
     Method("backrazor0.9", "Back Razor rule, sparsity 0.9", razor={"policy": "backrazor", "sparsity": 0.9}),
     Method("backrazor0.97", "Back Razor rule, sparsity 0.97", razor={"policy": "backrazor", "sparsity": 0.97}),
+    Method("backrazor0.97-mask", "Back Razor rule, sparsity 0.97, kept positions as a 1-bit mask",
+           razor={"policy": "backrazor", "sparsity": 0.97, "topk_layout": "mask"}),
     Method("backrazor0.9-all", "Back Razor rule, sparsity 0.9, every target class (GELU input too)",
            razor={"policy": "backrazor", "sparsity": 0.9, "targets": ("all",)}),
     Method("backrazor0.97-all", "Back Razor rule, sparsity 0.97, every target class",
            razor={"policy": "backrazor", "sparsity": 0.97, "targets": ("all",)}),
+    Method("backrazor0.97-all-mask", "Back Razor rule, sparsity 0.97, every target class, 1-bit mask",
+           razor={"policy": "backrazor", "sparsity": 0.97, "targets": ("all",), "topk_layout": "mask"}),
     Method("backrazor0.9-all-deriv3", "Back Razor rule, sparsity 0.9, every target class, GELU as a 3-bit derivative code",
            razor={"policy": "backrazor", "sparsity": 0.9, "targets": ("all",), "gelu_encoding": "deriv3"}),
     Method("backrazor0.9-wgrad", "Back Razor rule, sparsity 0.9, Linear/conv inputs only (exact input gradients)",

@@ -40,7 +40,8 @@ def still_read_dense(joint: fx.GraphModule, roots: set[str]) -> set[str]:
             cur = todo.pop()
             for u in cur.users:
                 if u in bwd or u.meta.get("partitioner_tag") in ("is_backward", "must_be_in_backward"):
-                    if u.target not in (torch.ops.razor.compress.default, torch.ops.razor.pack_bits.default,
+                    if u.target not in (torch.ops.razor.compress.default, torch.ops.razor.compress_offsets.default,
+                                        torch.ops.razor.pack_bits.default,
                                         torch.ops.razor.quantize_uniform.default):
                         keep.add(n.name)
                 elif u.op == "call_function" and u.target in VIEW_OPS:

@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
-from ..kernels.ops import compressed_shapes, group_quantized_shapes, value_dtype_of
+from ..kernels.ops import compressed_shapes, group_quantized_shapes, offsets_dtype, value_dtype_of
 from .common import (ORDER_PRESERVING, VIEW_OPS, PassContext, backward_nodes, matches, module_path,
                      recomputable_from_caller, strip_views, tangent_closure)
 from .records import CompressedRoot, QuantizedRoot
@@ -272,12 +272,13 @@ def _walk_to_root(operand: fx.Node, bwd: set[fx.Node], op_class: str) -> tuple[f
 
 
 def not_smaller(val: torch.Tensor, group: int, keep: int, config) -> bool:
-    """The size rule: True when the compressed copy of ``val`` (a packed mask of
-    ceil(group / 8) bytes and ``keep`` values per group) is not smaller than ``val``
-    dense, which then stays dense. A symbolic size that is not known to be smaller
-    is compressed (False)."""
+    """The size rule: True when the compressed copy of ``val`` (per group, a packed mask
+    of ceil(group / 8) bytes or ``keep`` offsets, as ``topk_layout`` picks, and ``keep``
+    values) is not smaller than ``val`` dense, which then stays dense. A symbolic size
+    that is not known to be smaller is compressed (False)."""
     (groups, mask_bytes), (_, k) = compressed_shapes(val.numel(), group, keep)
-    packed = groups * mask_bytes + groups * k * value_dtype_of(config, val.dtype).itemsize
+    index_bytes = k * offsets_dtype(group).itemsize if config.topk_offsets(group, keep) else mask_bytes
+    packed = groups * index_bytes + groups * k * value_dtype_of(config, val.dtype).itemsize
     return statically_known_true(packed >= val.numel() * val.element_size())
 
 
@@ -525,9 +526,12 @@ def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[Compr
                                   torch.ops.razor.dequantize_group.default,
                                   lambda enc, sizes: (enc[0], enc[1], sizes, group, bits, val.dtype))
             else:
-                done = rw.reroute(plan.root, plan.sites, torch.ops.razor.compress.default,
+                offsets = ctx.config.topk_offsets(group, plan.keep)
+                done = rw.reroute(plan.root, plan.sites,
+                                  torch.ops.razor.compress_offsets.default if offsets else torch.ops.razor.compress.default,
                                   (group, plan.keep, value_dtype_of(ctx.config, val.dtype)),
-                                  torch.ops.razor.decompress.default,
+                                  torch.ops.razor.decompress_offsets.default if offsets
+                                  else torch.ops.razor.decompress.default,
                                   lambda enc, sizes: (enc[0], enc[1], sizes, group, val.dtype))
             modules = tuple(s.module for s in plan.sites)
             common = dict(**done.record_fields(), layer=layer_label(modules), modules=modules,
@@ -537,7 +541,7 @@ def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[Compr
                 derived = sum(d.meta["val"].numel() * d.meta["val"].element_size() for d in plan.derived)
                 records.append(QuantizedRoot(**common, bits=bits, derived_bytes=derived))
             else:
-                records.append(CompressedRoot(**common, keep=plan.keep))
+                records.append(CompressedRoot(**common, keep=plan.keep, layout="offsets" if offsets else "mask"))
     return records
 
 

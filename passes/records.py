@@ -33,10 +33,13 @@ class EncodedRoot:
 
 @dataclass(frozen=True)
 class CompressedRoot(EncodedRoot):
-    """Top-k compressed (``razor::compress``): ``keep`` of every ``group_size`` elements."""
+    """Top-k compressed (``razor::compress``): ``keep`` of every ``group_size`` elements;
+    ``layout`` says how the kept positions are stored, "mask" or "offsets"
+    (``razor::compress_offsets``)."""
 
     group_size: int = 0
     keep: Any = 0
+    layout: str = "mask"
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ __all__ = ["run", "DECODE_OPS"]
 aten = torch.ops.aten
 
 DECODE_OPS = frozenset({torch.ops.razor.dequantize_group.default, torch.ops.razor.decompress.default,
+                        torch.ops.razor.decompress_offsets.default,
                         torch.ops.razor.dequantize_uniform.default})
 # Only a convolution backward: on MiniLM and ViT-B/16 a LayerNorm's x̂ decoded once
 # lives across one matmul backward (its qkv weight gradient, then the norm's backward)

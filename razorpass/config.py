@@ -16,7 +16,7 @@ from fractions import Fraction
 from typing import Any
 
 __all__ = ["RazorConfig", "TARGETS", "DEFAULT_TARGETS", "BACKRAZOR_TARGETS", "VALUE_DTYPES", "GRANULARITIES",
-           "COMPILERS", "GELU_ENCODINGS", "GELU_DERIVATIVE_RANGE", "POLICIES", "QUANT_BITS", "TOPK_CLASSES"]
+           "COMPILERS", "GELU_ENCODINGS", "TOPK_LAYOUTS", "GELU_DERIVATIVE_RANGE", "POLICIES", "QUANT_BITS", "TOPK_CLASSES"]
 
 # Saved-activation classes a config may name in ``targets``.
 #   linear:    the input of every linear / matmul-with-a-weight whose weight gets a gradient
@@ -56,6 +56,11 @@ TOPK_CLASSES: frozenset[str] = frozenset({"softmax"})  # top-k under "accurate"
 QUANT_BITS: tuple[int, ...] = (2, 3, 4, 8)
 VALUE_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32", "same")
 GRANULARITIES: tuple[str, ...] = ("block", "sample")
+# How a top-k copy records which elements it kept: "mask" (1 bit per element), "offsets"
+# (the kept positions in the group, 2 bytes each, 4 for groups of 2**15 and more), or
+# "auto": per tensor, whichever is smaller (offsets above sparsity 15/16). Lossless:
+# the decoded tensor is the same either way.
+TOPK_LAYOUTS: tuple[str, ...] = ("auto", "mask", "offsets")
 COMPILERS: tuple[str, ...] = ("inductor", "eager")
 # How the "gelu" target stores what the GELU backward reads:
 #   topk:   the GELU input x, top-k sparsified like every other class;
@@ -125,6 +130,9 @@ class RazorConfig:
     # dtype of the kept values: "bfloat16", "float16", "float32" or "same" (the
     # activation's own dtype). Decompressed values are rounded through it.
     value_dtype: str = "bfloat16"
+    # Which elements a top-k copy kept, as a packed mask or as offsets (``TOPK_LAYOUTS``);
+    # "auto" takes the smaller per tensor. Changes bytes, never values.
+    topk_layout: str = "auto"
     # Which saved activations to compress (names from ``TARGETS``); None: the policy's
     # (``DEFAULT_TARGETS`` for "accurate", ``BACKRAZOR_TARGETS`` for "backrazor").
     # ``target_classes`` is the resolved tuple.
@@ -196,6 +204,8 @@ class RazorConfig:
             raise ValueError(
                 f"RazorConfig.value_dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"
             )
+        if self.topk_layout not in TOPK_LAYOUTS:
+            raise ValueError(f"RazorConfig.topk_layout must be one of {TOPK_LAYOUTS}, got {self.topk_layout!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"RazorConfig.policy must be one of {POLICIES}, got {self.policy!r}")
         q = self.quant_bits
@@ -276,6 +286,16 @@ class RazorConfig:
         ``quant_group_size``."""
         classes = (op_classes,) if isinstance(op_classes, str) else tuple(op_classes)
         return self.batchnorm_group_size if "batchnorm" in classes else self.quant_group_size
+
+    def topk_offsets(self, group_size: int, k: int) -> bool:
+        """True when a top-k copy with ``k`` of every ``group_size`` elements records its
+        kept elements as offsets (``topk_layout``; "auto": when they take fewer bytes per
+        group than the mask). Integers only (the group size is static)."""
+        if self.topk_layout != "auto":
+            return self.topk_layout == "offsets"
+        from .kernels.topk_compress import offsets_dtype
+
+        return k * offsets_dtype(group_size).itemsize < -(-group_size // 8)
 
     def keep_count(self, group_size):
         """k = ceil((1 - sparsity) * group_size), computed as group - floor(s * group).

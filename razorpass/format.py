@@ -33,13 +33,18 @@ def group_size_for(shape, granularity: str, block_size: int):
 
 
 def compressed_nbytes(shape, config: RazorConfig, activation_dtype: torch.dtype) -> int:
-    """Exact bytes of the compressed form of a tensor of ``shape``: mask + values."""
+    """Exact bytes of the top-k copy razorpass saves for a tensor of ``shape``: the
+    packed mask, or the offsets where ``config.topk_layout`` picks them, plus the
+    values. (:func:`compress` returns the mask layout whatever the config.)"""
+    from .kernels.ops import offsets_dtype
+
     numel = math.prod(shape)
     g = group_size_for(shape, config.granularity, config.block_size)
     k = config.keep_count(g)
     groups = -(-numel // g) if g else 0
     vbytes = torch.empty((), dtype=value_dtype_of(config, activation_dtype)).element_size()
-    return groups * (-(-g // 8)) + groups * k * vbytes
+    index = k * offsets_dtype(g).itemsize if g and config.topk_offsets(g, k) else -(-g // 8)
+    return groups * index + groups * k * vbytes
 
 
 class Compressed(NamedTuple):

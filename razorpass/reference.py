@@ -58,8 +58,10 @@ def _group(shape, config: RazorConfig) -> int:
 
 def not_smaller(shape, dtype: torch.dtype, config: RazorConfig) -> bool:
     """The size rule: True when the compressed copy of a ``dtype`` tensor of ``shape``
-    (one bit per element of every group, padded to whole bytes per group, plus the kept
-    values) is not smaller than the tensor itself, which then stays dense (exact)."""
+    (one bit per element of every group, padded to whole bytes per group, or two bytes
+    per kept element, four for groups of 32768 and more, whichever ``topk_layout``
+    takes, plus the kept values) is not smaller than the tensor itself, which then stays
+    dense (exact)."""
     n = math.prod(shape)
     group = _group(shape, config)
     if n == 0 or group == 0:
@@ -68,7 +70,10 @@ def not_smaller(shape, dtype: torch.dtype, config: RazorConfig) -> bool:
     itemsize = torch.empty((), dtype=dtype).element_size()
     vdtype = dtype if config.value_dtype == "same" else _VALUE_DTYPES[config.value_dtype]
     value_bytes = torch.empty((), dtype=vdtype).element_size()
-    return groups * -(-group // 8) + groups * _keep(group, config.sparsity) * value_bytes >= n * itemsize
+    k = _keep(group, config.sparsity)
+    mask, offsets = -(-group // 8), k * (2 if group < 32768 else 4)
+    index = {"mask": mask, "offsets": offsets}.get(config.topk_layout, min(mask, offsets))
+    return groups * index + groups * k * value_bytes >= n * itemsize
 
 
 def _autocast_dtype(t) -> torch.dtype | None:

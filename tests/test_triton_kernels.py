@@ -213,6 +213,21 @@ def test_razorpass_backend_triton_matches_torch(granularity, value_dtype):
     )
 
 
+def test_offsets_layout_on_the_triton_kernel_matches_torch():
+    """``razor::compress_offsets`` runs the Triton top-k, then the (device-agnostic)
+    conversion of its mask; both layouts decode to the same tensor."""
+    from razorpass.kernels import ops
+
+    x = make("special", 3 * 700).view(3, 700).to(DEVICE)
+    off_tri, val_tri = ops.compress_offsets(x, 256, 8, torch.bfloat16, "triton")
+    off_ref, val_ref = ops.compress_offsets(x, 256, 8, torch.bfloat16, "torch")
+    assert off_tri.dtype == torch.int16 and torch.equal(off_tri, off_ref)
+    assert_same_bits(val_tri, val_ref, nan_payload=False)
+    mask, values = ops.compress(x, 256, 8, torch.bfloat16, "triton")
+    assert_same_bits(ops.decompress_offsets(off_tri, val_tri, [3, 700], 256, torch.float32),
+                     ops.decompress(mask, values, [3, 700], 256, torch.float32, "triton"), nan_payload=False)
+
+
 def test_float64_is_rejected_clearly():
     x = torch.randn(64, dtype=torch.float64, device=DEVICE)
     with pytest.raises(NotImplementedError, match="backend='torch'"):

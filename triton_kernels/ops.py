@@ -17,9 +17,9 @@ import torch
 from . import quantize_cpu, topk_compress_cpu
 from .quantize import (check_args, check_uniform_codes, check_group_args, check_group_shapes, group_quantized_shapes, quantized_numel, torch_dequantize_group,
                        torch_dequantize_uniform, torch_quantize_group, torch_quantize_uniform)
-from .topk_compress import torch_compress, torch_decompress
+from .topk_compress import offsets_dtype, torch_compress, torch_decompress, torch_decompress_offsets, torch_mask_to_offsets
 
-__all__ = ["compress", "decompress", "compressed_shapes", "pack_bits", "unpack_bits", "packed_numel", "fused_pack_bits",
+__all__ = ["compress", "decompress", "compressed_shapes", "compress_offsets", "decompress_offsets", "offsets_dtype", "pack_bits", "unpack_bits", "packed_numel", "fused_pack_bits",
            "fused_unpack_bits", "rank_tokens",
            "RANK_TOKENS_OP", "VALUE_DTYPES", "value_dtype_of", "quantize_uniform", "dequantize_uniform", "quantized_numel",
            "quantize_group", "dequantize_group", "group_quantized_shapes"]
@@ -111,6 +111,49 @@ def decompress(
 
 @decompress.register_fake
 def _(mask, values, shape, group_size, dtype, backend="auto"):
+    return values.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("razor::compress_offsets", mutates_args=())
+def compress_offsets(
+    x: torch.Tensor, group_size: int, k: int, value_dtype: torch.dtype, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``razor::compress`` in the offsets layout: ``(offsets, values)``, the positions of
+    the kept elements in their group instead of the packed mask (the same selection
+    and values; ``topk_compress.py`` documents the layout). Cheaper than the mask when
+    ``k < group_size / 16``."""
+    _check_group(group_size, k)
+    mask, values = compress(x, group_size, k, value_dtype, backend)
+    return torch_mask_to_offsets(mask, group_size, k), values
+
+
+@compress_offsets.register_fake
+def _(x, group_size, k, value_dtype, backend="auto"):
+    (groups, _), vshape = compressed_shapes(x.numel(), group_size, k)
+    return x.new_empty((groups, k), dtype=offsets_dtype(group_size)), x.new_empty(vshape, dtype=value_dtype)
+
+
+@torch.library.custom_op("razor::decompress_offsets", mutates_args=())
+def decompress_offsets(
+    offsets: torch.Tensor,
+    values: torch.Tensor,
+    shape: list[int],
+    group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The dense tensor ``razor::decompress`` gives from the mask layout, bit for bit."""
+    k = values.shape[-1] if values.dim() == 2 else -1
+    _check_group(group_size, k)
+    if offsets.shape != values.shape or offsets.dtype != offsets_dtype(group_size):
+        raise ValueError(
+            f"razor::decompress_offsets expects {offsets_dtype(group_size)} offsets of the values' shape "
+            f"{tuple(values.shape)}, got {offsets.dtype} of shape {tuple(offsets.shape)}"
+        )
+    return torch_decompress_offsets(offsets, values, shape, group_size, dtype)
+
+
+@decompress_offsets.register_fake
+def _(offsets, values, shape, group_size, dtype):
     return values.new_empty(shape, dtype=dtype)
 
 
