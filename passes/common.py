@@ -66,6 +66,22 @@ ORDER_PRESERVING = VIEW_OPS - {aten.permute.default, aten.t.default, aten.transp
                                aten.contiguous.default}
 
 
+def order_preserving(n: fx.Node) -> bool:
+    """A reshape that keeps the flattened order of its input (``ORDER_PRESERVING``, or
+    an expand to the same shape, which matmul decompositions emit)."""
+    if n.target in ORDER_PRESERVING:
+        return True
+    if n.target is aten.expand.default:
+        a, b = n.args[0].meta.get("val"), n.meta.get("val")
+        return a is not None and b is not None and tuple(a.shape) == tuple(b.shape)
+    return False
+
+
+# ``node.meta`` key of ``mark_samples``: {argument index: the smallest dim 0 the argument
+# was read through, before Inductor's joint-graph passes folded reshapes}.
+SAMPLE_DIM0_META = "razor_sample_dim0"
+
+
 def strip_views(node: fx.Node, ops: frozenset = VIEW_OPS, through=None) -> tuple[fx.Node, list[fx.Node]]:
     """Walk ``node`` back through single-tensor view ops (``ops``, or any node for which
     ``through(n)`` is true) to its root: ``(root, chain)`` where ``chain`` lists the

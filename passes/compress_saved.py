@@ -39,8 +39,8 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 from ..kernels.ops import compressed_shapes, group_quantized_shapes, offsets_dtype, value_dtype_of
-from .common import (ORDER_PRESERVING, VIEW_OPS, PassContext, backward_nodes, matches, module_path,
-                     recomputable_from_caller, strip_views, tangent_closure)
+from .common import (ORDER_PRESERVING, SAMPLE_DIM0_META, VIEW_OPS, PassContext, backward_nodes, matches, module_path,
+                     order_preserving, recomputable_from_caller, strip_views, tangent_closure)
 from .records import CompressedRoot, QuantizedRoot
 from .rewrite import Rewriter, Use
 
@@ -48,14 +48,6 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 log = logging.getLogger("razorpass")
 
-def _order_preserving(n: fx.Node) -> bool:
-    if n.target in ORDER_PRESERVING:
-        return True
-    # expand to the same shape is an identity (matmul decompositions emit it)
-    if n.target is aten.expand.default:
-        a, b = n.args[0].meta.get("val"), n.meta.get("val")
-        return a is not None and b is not None and tuple(a.shape) == tuple(b.shape)
-    return False
 
 # Ops through which a weight gradient flows to the graph output unchanged in kind:
 # reshapes, accumulation of several uses of one weight and dtype casts (autocast).
@@ -259,7 +251,7 @@ def _walk_to_root(operand: fx.Node, bwd: set[fx.Node], op_class: str) -> tuple[f
             received = n
         if n.op != "call_function":
             break
-        if _order_preserving(n):
+        if order_preserving(n):
             prev = n.args[0]
         elif str(n.meta.get("original_aten")) in shared and _single_input(n) is not None:
             prev = _single_input(n)
@@ -289,12 +281,17 @@ def not_smaller_quantized(val: torch.Tensor, group: int, bits: int) -> bool:
     return statically_known_true(code_bytes + nbounds * 2 >= val.numel() * val.element_size())
 
 
-def _topk_group(cfg, received: fx.Node):
-    """The top-k group size for a root (an int), or why there is none (a str)."""
+def _topk_group(cfg, received: fx.Node, sample_dim0=None):
+    """The top-k group size for a root (an int), or why there is none (a str).
+    ``sample_dim0``: the smallest dim 0 the operand was read through before Inductor's
+    joint-graph passes folded reshapes (``mark_samples``), where that is smaller."""
     if cfg.granularity != "sample":
         return cfg.block_size
     shape = received.meta["val"].shape
     group = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if (isinstance(sample_dim0, int) and len(shape) and is_concrete_int(shape[0]) and 0 < sample_dim0 < int(shape[0])
+            and int(shape[0]) % sample_dim0 == 0):
+        group = group * (int(shape[0]) // sample_dim0)
     if not is_concrete_int(group):
         return f"per-sample size {group} is symbolic"
     if int(group) == 0:  # (B, 0, ...): no elements, and no group to divide into
@@ -352,7 +349,7 @@ def _derived_from(root: fx.Node, norm_keys: dict, bwd: set[fx.Node]) -> tuple[fx
             return n, hit, links[::-1]
         if n.target in PADDING_OPS:
             big = n.all_input_nodes
-        elif n.target in DERIVING_OPS or _order_preserving(n):
+        elif n.target in DERIVING_OPS or order_preserving(n):
             size = _numel(n)
             big = [a for a in n.all_input_nodes if _numel(a) is None or not statically_known_true(_numel(a) < size)]
         else:
@@ -420,7 +417,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
     # activations of an earlier graph (a graph break) and are compressed.
     held_by_caller = ctx.held_by_caller(gm)
     full = _full_sizes(gm, bwd, static)
-    cands: dict[fx.Node, list] = {}  # root -> [(sites, received, op_class)], in graph order
+    cands: dict[fx.Node, list] = {}  # root -> [(sites, top-k group, op_class)], in graph order
     skipped: list[str] = []
     bn_roots: set[fx.Node] = set()
     dep = tangent_closure(gm)
@@ -461,11 +458,12 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                 if root in bn_roots:
                     continue
                 bn_roots.add(root)
-                chain, received = [], root
+                chain, topk_group = [], _topk_group(cfg, root)
                 sites = [Site(u, [], arg_index=i, op_class=op_class, module=path)
                          for u in root.users for i, a in enumerate(u.args) if a is root]
             else:
                 root, chain, received = _walk_to_root(node.args[idx], bwd, op_class)
+                topk_group = _topk_group(cfg, received, node.meta.get(SAMPLE_DIM0_META, {}).get(idx))
                 sites = [Site(node, chain, arg_index=idx, op_class=op_class, module=path)]
             if root.name in ctx.excluded_roots:
                 continue
@@ -479,7 +477,7 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                     free_roots.add(root)
                     skipped.append(f"{root.name}: recomputable from the inputs the caller holds")
                 continue
-            cands.setdefault(root, []).append((sites, received, op_class))
+            cands.setdefault(root, []).append((sites, topk_group, op_class))
     merged = _merge_derived(cands, cfg, bwd)
     plans: dict[tuple[fx.Node, int], Plan] = {}
     for root, uses in cands.items():
@@ -490,12 +488,12 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
         if quant and ctx.budget_bits.get(root.name) == 0:
             skipped.append(f"{root.name}: kept dense by memory_budget")
             continue
-        for sites, received, op_class in uses:
+        for sites, topk_group, op_class in uses:
             if quant:
                 group, keep, bits = (cfg.quant_group([c for _, _, c in uses]), 0,
                                      ctx.budget_bits.get(root.name, cfg.quant_bits))
             else:
-                group, bits = _topk_group(cfg, received), 0
+                group, bits = topk_group, 0
                 if isinstance(group, str):
                     skipped.append(f"{root.name}: {group}")
                     continue

@@ -2,6 +2,7 @@
 apply falls back.
 
     Dynamo graph --bsr_token_check--freeze_blocks--decompose_sdpa--> (AOTAutograd)
+    (Inductor, granularity="sample": mark_samples, before Inductor's own joint-graph passes)
     joint graph  --canonicalize--compress_saved--encode_derivative--pack_masks--> rewritten joint
                  --min-cut--> (fw, bw) --check_saved--> (describe saved) --split_decodes--drop_backward_packs--inline_codecs--> Inductor
                  (memory_budget: after the first check_saved, choose bits per root, back to the joint passes once)

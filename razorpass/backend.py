@@ -66,6 +66,16 @@ class RazorBackend:
             # channels-last and saves those copies for backward: on a ViT, a copy of the
             # batch and of the patch-embedding weight. razorpass exists to not store them.
             patches = {"custom_partitioner_fn": partitioner, "layout_optimization": False}
+            if self.config.granularity == "sample":
+                # before Inductor's joint-graph passes fold the reshapes that carry the
+                # sample dim (passes/mark_samples.py)
+                from torch._inductor import config as inductor_config
+
+                from .passes.mark_samples import MarkSamples
+
+                user = inductor_config.joint_custom_pre_pass
+                user = [] if user is None else list(user) if isinstance(user, (list, tuple)) else [user]
+                patches["joint_custom_pre_pass"] = [MarkSamples(), *user] if user else MarkSamples()
             return compile_fx(gm, example_inputs, config_patches=patches)
         from torch._dynamo.backends.common import aot_autograd
         from torch._dynamo.backends.debugging import boxed_nop

@@ -107,6 +107,30 @@ def test_inductor_sample_granularity(name):
 
 
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_a_sample_survives_the_reshapes_inductor_folds(compiler):
+    """Linear -> Linear on a (B, T, C) input: the graph reshapes the first Linear's
+    (B*T, C) output to (B, T, C) and back for the second, and Inductor's joint-graph
+    passes fold that pair before razorpass sees the graph. A sample is still one index
+    of B: T * C elements, as the layers receive them in the reference."""
+    torch.manual_seed(0)
+    B, T, C = 8, 6, 32
+    model = torch.nn.Sequential(torch.nn.Linear(16, C), torch.nn.GELU(), torch.nn.Linear(C, C), torch.nn.Linear(C, 4))
+    x = torch.randn(B, T, 16)
+    cfg = RazorConfig(policy="backrazor", sparsity=0.8, granularity="sample", compiler=compiler)
+    dense = _run(model, (x,), model)
+    with reference.apply(model, cfg):
+        ref = _run(model, (x,), model)
+    with razorpass.record_compiles() as records:
+        got = _run(model, (x,), razorpass.compile(model, cfg))
+    assert sorted(c.layer for c in records[0].compressed) == ["2", "3"]
+    assert [c.group_size for c in records[0].compressed] == [T * C, T * C]
+    tol = dict(rtol=1e-4, atol=1e-5) if compiler == "eager" else dict(rtol=2e-3, atol=2e-4)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], **tol, msg=lambda m: f"{k}: {m}")
+    assert (dense["3.weight"] - ref["3.weight"]).abs().max() > 100 * tol["atol"]
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
 def test_dynamic_batch_compiles_once(compiler):
     torch.manual_seed(0)
     model = MLP()
