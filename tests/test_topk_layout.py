@@ -57,23 +57,25 @@ def test_offsets_are_the_masks_kept_positions_and_decode_to_the_same_tensor(shap
     if flat.numel() > 12:  # NaN counts as the largest; ties go to the lower position; -0.0 kept as is
         flat[1], flat[5], flat[6], flat[9] = float("nan"), 3.0, 3.0, -0.0
     mask, values = ops.compress(x, group, k, torch.bfloat16)
-    offsets, values2 = ops.compress_offsets(x, group, k, torch.bfloat16)
-    assert offsets.dtype == torch.int16 and tuple(offsets.shape) == tuple(values.shape)
-    assert offsets.tolist() == _oracle_offsets(mask, group, k)
-    assert _same_bits(values2, values)
-    for out in (torch.float32, dtype):
-        dense = ops.decompress(mask, values, list(shape), group, out)
-        assert _same_bits(ops.decompress_offsets(offsets, values, list(shape), group, out), dense)
+    for backend in ("auto", "torch"):  # the native CPU kernel, then the PyTorch one
+        offsets, values2 = ops.compress_offsets(x, group, k, torch.bfloat16, backend)
+        assert offsets.dtype == torch.int16 and tuple(offsets.shape) == tuple(values.shape)
+        assert offsets.tolist() == _oracle_offsets(mask, group, k)
+        assert _same_bits(values2, values)
+        for out in (torch.float32, dtype):
+            dense = ops.decompress(mask, values, list(shape), group, out)
+            assert _same_bits(ops.decompress_offsets(offsets, values, list(shape), group, out, backend), dense)
 
 
 def test_groups_of_32768_and_more_store_int32_offsets():
     torch.manual_seed(1)
     x = torch.randn(2, 40000)
     mask, values = ops.compress(x, 40000, 50, torch.float32)
-    offsets, _ = ops.compress_offsets(x, 40000, 50, torch.float32)
-    assert offsets.dtype == torch.int32 and offsets.tolist() == _oracle_offsets(mask, 40000, 50)
-    assert torch.equal(ops.decompress_offsets(offsets, values, [2, 40000], 40000, torch.float32),
-                       ops.decompress(mask, values, [2, 40000], 40000, torch.float32))
+    for backend in ("auto", "torch"):
+        offsets, _ = ops.compress_offsets(x, 40000, 50, torch.float32, backend)
+        assert offsets.dtype == torch.int32 and offsets.tolist() == _oracle_offsets(mask, 40000, 50)
+        assert torch.equal(ops.decompress_offsets(offsets, values, [2, 40000], 40000, torch.float32, backend),
+                           ops.decompress(mask, values, [2, 40000], 40000, torch.float32))
 
 
 def test_offsets_of_another_shape_or_dtype_are_refused():

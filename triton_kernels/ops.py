@@ -124,6 +124,10 @@ def compress_offsets(
     ``k < group_size / 16``."""
     _check_group(group_size, k)
     mask, values = compress(x, group_size, k, value_dtype, backend)
+    if mask.device.type == "cpu" and backend != "torch":
+        offsets = topk_compress_cpu.cpu_mask_to_offsets(mask, group_size, k, offsets_dtype(group_size))
+        if offsets is not None:
+            return offsets, values
     return torch_mask_to_offsets(mask, group_size, k), values
 
 
@@ -140,8 +144,10 @@ def decompress_offsets(
     shape: list[int],
     group_size: int,
     dtype: torch.dtype,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """The dense tensor ``razor::decompress`` gives from the mask layout, bit for bit."""
+    """The dense tensor ``razor::decompress`` gives from the mask layout, bit for bit.
+    CPU tensors use the native kernel unless ``backend="torch"``."""
     k = values.shape[-1] if values.dim() == 2 else -1
     _check_group(group_size, k)
     if offsets.shape != values.shape or offsets.dtype != offsets_dtype(group_size):
@@ -149,11 +155,15 @@ def decompress_offsets(
             f"razor::decompress_offsets expects {offsets_dtype(group_size)} offsets of the values' shape "
             f"{tuple(values.shape)}, got {offsets.dtype} of shape {tuple(offsets.shape)}"
         )
+    if values.device.type == "cpu" and backend != "torch":
+        out = topk_compress_cpu.cpu_decompress_offsets(offsets, values, shape, group_size, dtype)
+        if out is not None:
+            return out
     return torch_decompress_offsets(offsets, values, shape, group_size, dtype)
 
 
 @decompress_offsets.register_fake
-def _(offsets, values, shape, group_size, dtype):
+def _(offsets, values, shape, group_size, dtype, backend="auto"):
     return values.new_empty(shape, dtype=dtype)
 
 

@@ -2,7 +2,8 @@
 
 Built on first use with ``torch.utils.cpp_extension`` (cached in the torch extensions
 directory) from ``csrc/topk_compress_cpu.cpp``; bit-identical to ``torch_compress`` /
-``torch_decompress`` in ``topk_compress.py`` and about two orders of magnitude faster
+``torch_decompress`` (and the offsets layout's ``torch_mask_to_offsets`` /
+``torch_decompress_offsets``) in ``topk_compress.py`` and about two orders of magnitude faster
 (a histogram pass, a small nth_element and a vectorised mask pass per group instead of
 a top-k; the C++ file's header describes the passes).
 ``load()`` returns None when the kernel cannot be built (no C++ compiler): the caller
@@ -69,7 +70,7 @@ def cpu_compress(x: torch.Tensor, group_size: int, k: int, value_dtype: torch.dt
     return mask, values
 
 
-def cpu_decompress(mask, values, shape, group_size, dtype):
+def _decode(fn_name: str, index, values, shape, dtype, group_size):
     if values.dtype not in SUPPORTED or dtype not in SUPPORTED:
         return None
     ext = load()
@@ -78,4 +79,17 @@ def cpu_decompress(mask, values, shape, group_size, dtype):
     n = 1
     for s in shape:
         n *= s
-    return ext.decompress(mask, values, n, group_size, dtype).view(shape)
+    return getattr(ext, fn_name)(index, values, n, group_size, dtype).view(shape)
+
+
+def cpu_decompress(mask, values, shape, group_size, dtype):
+    return _decode("decompress", mask, values, shape, dtype, group_size)
+
+def cpu_mask_to_offsets(mask, group_size: int, k: int, dtype: torch.dtype):
+    """The offsets layout of ``mask`` (``torch_mask_to_offsets``), or None."""
+    ext = load()
+    return None if ext is None else ext.mask_to_offsets(mask, group_size, k, dtype)
+
+
+def cpu_decompress_offsets(offsets, values, shape, group_size, dtype):
+    return _decode("decompress_offsets", offsets, values, shape, dtype, group_size)

@@ -283,6 +283,82 @@ void decompress_impl(const uint8_t* mask, const value_t* values, int64_t n, int6
 }
 
 
+// The offsets layout (topk_compress.py): per group, the positions of the mask's set
+// bits in increasing order; slots past them hold `group`.
+template <typename off_t>
+void mask_to_offsets_impl(const uint8_t* mask, int64_t groups, int64_t group, int64_t k, off_t* out) {
+  const int64_t mask_bytes = (group + 7) / 8;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(group, 1));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      off_t* og = out + g * k;
+      int64_t slot = 0;
+      for_each_set_bit(mask + g * mask_bytes, group, [&](int64_t i) {
+        if (slot < k) og[slot++] = static_cast<off_t>(i);
+      });
+      for (; slot < k; ++slot) og[slot] = static_cast<off_t>(group);
+    }
+  });
+}
+
+template <typename off_t, typename value_t, typename out_t>
+void decompress_offsets_impl(const off_t* offsets, const value_t* values, int64_t n, int64_t group,
+                             int64_t k, out_t* out) {
+  const int64_t groups = (n + group - 1) / group;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(group, 1));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const off_t* og = offsets + g * k;
+      const value_t* vg = values + g * k;
+      out_t* dg = out + g * group;
+      const int64_t real = std::min(group, n - g * group);
+      std::memset(dg, 0, real * sizeof(out_t));
+      for (int64_t slot = 0; slot < k; ++slot) {
+        const int64_t i = static_cast<int64_t>(og[slot]);
+        if (i >= 0 && i < real) dg[i] = static_cast<out_t>(static_cast<float>(vg[slot]));
+      }
+    }
+  });
+}
+
+#define RAZOR_OFFSET_TYPES(NAME, ...)                                           \
+  [&] {                                                                         \
+    switch (NAME) {                                                             \
+      case at::kShort: { using O = int16_t; return __VA_ARGS__(); }             \
+      case at::kInt: { using O = int32_t; return __VA_ARGS__(); }               \
+      default: TORCH_CHECK(false, "razorpass CPU kernel: offsets must be int16 or int32, got ", NAME); \
+    }                                                                           \
+  }()
+
+at::Tensor mask_to_offsets(const at::Tensor& mask_in, int64_t group, int64_t k, at::ScalarType dtype) {
+  const at::Tensor mask = mask_in.contiguous();
+  const int64_t groups = mask.size(0);
+  at::Tensor out = at::empty({groups, k}, mask.options().dtype(dtype));
+  if (groups == 0 || k == 0) return out;
+  RAZOR_OFFSET_TYPES(dtype, [&] { mask_to_offsets_impl<O>(mask.data_ptr<uint8_t>(), groups, group, k, out.data_ptr<O>()); });
+  return out;
+}
+
+at::Tensor decompress_offsets(const at::Tensor& offsets_in, const at::Tensor& values_in, int64_t n,
+                              int64_t group, at::ScalarType dtype) {
+  const at::Tensor offsets = offsets_in.contiguous();
+  const at::Tensor values = values_in.contiguous();
+  at::Tensor out = at::empty({n}, values.options().dtype(dtype));
+  if (n == 0) return out;
+  const int64_t k = values.size(1);
+  RAZOR_OFFSET_TYPES(offsets.scalar_type(), [&] {
+    using off_t = O;
+    RAZOR_FLOAT_TYPES(values.scalar_type(), [&] {
+      using value_t = T;
+      RAZOR_FLOAT_TYPES(dtype, [&] {
+        decompress_offsets_impl<off_t, value_t, T>(offsets.data_ptr<off_t>(), values.data_ptr<value_t>(), n, group,
+                                                   k, out.data_ptr<T>());
+      });
+    });
+  });
+  return out;
+}
+
 std::vector<at::Tensor> compress(const at::Tensor& x_in, int64_t group, int64_t k,
                                  at::ScalarType value_dtype) {
   // Dense non-overlapping strided inputs are read in place; anything else is copied.
@@ -331,4 +407,6 @@ at::Tensor decompress(const at::Tensor& mask_in, const at::Tensor& values_in, in
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compress", &compress, "top-k compress (CPU)");
   m.def("decompress", &decompress, "top-k decompress (CPU)");
+  m.def("mask_to_offsets", &mask_to_offsets, "top-k mask to offsets (CPU)");
+  m.def("decompress_offsets", &decompress_offsets, "top-k decompress from offsets (CPU)");
 }
