@@ -289,9 +289,14 @@ def _topk_group(cfg, received: fx.Node, sample_dim0=None):
         return cfg.block_size
     shape = received.meta["val"].shape
     group = math.prod(shape[1:]) if len(shape) > 1 else 1
-    if (isinstance(sample_dim0, int) and len(shape) and is_concrete_int(shape[0]) and 0 < sample_dim0 < int(shape[0])
-            and int(shape[0]) % sample_dim0 == 0):
-        group = group * (int(shape[0]) // sample_dim0)
+    if sample_dim0 is not None and len(shape) and not statically_known_true(sample_dim0 >= shape[0]):
+        d0 = shape[0]
+        if not (is_concrete_int(d0) and is_concrete_int(sample_dim0) and 0 < int(sample_dim0)
+                and int(d0) % int(sample_dim0) == 0):
+            # a sample dim folded away under a symbolic size: which elements form a
+            # sample is not known statically, so this tensor stays dense (exact)
+            return f"per-sample size of {received.name} (dim 0 {d0}, sample dim {sample_dim0}) is not static"
+        group = group * (int(d0) // int(sample_dim0))
     if not is_concrete_int(group):
         return f"per-sample size {group} is symbolic"
     if int(group) == 0:  # (B, 0, ...): no elements, and no group to divide into

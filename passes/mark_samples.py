@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from .common import SAMPLE_DIM0_META, backward_nodes, order_preserving
@@ -36,12 +37,11 @@ __all__ = ["MarkSamples", "mark"]
 
 def _dim0(n: fx.Node):
     v = n.meta.get("val")
-    if isinstance(v, torch.Tensor) and v.dim() > 0 and isinstance(v.shape[0], int):
-        return v.shape[0]
-    return None
+    return v.shape[0] if isinstance(v, torch.Tensor) and v.dim() > 0 else None
 
 
-def _smallest_dim0(operand: fx.Node, bwd: set[fx.Node]) -> int | None:
+def _smallest_dim0(operand: fx.Node, bwd: set[fx.Node]):
+    """The smallest dim 0 (an int or a SymInt) on the walk from ``operand``."""
     n = operand
     while n in bwd and n.args and isinstance(n.args[0], fx.Node):
         n = n.args[0]
@@ -51,7 +51,7 @@ def _smallest_dim0(operand: fx.Node, bwd: set[fx.Node]) -> int | None:
     while n.op == "call_function" and order_preserving(n):
         n = n.args[0]
         d = _dim0(n)
-        if d is not None and (best is None or d < best):
+        if d is not None and (best is None or statically_known_true(d < best)):
             best = d
     return best
 

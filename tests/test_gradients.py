@@ -130,6 +130,25 @@ def test_a_sample_survives_the_reshapes_inductor_folds(compiler):
     assert (dense["3.weight"] - ref["3.weight"]).abs().max() > 100 * tol["atol"]
 
 
+def test_a_sample_folded_away_under_a_dynamic_batch_stays_dense():
+    """The same Linear -> Linear with the batch marked dynamic: Inductor's folded graph
+    reads the second Linear's input as (s0*T, C), and which rows form a sample is not
+    known statically; that input is then kept dense (its weight gradient exact), with
+    the reason in the record, rather than grouped per row."""
+    torch.manual_seed(0)
+    B, T, C = 8, 6, 32
+    model = torch.nn.Sequential(torch.nn.Linear(16, C), torch.nn.GELU(), torch.nn.Linear(C, C), torch.nn.Linear(C, 4))
+    x = torch.randn(B, T, 16)
+    torch._dynamo.mark_dynamic(x, 0)
+    cfg = RazorConfig(policy="backrazor", sparsity=0.8, granularity="sample")
+    dense = _run(model, (x,), model)
+    with razorpass.record_compiles() as records:
+        got = _run(model, (x,), razorpass.compile(model, cfg))
+    assert [c.layer for c in records[0].compressed] == ["2"]
+    assert any("not static" in s for s in records[0].skipped)
+    torch.testing.assert_close(got["3.weight"], dense["3.weight"], rtol=2e-3, atol=2e-4)
+
+
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
 def test_dynamic_batch_compiles_once(compiler):
     torch.manual_seed(0)
