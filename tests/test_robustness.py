@@ -419,3 +419,32 @@ def test_training_loop_memory_does_not_grow():
                 seen[step] = _live_tensors()
     assert len(records) == 1 and len(records[0].compressed) == 2
     assert seen[20] == seen[200], f"live tensors (count, bytes) grew: step 20 {seen[20]}, step 200 {seen[200]}"
+
+
+def test_a_kernel_build_lock_left_by_a_killed_process_is_cleared(tmp_path, monkeypatch, caplog):
+    """torch waits forever on an extension's build lock; a process killed while building
+    the native kernel left one behind, and every later process hung on first use."""
+    import os
+    import pathlib
+    import time
+
+    from torch.utils import cpp_extension
+
+    from razorpass.kernels import topk_compress_cpu as native
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    built = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, **kw: built.append(name) or "module")
+    build = native._build.__wrapped__  # uncached
+    build("razorpass_lock_check", str(native._SOURCE))  # learns the extension's full name
+    lock = pathlib.Path(cpp_extension._get_build_directory(built[0], False)) / "lock"
+    for stale in (True, False):
+        lock.write_text("")
+        if stale:
+            old = time.time() - native.STALE_LOCK_S - 60
+            os.utime(lock, (old, old))
+        with caplog.at_level(logging.WARNING, logger="razorpass"):
+            assert build("razorpass_lock_check", str(native._SOURCE)) == "module"
+        assert lock.exists() is not stale  # a stale lock is removed, a fresh one (a build under way) kept
+        lock.unlink(missing_ok=True)
+    assert "did not finish" in caplog.text and len(built) == 3

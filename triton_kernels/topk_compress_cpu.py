@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import time
 
 import torch
 
@@ -34,15 +35,35 @@ def build(name: str, source: pathlib.Path):
     return _build(name, str(source))
 
 
+# A build takes a minute or two; a lock older than this was left by a process killed
+# while it built (torch would wait on it forever).
+STALE_LOCK_S = 900
+
+
+def clear_stale_lock(build_dir: str) -> bool:
+    """Remove ``build_dir/lock`` if it is older than ``STALE_LOCK_S``; True if removed."""
+    lock = pathlib.Path(build_dir) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return False
+    if age < STALE_LOCK_S:
+        return False
+    log.warning("razorpass: removing %s, left %.0f s ago by a kernel build that did not finish", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def _build(name: str, source: str):
     try:
-        from torch.utils.cpp_extension import load as load_ext
+        from torch.utils import cpp_extension
 
         # the shared header is hashed with the source: editing it rebuilds the kernel
         header = pathlib.Path(source).with_name("float_types.h")
         digest = hashlib.sha256(header.read_bytes()).hexdigest()[:8]
-        return load_ext(
+        clear_stale_lock(cpp_extension._get_build_directory(f"{name}_{digest}", verbose=False))
+        return cpp_extension.load(
             name=f"{name}_{digest}",
             sources=[source],
             # no fused multiply-add: the kernels round as the PyTorch kernels do
