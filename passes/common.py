@@ -28,7 +28,8 @@ aten = torch.ops.aten
 
 __all__ = ["BailOut", "PassContext", "PreAutogradContext", "VIEW_OPS", "ORDER_PRESERVING", "HEAVY_OPS", "module_path",
            "matches", "fake_mode_of", "size_args", "replay_chain", "backward_nodes", "clean_fqn", "tangent_closure",
-           "is_random", "light_inputs", "recomputable_from_caller", "strip_views", "primals", "forward_outputs"]
+           "is_random", "light_inputs", "recomputable_from_caller", "strip_views", "primals", "forward_outputs",
+           "order_preserving", "dim0", "SAMPLE_DIM0_META"]
 
 
 class BailOut(Exception):
@@ -75,6 +76,12 @@ def order_preserving(n: fx.Node) -> bool:
         a, b = n.args[0].meta.get("val"), n.meta.get("val")
         return a is not None and b is not None and tuple(a.shape) == tuple(b.shape)
     return False
+
+
+def dim0(n: fx.Node):
+    """Dim 0 of the tensor ``n`` computes (an int or a SymInt), or None."""
+    v = n.meta.get("val")
+    return v.shape[0] if isinstance(v, torch.Tensor) and v.dim() > 0 else None
 
 
 # ``node.meta`` key of ``mark_samples``: {argument index: the smallest dim 0 the argument

@@ -38,9 +38,9 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
-from ..kernels.ops import compressed_shapes, group_quantized_shapes, offsets_dtype, value_dtype_of
-from .common import (ORDER_PRESERVING, SAMPLE_DIM0_META, VIEW_OPS, PassContext, backward_nodes, matches, module_path,
-                     order_preserving, recomputable_from_caller, strip_views, tangent_closure)
+from ..kernels.ops import compressed_shapes, group_quantized_shapes, value_dtype_of
+from .common import (ORDER_PRESERVING, SAMPLE_DIM0_META, VIEW_OPS, PassContext, backward_nodes, dim0, matches,
+                     module_path, order_preserving, recomputable_from_caller, strip_views, tangent_closure)
 from .records import CompressedRoot, QuantizedRoot
 from .rewrite import Rewriter, Use
 
@@ -221,11 +221,6 @@ def _single_input(n: fx.Node) -> fx.Node | None:
     return inputs[0] if len(inputs) == 1 else None
 
 
-def _dim0(n: fx.Node):
-    v = n.meta.get("val")
-    return v.shape[0] if isinstance(v, torch.Tensor) and v.dim() > 0 else None
-
-
 def _walk_to_root(operand: fx.Node, bwd: set[fx.Node], op_class: str) -> tuple[fx.Node, list[fx.Node], fx.Node]:
     """(root, chain root->operand, the node whose dim 0 is the sample dim).
 
@@ -246,7 +241,7 @@ def _walk_to_root(operand: fx.Node, bwd: set[fx.Node], op_class: str) -> tuple[f
         n = n.args[0]
     received = None
     while True:
-        d0, best = _dim0(n), received is not None and _dim0(received)
+        d0, best = dim0(n), received is not None and dim0(received)
         if d0 is not None and (received is None or best is None or statically_known_true(d0 < best)):
             received = n
         if n.op != "call_function":
@@ -268,9 +263,8 @@ def not_smaller(val: torch.Tensor, group: int, keep: int, config) -> bool:
     of ceil(group / 8) bytes or ``keep`` offsets, as ``topk_layout`` picks, and ``keep``
     values) is not smaller than ``val`` dense, which then stays dense. A symbolic size
     that is not known to be smaller is compressed (False)."""
-    (groups, mask_bytes), (_, k) = compressed_shapes(val.numel(), group, keep)
-    index_bytes = k * offsets_dtype(group).itemsize if config.topk_offsets(group, keep) else mask_bytes
-    packed = groups * index_bytes + groups * k * value_dtype_of(config, val.dtype).itemsize
+    (groups, _), (_, k) = compressed_shapes(val.numel(), group, keep)
+    packed = groups * config.topk_index_bytes(group, keep) + groups * k * value_dtype_of(config, val.dtype).itemsize
     return statically_known_true(packed >= val.numel() * val.element_size())
 
 

@@ -25,19 +25,13 @@ replaces loses its entry, and the group is then what ``compress_saved`` sees.
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from .common import SAMPLE_DIM0_META, backward_nodes, order_preserving
+from .common import SAMPLE_DIM0_META, backward_nodes, dim0, order_preserving
 
 __all__ = ["MarkSamples", "mark"]
-
-
-def _dim0(n: fx.Node):
-    v = n.meta.get("val")
-    return v.shape[0] if isinstance(v, torch.Tensor) and v.dim() > 0 else None
 
 
 def _smallest_dim0(operand: fx.Node, bwd: set[fx.Node]):
@@ -47,10 +41,10 @@ def _smallest_dim0(operand: fx.Node, bwd: set[fx.Node]):
         n = n.args[0]
     if n in bwd:
         return None
-    best = _dim0(n)
+    best = dim0(n)
     while n.op == "call_function" and order_preserving(n):
         n = n.args[0]
-        d = _dim0(n)
+        d = dim0(n)
         if d is not None and (best is None or statically_known_true(d < best)):
             best = d
     return best

@@ -293,9 +293,18 @@ class RazorConfig:
         group than the mask). Integers only (the group size is static)."""
         if self.topk_layout != "auto":
             return self.topk_layout == "offsets"
+        return self._offsets_bytes(group_size, k) < -(-group_size // 8)
+
+    def topk_index_bytes(self, group_size: int, k: int) -> int:
+        """Bytes per group of what records a top-k copy's kept elements: the packed mask,
+        or the offsets where ``topk_offsets`` picks them."""
+        return self._offsets_bytes(group_size, k) if self.topk_offsets(group_size, k) else -(-group_size // 8)
+
+    @staticmethod
+    def _offsets_bytes(group_size: int, k: int) -> int:
         from .kernels.topk_compress import offsets_dtype
 
-        return k * offsets_dtype(group_size).itemsize < -(-group_size // 8)
+        return k * offsets_dtype(group_size).itemsize
 
     def keep_count(self, group_size):
         """k = ceil((1 - sparsity) * group_size), computed as group - floor(s * group).

@@ -36,14 +36,12 @@ def compressed_nbytes(shape, config: RazorConfig, activation_dtype: torch.dtype)
     """Exact bytes of the top-k copy razorpass saves for a tensor of ``shape``: the
     packed mask, or the offsets where ``config.topk_layout`` picks them, plus the
     values. (:func:`compress` returns the mask layout whatever the config.)"""
-    from .kernels.ops import offsets_dtype
-
     numel = math.prod(shape)
     g = group_size_for(shape, config.granularity, config.block_size)
     k = config.keep_count(g)
     groups = -(-numel // g) if g else 0
     vbytes = torch.empty((), dtype=value_dtype_of(config, activation_dtype)).element_size()
-    index = k * offsets_dtype(g).itemsize if g and config.topk_offsets(g, k) else -(-g // 8)
+    index = config.topk_index_bytes(g, k) if g else 0
     return groups * index + groups * k * vbytes
 
 

@@ -106,6 +106,7 @@ def _decode(fn_name: str, index, values, shape, dtype, group_size):
 def cpu_decompress(mask, values, shape, group_size, dtype):
     return _decode("decompress", mask, values, shape, dtype, group_size)
 
+
 def cpu_mask_to_offsets(mask, group_size: int, k: int, dtype: torch.dtype):
     """The offsets layout of ``mask`` (``torch_mask_to_offsets``), or None."""
     ext = load()
