@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.razorpass-installed
+# pytest-xdist workers for `make test`: one per core, at most 4 (each holds its own
+# compiled models; more only adds memory on a 2-core CI machine).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: demo test install clean
 
@@ -21,7 +24,7 @@ demo: $(STAMP)
 	$(PY) -m razorpass.bench --out bench/results $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

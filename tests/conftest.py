@@ -16,6 +16,11 @@ if not os.path.exists("/dev/nvidia0") and "TRITON_INTERPRET" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist (`make test` runs one worker per core), one intra-op thread per
+# worker: the workers already fill the cores, and more threads only oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
