@@ -190,3 +190,37 @@ def test_torch_compile_backend_name_matches_razorpass_compile():
     b = _run(model, (x,), razorpass.compile(model, RazorConfig(**opts)))
     for k in a:
         assert torch.equal(a[k], b[k])
+
+
+class _HeadsAttention(torch.nn.Module):
+    def __init__(self, C=32, H=4):
+        super().__init__()
+        self.H, self.qkv, self.out = H, torch.nn.Linear(C, 3 * C), torch.nn.Linear(C, C)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.H, C // self.H).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-1, -2)).softmax(-1)
+        return self.out((a @ v).transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_a_batched_matmul_sample_spans_every_head(compiler):
+    """Back Razor's rule for attention: the operands of q·kᵀ and P·v are (B, H, T, d)
+    and one sample is one index of B across all H heads (H * T * d elements), not one
+    (batch, head) pair, although the graph multiplies them as (B * H, T, d)."""
+    torch.manual_seed(0)
+    B, T, C, H = 3, 6, 32, 4
+    model, x = _HeadsAttention(C, H), torch.randn(B, T, C)
+    cfg = RazorConfig(policy="backrazor", sparsity=0.8, granularity="sample", compiler=compiler, targets=("matmul",))
+    dense = _run(model, (x,), model)
+    with reference.apply(model, cfg):
+        ref = _run(model, (x,), model)
+    with razorpass.record_compiles() as records:
+        got = _run(model, (x,), razorpass.compile(model, cfg))
+    groups = [c.group_size for c in records[0].compressed if "matmul" in c.op_classes]
+    assert sorted(groups) == sorted([H * T * (C // H)] * 3 + [H * T * T])  # q, k, v and P (B, H, T, T)
+    tol = dict(rtol=1e-4, atol=1e-5) if compiler == "eager" else dict(rtol=2e-3, atol=2e-4)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], **tol, msg=lambda m: f"{k}: {m}")
+    assert (dense["qkv.weight"] - ref["qkv.weight"]).abs().max() > 100 * tol["atol"]
