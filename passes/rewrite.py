@@ -6,6 +6,11 @@ An encoding is a pair of custom ops, ``encode(root, *args) -> tensor(s)`` (forwa
 and ``decode(*encoded, sizes, *args) -> dense`` (backward); :func:`reroute` does the
 graph surgery for any such pair, so a new encoding is an analysis plus one call.
 
+Decodes are contiguous. Where the root was dense in memory but not in row-major order
+(channels-last, a permuted view), the decoded tensor is copied back into the root's
+layout: the backward graph was traced against those strides (a convolution's input
+gradient takes its input's memory format, a later ``view`` relies on it).
+
 Invariants (see ``common``): every created node gets ``meta["val"]`` under the graph's
 fake mode; encode nodes are tagged ``partitioner_tag="is_forward"`` (the min-cut
 partitioner keeps them in forward and saves their outputs), the decode is tagged
@@ -21,6 +26,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch._prims_common import (compute_elementwise_output_logical_to_physical_perm,
+                                is_non_overlapping_and_dense_or_false)
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .common import fake_mode_of, replay_chain, size_args
 
@@ -44,7 +52,7 @@ class Rewritten:
     root: fx.Node
     encode: fx.Node  # the encode op's node
     encoded: list[fx.Node]  # its tensor outputs (what forward saves)
-    decode: fx.Node  # the decoded dense tensor in backward
+    decode: fx.Node  # the decode op's node in backward (contiguous; its uses may see a copy in the root's layout)
 
     def record_fields(self) -> dict:
         """The fields every ``records.EncodedRoot`` takes from the rewrite itself."""
@@ -58,6 +66,38 @@ def _after_inputs(graph: fx.Graph, root: fx.Node) -> fx.Node:
     if root.op != "placeholder":
         return root
     return next(n for n in graph.nodes if n.op != "placeholder").prev  # after the last input
+
+
+def layout_perm(val: torch.Tensor) -> list[int] | None:
+    """The permutation ``p`` for which ``val.permute(p)`` is contiguous, where ``val`` is
+    dense in memory but not row-major (channels-last, a transposed view); None where a
+    contiguous tensor already has ``val``'s strides, or they are symbolic."""
+    if not all(is_concrete_int(d) for d in (*val.shape, *val.stride())):
+        return None
+    if val.is_contiguous() or not is_non_overlapping_and_dense_or_false(val):
+        return None
+    perm, _ = compute_elementwise_output_logical_to_physical_perm(val)
+    return None if perm == list(range(val.dim())) else list(perm)
+
+
+def _in_layout_of(graph: fx.Graph, fake_mode, dense: fx.Node, val: torch.Tensor) -> fx.Node:
+    """``dense`` (contiguous) copied into ``val``'s memory layout, at the current
+    insertion point: permute to the physical order, copy, permute back."""
+    perm = layout_perm(val)
+    if perm is None:
+        return dense
+    inverse = [perm.index(i) for i in range(len(perm))]
+    cur = dense
+    for target, args, kwargs in ((torch.ops.aten.permute.default, (perm,), {}),
+                                 (torch.ops.aten.clone.default, (), {"memory_format": torch.contiguous_format}),
+                                 (torch.ops.aten.permute.default, (inverse,), {})):
+        new = graph.call_function(target, (cur, *args), kwargs)
+        with fake_mode:
+            new.meta["val"] = target(cur.meta["val"], *args, **kwargs)
+        new.meta["partitioner_tag"] = "is_backward"
+        cur = new
+    assert cur.meta["val"].stride() == val.stride(), (cur.meta["val"].stride(), val.stride())
+    return cur
 
 
 class Rewriter:
@@ -112,9 +152,11 @@ class Rewriter:
             dense.meta["val"] = decode(*fx.node.map_arg(args, lambda a: a.meta["val"]))
         dense.meta["partitioner_tag"] = "must_be_in_backward"
         dense.meta["fwd_nn_module_stack"] = first.meta.get("fwd_nn_module_stack", {})
+        with graph.inserting_before(first):
+            laid_out = _in_layout_of(graph, fake_mode, dense, val)
         for use in uses:
             with graph.inserting_before(use.consumer):
-                cur = replay_chain(graph, fake_mode, use.chain, dense, root)
+                cur = replay_chain(graph, fake_mode, use.chain, laid_out, root)
             if use.arg_index is not None:
                 use.consumer.update_arg(use.arg_index, cur)
             else:

@@ -224,3 +224,36 @@ def test_a_batched_matmul_sample_spans_every_head(compiler):
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], **tol, msg=lambda m: f"{k}: {m}")
     assert (dense["qkv.weight"] - ref["qkv.weight"]).abs().max() > 100 * tol["atol"]
+
+
+class _ChannelsLastConv(torch.nn.Module):
+    """A Linear over (N, H, W, C), permuted to NCHW for a convolution: the conv input is
+    dense in memory but channels-last (ConvNeXt's downsampling reads such a tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.conv = torch.nn.Linear(8, 8), torch.nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.fc(x).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_a_channels_last_root_decodes_into_its_own_layout(compiler):
+    """The backward graph was traced against the saved tensor's strides: the conv's input
+    gradient takes its input's memory format and the Linear backward then views it as
+    (N*H*W, C). A decode that stayed contiguous broke that view ("view size is not
+    compatible", eager compiler); the decoded copy is laid out like the root."""
+    torch.manual_seed(0)
+    model, x = _ChannelsLastConv().double(), torch.randn(2, 6, 6, 8, dtype=torch.double)
+    cfg = RazorConfig(compiler=compiler, targets=("conv",), quant_group_size=32)
+    dense = _run(model, (x,), model)
+    with reference.apply(model, cfg):
+        ref = _run(model, (x,), model)
+    with razorpass.record_compiles() as records:
+        got = _run(model, (x,), razorpass.compile(model, cfg))
+    assert [r.fallback for r in records] == [None]
+    assert [c.op_classes for c in records[0].compressed] == [("conv",)]
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-12, msg=lambda m: f"{k}: {m}")
+    assert (dense["conv.weight"] - ref["conv.weight"]).abs().max() > 1e-3  # the code is lossy: a visible effect
