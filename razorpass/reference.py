@@ -513,6 +513,14 @@ _DERIVING = frozenset({
 _DROPOUT = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
 
 
+def _version(t: torch.Tensor) -> int:
+    """``t``'s version counter (bumped by every in-place op on it or a view of it)."""
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has none (and no backward to feed)
+        return -1
+
+
 def _is_identity_dropout(args, kwargs) -> bool:
     """A dropout that drops nothing (p = 0, or not training): the compiled graph has no
     dropout there at all."""
@@ -685,27 +693,30 @@ class _ReferenceMode(TorchFunctionMode):
 
     def _track(self, out: torch.Tensor, sink: list) -> torch.Tensor:
         if sink:
-            self.from_norm[id(out)] = (out, sink[0].detach().to(out.dtype))
+            self.from_norm[id(out)] = (out, sink[0].detach().to(out.dtype), _version(out))
         return out
 
     def _stored(self, t):
+        """The value a tracked tensor was derived as, while ``t`` is unchanged: an in-place
+        op this context does not replay (``h += residual``) bumps its version and ends
+        the tracking (the compiled graph sees that op as a new, untracked tensor)."""
         hit = self.from_norm.get(id(t)) if isinstance(t, torch.Tensor) else None
-        return hit[1] if hit is not None and hit[0] is t else None
+        return hit[1] if hit is not None and hit[0] is t and hit[2] == _version(t) else None
 
     def _derive(self, func, args, kwargs):
         """A pointwise function of one tracked tensor (the others smaller, broadcast):
         the result is tracked too, as the same function of the stored value."""
-        out = func(*args, **kwargs)
         leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        tracked = [t for t in leaves if self._stored(t) is not None]
+        tracked = [(t, self._stored(t)) for t in leaves if self._stored(t) is not None]  # before an in-place func
+        out = func(*args, **kwargs)
         if (len(tracked) == 1 and isinstance(out, torch.Tensor)
-                and (out.numel() == tracked[0].numel() or func is F.pad)
-                and all(t is tracked[0] or t.numel() < out.numel() for t in leaves)):
-            src, stored = tracked[0], self._stored(tracked[0])
+                and (out.numel() == tracked[0][0].numel() or func is F.pad)
+                and all(t is tracked[0][0] or t.numel() < out.numel() for t in leaves)):
+            src, stored = tracked[0]
             swap = lambda t: stored.clone() if t is src else t  # noqa: E731
             with torch.no_grad():
                 value = func(*torch.utils._pytree.tree_map(swap, args), **torch.utils._pytree.tree_map(swap, kwargs))
-            self.from_norm[id(out)] = (out, value.detach())
+            self.from_norm[id(out)] = (out, value.detach(), _version(out))
         return out
 
     def _layer_cfg(self, x: torch.Tensor, dtype, cls: str):

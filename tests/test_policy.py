@@ -346,6 +346,44 @@ def test_a_residual_between_norm_and_layer_keeps_its_own_code(kind):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
 
 
+class _InplaceResidual(torch.nn.Module):
+    """conv → BatchNorm → ``h += x`` → ReLU → conv: a residual block as Hugging Face's
+    ResNet writes it (the add in place on the norm's output)."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.c1, self.bn = torch.nn.Conv2d(8, 8, 1, bias=False), torch.nn.BatchNorm2d(8)
+        self.c2, self.inplace = torch.nn.Conv2d(8, 8, 1, bias=False), inplace
+
+    def forward(self, x):
+        h = self.bn(self.c1(x))
+        if self.inplace:
+            h += x
+        else:
+            h = h + x
+        return self.c2(torch.relu(h))
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace-add", "add"])
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_an_inplace_residual_after_a_norm_ends_the_shared_code(inplace, compiler):
+    """After ``h += x`` the ReLU's input is no longer a function of the norm's x̂: the
+    compiled graph (functional: a new tensor) gives the second conv a code of its own,
+    and so must the reference. It used to keep reading relu(γ·x̂+β) without the
+    residual (second conv's weight gradient off by 5.8x relative on this block)."""
+    torch.manual_seed(0)
+    model = _InplaceResidual(inplace).double().train()
+    x = torch.randn(4, 8, 8, 8, dtype=torch.float64) * 3 + 2
+    cfg = RazorConfig(compiler=compiler)
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # running stats: both sides start equal
+    ref, _ = _grads_of(model, (x,), cfg, compiled=False)
+    model.load_state_dict(state)
+    got, (rec,) = _grads_of(model, (x,), cfg, compiled=True)
+    assert not [c for c in rec.compressed if len(c.op_classes) > 1]  # the residual breaks the sharing
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
+
+
 def test_shared_code_under_bf16_autocast_matches_the_reference():
     """Under autocast the Linear reads a bfloat16 cast of the float32 LayerNorm output:
     the cast is replayed on γ·x̂+β from the decoded float32 x̂."""
