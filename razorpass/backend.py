@@ -79,6 +79,7 @@ class RazorBackend:
             return compile_fx(gm, example_inputs, config_patches=patches)
         from torch._dynamo.backends.common import aot_autograd
         from torch._dynamo.backends.debugging import boxed_nop
+        import torch._inductor.lowering  # noqa: F401  (its max_pool decomposition calls into it)
         from torch._inductor.decomposition import select_decomp_table
 
         # Inductor's decompositions, so that "eager" sees (and compresses) the same

@@ -50,6 +50,23 @@ def test_lean_import():
     assert "LEAN" in out.stdout, out.stderr[-2000:]
 
 
+def test_the_eager_compiler_runs_a_max_pool_in_a_fresh_process():
+    """compiler="eager" takes Inductor's decompositions, and the max-pool one calls into
+    torch._inductor.lowering, which nothing had imported in a fresh process: every CNN
+    with a max pool (ResNet) failed to compile there."""
+    code = (
+        "import torch, razorpass;"
+        "m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.MaxPool2d(2), torch.nn.Flatten(), "
+        "torch.nn.Linear(8 * 7 * 7, 2));"
+        "x = torch.randn(2, 3, 16, 16); ref = torch.autograd.grad(m(x).sum(), m[0].weight)[0];"
+        "got = torch.autograd.grad(razorpass.compile(m, compiler='eager', strict=True, targets=('linear',))(x).sum(),"
+        " m[0].weight)[0];"
+        "torch.testing.assert_close(got, ref); print('POOLED')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "POOLED" in out.stdout, out.stderr[-2000:]
+
+
 def test_a_pass_failure_falls_back_to_the_dense_gradient(monkeypatch, caplog):
     import razorpass.passes.compress_saved as cs
     from razorpass.passes.common import BailOut
