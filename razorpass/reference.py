@@ -496,6 +496,14 @@ _HEAVY = frozenset({
 _SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
 _MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
 _ADDMM = (torch.addmm, torch.Tensor.addmm)
+# Reshapes that keep the flattened element order: a top-k copy of the result is the
+# top-k copy of the source (the same blocks), as the compiled path replays them on the
+# decoded root.
+_ORDER_KEEPING = frozenset({
+    torch.flatten, torch.Tensor.flatten, torch.reshape, torch.Tensor.reshape, torch.Tensor.view,
+    torch.Tensor.view_as, torch.Tensor.reshape_as, torch.unsqueeze, torch.Tensor.unsqueeze, torch.squeeze,
+    torch.Tensor.squeeze, torch.Tensor.contiguous, torch.clone, torch.Tensor.clone,
+})
 # Pointwise functions through which a layer input stays derived from a normalization's
 # stored x̂ (as the compiled path replays them: compress_saved.DERIVING_OPS).
 _DERIVING = frozenset({
@@ -505,10 +513,13 @@ _DERIVING = frozenset({
     torch.Tensor.half, torch.Tensor.bfloat16, torch.add, torch.sub, torch.mul, torch.div, torch.Tensor.add,
     torch.Tensor.sub, torch.Tensor.mul, torch.Tensor.div, torch.Tensor.__add__, torch.Tensor.__radd__,
     torch.Tensor.__sub__, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__truediv__,
-    # reshapes that keep the element order
-    torch.flatten, torch.Tensor.flatten, torch.reshape, torch.Tensor.reshape, torch.Tensor.view,
-    torch.Tensor.view_as, torch.Tensor.reshape_as, torch.unsqueeze, torch.Tensor.unsqueeze, torch.squeeze,
-    torch.Tensor.squeeze, torch.Tensor.contiguous, torch.clone, torch.Tensor.clone,
+}) | _ORDER_KEEPING
+# A parameter read through these (or _ORDER_KEEPING, or an identity dropout) is still the
+# parameter's memory: the compiled path never saves a copy of it (compress_saved's
+# _is_activation_operand strips views and clones down to the primal), so it stays exact.
+_PARAM_VIEWS = _ORDER_KEEPING | frozenset({
+    torch.Tensor.detach, torch.detach, torch.permute, torch.Tensor.permute, torch.transpose, torch.Tensor.transpose,
+    torch.t, torch.Tensor.t, torch.Tensor.expand, torch.Tensor.expand_as,
 })
 _DROPOUT = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)
 
@@ -557,6 +568,7 @@ class _ReferenceMode(TorchFunctionMode):
         self.choices = choices  # memory_budget's (module path, numel) -> bits, 0 dense
         self.derived: dict[int, torch.Tensor] = {}
         self.topk_stored: dict[int, torch.Tensor] = {}  # outputs a top-k class stores (softmax)
+        self.param_views: dict[int, torch.Tensor] = {}  # parameters seen through _PARAM_VIEWS
         # outputs computed from a normalization's quantized x̂ -> (output, the same
         # computation on the stored x̂): a layer reading one reads the second
         self.from_norm: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -566,7 +578,7 @@ class _ReferenceMode(TorchFunctionMode):
         or computed from such tensors (and parameters) by light functions alone: the
         compiled path recomputes those instead of saving them, so they are never
         sparsified."""
-        if self.derived.get(id(t)) is t:
+        if self.derived.get(id(t)) is t or self.param_views.get(id(t)) is t:
             return True
         return (id(t) in self.inputs or id(t) in self.state) and not t.requires_grad
 
@@ -621,6 +633,9 @@ class _ReferenceMode(TorchFunctionMode):
                 if isinstance(t, torch.Tensor):
                     self.derived[id(t)] = t
             return out
+        same = self._same_memory(func, args, kwargs)
+        if same is not None:
+            return same
         targets = self.config.target_classes
         if func is F.layer_norm and "layernorm" in targets:
             a = {"weight": None, "bias": None, "eps": 1e-5, **dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args)), **kwargs}
@@ -690,6 +705,28 @@ class _ReferenceMode(TorchFunctionMode):
                                or (func is F.pad and _is_constant_pad(args, kwargs))):
             return self._derive(func, args, kwargs)
         return func(*args, **kwargs)
+
+    def _same_memory(self, func, args, kwargs):
+        """A view of a parameter, or an order-keeping reshape of a top-k-stored softmax
+        output: the result is tracked like its source (a parameter's view stays exact,
+        P.view(...) read by P·V is the same top-k copy). None for anything else."""
+        src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if src is None:
+            return None
+        identity_dropout = func in _DROPOUT and _is_identity_dropout(args, kwargs)
+        if self.topk_stored.get(id(src)) is src and (func in _ORDER_KEEPING or identity_dropout):
+            out = func(*args, **kwargs)
+            if isinstance(out, torch.Tensor) and out.numel() == src.numel():
+                self.topk_stored[id(out)] = out
+            return out
+        if isinstance(src, torch.nn.Parameter) or self.param_views.get(id(src)) is src:
+            whole = func is torch.Tensor.__getitem__ and _is_basic_index(args)  # [0:n] of n rows is an alias
+            if func in _PARAM_VIEWS or identity_dropout or whole:
+                out = func(*args, **kwargs)
+                if isinstance(out, torch.Tensor) and (not whole or out.shape == src.shape):
+                    self.param_views[id(out)] = out
+                return out
+        return None
 
     def _track(self, out: torch.Tensor, sink: list) -> torch.Tensor:
         if sink:

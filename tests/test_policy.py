@@ -384,6 +384,47 @@ def test_an_inplace_residual_after_a_norm_ends_the_shared_code(inplace, compiler
         torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
 
 
+class _ViewedProbs(torch.nn.Module):
+    """DeBERTa's attention tail: softmax over a 4-D view of the scores, then
+    ``bmm(P.view(B*H, T, T), V)``; and a Linear reading a parameter through an identity
+    dropout and an unsqueeze (DeBERTa's relative-position projections)."""
+
+    def __init__(self, C=32, H=4, R=16):
+        super().__init__()
+        self.H, self.rel = H, torch.nn.Parameter(torch.randn(R, C))
+        self.q, self.k, self.v, self.pos = (torch.nn.Linear(C, C) for _ in range(4))
+
+    def split(self, x):  # (B, T, C) -> (B*H, T, d)
+        B, T, C = x.shape
+        return x.view(B, T, self.H, -1).permute(0, 2, 1, 3).reshape(B * self.H, T, -1)
+
+    def forward(self, x):
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        s = torch.bmm(q, k.transpose(-1, -2)) / 8 ** 0.5
+        p = torch.softmax(s.view(-1, self.H, s.size(-2), s.size(-1)), dim=-1)
+        ctx = torch.bmm(p.view(-1, p.size(-2), p.size(-1)), v)
+        pos = self.pos(torch.nn.functional.dropout(self.rel, 0.0, self.training).unsqueeze(0))  # (1, R, C)
+        return ctx.reshape(x.shape[0], -1) @ pos.reshape(-1, 1)  # H*T*d = R*C elements a sample
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_views_of_the_softmax_output_and_of_parameters_keep_their_encoding(compiler):
+    """Two identities the compiled path keeps through views and the reference must too:
+    P.view(...) read by P·V is the softmax output, stored top-k (it was quantized to 3
+    bits on the reference side: value gradient 1.1x relative apart on DeBERTa); and a
+    parameter seen through dropout(p=0) and unsqueeze is the parameter's own memory,
+    never saved as a copy, so exact (the reference quantized it: 0.24 apart)."""
+    torch.manual_seed(0)
+    model, x = _ViewedProbs().double().train(), torch.randn(4, 16, 32, dtype=torch.float64)
+    cfg = RazorConfig(compiler=compiler)
+    ref, _ = _grads_of(model, (x,), cfg, compiled=False)
+    got, (rec,) = _grads_of(model, (x,), cfg, compiled=True)
+    assert rec.fallback is None and rec.excluded_roots == []
+    assert [c.op_classes for c in rec.compressed if not isinstance(c, QuantizedRoot)] == [("matmul", "softmax")]
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
+
+
 def test_shared_code_under_bf16_autocast_matches_the_reference():
     """Under autocast the Linear reads a bfloat16 cast of the float32 LayerNorm output:
     the cast is replayed on γ·x̂+β from the decoded float32 x̂."""
