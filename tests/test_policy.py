@@ -425,6 +425,37 @@ def test_views_of_the_softmax_output_and_of_parameters_keep_their_encoding(compi
         torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
 
 
+class _NormOverTransposed(torch.nn.Module):
+    """Conv1d, then a transpose to (B, T, C), then LayerNorm and a Linear: the norm's
+    input is not contiguous (Swin's patch embedding, Whisper's residual stream)."""
+
+    def __init__(self, C=16):
+        super().__init__()
+        self.proj, self.norm, self.fc = torch.nn.Conv1d(4, C, 1), torch.nn.LayerNorm(C), torch.nn.Linear(C, C)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.proj(x).transpose(1, 2)))
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_a_norm_over_a_transposed_input_stores_its_x_hat(compiler):
+    """Over a non-contiguous input the LayerNorm forward normalizes a contiguous clone
+    and its backward recomputed x̂ from the strided input, so the backward read the raw
+    input and that was quantized instead of x̂ (conv weight gradient 0.11 relative off
+    the reference, which stores x̂). canonicalize now merges the two x̂."""
+    torch.manual_seed(0)
+    model, x = _NormOverTransposed().double().train(), torch.randn(4, 4, 64, dtype=torch.float64) * 3 + 2
+    cfg = RazorConfig(compiler=compiler)
+    ref, _ = _grads_of(model, (x,), cfg, compiled=False)
+    got, (rec,) = _grads_of(model, (x,), cfg, compiled=True)
+    assert rec.fallback is None and rec.excluded_roots == []
+    assert [c.op_classes for c in rec.compressed] == [("layernorm", "linear")]  # the conv reads the input
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
+
+
 def test_shared_code_under_bf16_autocast_matches_the_reference():
     """Under autocast the Linear reads a bfloat16 cast of the float32 LayerNorm output:
     the cast is replayed on γ·x̂+β from the decoded float32 x̂."""
