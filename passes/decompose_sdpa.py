@@ -47,7 +47,13 @@ def math_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
         rep = query.size(-3) // key.size(-3)
         key = key.repeat_interleave(rep, dim=-3)
         value = value.repeat_interleave(rep, dim=-3)
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    # the scale as a 0-d float64 tensor, not a Python number: the product is the same
+    # (a 0-d operand takes the other's dtype, computed as with a scalar), but Inductor's
+    # attention patterns (fx_passes/fuse_attention) only match a constant number there,
+    # so they cannot fuse this math back into one SDPA op before razorpass's joint pass
+    # runs (it did on Whisper: attention left uncompressed, unlike the reference)
+    scale_t = torch.full((), scale, dtype=torch.float64, device=query.device)
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale_t
     if is_causal:
         keep = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))

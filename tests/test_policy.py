@@ -456,6 +456,42 @@ def test_a_norm_over_a_transposed_input_stores_its_x_hat(compiler):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
 
 
+class _ScaledSdpa(torch.nn.Module):
+    """Whisper's attention: the query scaled first, then F.scaled_dot_product_attention
+    with ``scale=1.0`` and no mask."""
+
+    def __init__(self, C=32, H=4):
+        super().__init__()
+        self.H, self.q, self.k = H, torch.nn.Linear(C, C), torch.nn.Linear(C, C, bias=False)
+        self.v, self.out = torch.nn.Linear(C, C), torch.nn.Linear(C, C)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        heads = (B, T, self.H, C // self.H)
+        q = (self.q(x) * (C // self.H) ** -0.5).view(heads).transpose(1, 2).contiguous()
+        k, v = self.k(x).view(heads).transpose(1, 2).contiguous(), self.v(x).view(heads).transpose(1, 2).contiguous()
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_inductor_does_not_fuse_the_decomposed_attention_back(compiler):
+    """razorpass runs SDPA as explicit math so that Q·Kᵀ, P·V and the softmax output are
+    compressed. With scale 1.0 (Inductor drops the multiply) and no mask that math is
+    exactly what Inductor's attention patterns fuse back into one SDPA op, before
+    razorpass's joint pass: the attention was then left uncompressed (Whisper). The
+    scale is now a 0-d tensor."""
+    torch.manual_seed(0)
+    model, x = _ScaledSdpa().double().train(), torch.randn(4, 16, 32, dtype=torch.float64)
+    cfg = RazorConfig(compiler=compiler)
+    ref, _ = _grads_of(model, (x,), cfg, compiled=False)
+    got, (rec,) = _grads_of(model, (x,), cfg, compiled=True)
+    assert rec.fallback is None and rec.excluded_roots == []
+    assert {c for root in rec.compressed for c in root.op_classes} == {"linear", "matmul", "softmax"}
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
+
+
 def test_shared_code_under_bf16_autocast_matches_the_reference():
     """Under autocast the Linear reads a bfloat16 cast of the float32 LayerNorm output:
     the cast is replayed on γ·x̂+β from the decoded float32 x̂."""
