@@ -346,6 +346,20 @@ def test_a_residual_between_norm_and_layer_keeps_its_own_code(kind):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
 
 
+def _matches_reference(model, x, compiler):
+    """Compiled gradients of ``model`` on ``x`` equal the reference's (float64); returns
+    the one graph's record. Both sides start from the same state (running statistics)."""
+    cfg = RazorConfig(compiler=compiler)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ref, _ = _grads_of(model, (x,), cfg, compiled=False)
+    model.load_state_dict(state)
+    got, (rec,) = _grads_of(model, (x,), cfg, compiled=True)
+    assert rec.fallback is None and rec.excluded_roots == []
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
+    return rec
+
+
 class _InplaceResidual(torch.nn.Module):
     """conv → BatchNorm → ``h += x`` → ReLU → conv: a residual block as Hugging Face's
     ResNet writes it (the add in place on the norm's output)."""
@@ -373,15 +387,8 @@ def test_an_inplace_residual_after_a_norm_ends_the_shared_code(inplace, compiler
     residual (second conv's weight gradient off by 5.8x relative on this block)."""
     torch.manual_seed(0)
     model = _InplaceResidual(inplace).double().train()
-    x = torch.randn(4, 8, 8, 8, dtype=torch.float64) * 3 + 2
-    cfg = RazorConfig(compiler=compiler)
-    state = {k: v.clone() for k, v in model.state_dict().items()}  # running stats: both sides start equal
-    ref, _ = _grads_of(model, (x,), cfg, compiled=False)
-    model.load_state_dict(state)
-    got, (rec,) = _grads_of(model, (x,), cfg, compiled=True)
+    rec = _matches_reference(model, torch.randn(4, 8, 8, 8, dtype=torch.float64) * 3 + 2, compiler)
     assert not [c for c in rec.compressed if len(c.op_classes) > 1]  # the residual breaks the sharing
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
 
 
 class _ViewedProbs(torch.nn.Module):
@@ -415,14 +422,8 @@ def test_views_of_the_softmax_output_and_of_parameters_keep_their_encoding(compi
     parameter seen through dropout(p=0) and unsqueeze is the parameter's own memory,
     never saved as a copy, so exact (the reference quantized it: 0.24 apart)."""
     torch.manual_seed(0)
-    model, x = _ViewedProbs().double().train(), torch.randn(4, 16, 32, dtype=torch.float64)
-    cfg = RazorConfig(compiler=compiler)
-    ref, _ = _grads_of(model, (x,), cfg, compiled=False)
-    got, (rec,) = _grads_of(model, (x,), cfg, compiled=True)
-    assert rec.fallback is None and rec.excluded_roots == []
+    rec = _matches_reference(_ViewedProbs().double().train(), torch.randn(4, 16, 32, dtype=torch.float64), compiler)
     assert [c.op_classes for c in rec.compressed if not isinstance(c, QuantizedRoot)] == [("matmul", "softmax")]
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
 
 
 class _NormOverTransposed(torch.nn.Module):
@@ -446,14 +447,9 @@ def test_a_norm_over_a_transposed_input_stores_its_x_hat(compiler):
     input and that was quantized instead of x̂ (conv weight gradient 0.11 relative off
     the reference, which stores x̂). canonicalize now merges the two x̂."""
     torch.manual_seed(0)
-    model, x = _NormOverTransposed().double().train(), torch.randn(4, 4, 64, dtype=torch.float64) * 3 + 2
-    cfg = RazorConfig(compiler=compiler)
-    ref, _ = _grads_of(model, (x,), cfg, compiled=False)
-    got, (rec,) = _grads_of(model, (x,), cfg, compiled=True)
-    assert rec.fallback is None and rec.excluded_roots == []
+    model = _NormOverTransposed().double().train()
+    rec = _matches_reference(model, torch.randn(4, 4, 64, dtype=torch.float64) * 3 + 2, compiler)
     assert [c.op_classes for c in rec.compressed] == [("layernorm", "linear")]  # the conv reads the input
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
 
 
 class _ScaledSdpa(torch.nn.Module):
@@ -482,14 +478,8 @@ def test_inductor_does_not_fuse_the_decomposed_attention_back(compiler):
     razorpass's joint pass: the attention was then left uncompressed (Whisper). The
     scale is now a 0-d tensor."""
     torch.manual_seed(0)
-    model, x = _ScaledSdpa().double().train(), torch.randn(4, 16, 32, dtype=torch.float64)
-    cfg = RazorConfig(compiler=compiler)
-    ref, _ = _grads_of(model, (x,), cfg, compiled=False)
-    got, (rec,) = _grads_of(model, (x,), cfg, compiled=True)
-    assert rec.fallback is None and rec.excluded_roots == []
+    rec = _matches_reference(_ScaledSdpa().double().train(), torch.randn(4, 16, 32, dtype=torch.float64), compiler)
     assert {c for root in rec.compressed for c in root.op_classes} == {"linear", "matmul", "softmax"}
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
 
 
 def test_shared_code_under_bf16_autocast_matches_the_reference():
