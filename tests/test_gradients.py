@@ -230,22 +230,24 @@ class _ChannelsLastConv(torch.nn.Module):
     """A Linear over (N, H, W, C), permuted to NCHW for a convolution: the conv input is
     dense in memory but channels-last (ConvNeXt's downsampling reads such a tensor)."""
 
-    def __init__(self):
+    def __init__(self, perm=(0, 3, 1, 2)):
         super().__init__()
-        self.fc, self.conv = torch.nn.Linear(8, 8), torch.nn.Conv2d(8, 4, 3, padding=1)
+        self.fc, self.conv, self.perm = torch.nn.Linear(8, 8), torch.nn.Conv2d(8, 4, 3, padding=1), perm
 
     def forward(self, x):
-        return self.conv(self.fc(x).permute(0, 3, 1, 2))
+        return self.conv(self.fc(x).permute(*self.perm))
 
 
+@pytest.mark.parametrize("shape,perm", [((2, 6, 6, 8), (0, 3, 1, 2)), ((2, 6, 1, 8), (0, 3, 2, 1))],
+                         ids=["nhwc", "size-1-dim"])
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
-def test_a_channels_last_root_decodes_into_its_own_layout(compiler):
+def test_a_channels_last_root_decodes_into_its_own_layout(compiler, shape, perm):
     """The backward graph was traced against the saved tensor's strides: the conv's input
     gradient takes its input's memory format and the Linear backward then views it as
     (N*H*W, C). A decode that stayed contiguous broke that view ("view size is not
     compatible", eager compiler); the decoded copy is laid out like the root."""
     torch.manual_seed(0)
-    model, x = _ChannelsLastConv().double(), torch.randn(2, 6, 6, 8, dtype=torch.double)
+    model, x = _ChannelsLastConv(perm).double(), torch.randn(*shape, dtype=torch.double)
     cfg = RazorConfig(compiler=compiler, targets=("conv",), quant_group_size=32)
     dense = _run(model, (x,), model)
     with reference.apply(model, cfg):
