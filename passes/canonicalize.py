@@ -27,10 +27,9 @@ from .common import PassContext
 aten = torch.ops.aten
 
 
-def _center_on_clones(graph: fx.Graph) -> int:
+def _center_on_clones(graph: fx.Graph) -> None:
     """Reroute ``sub(x, m)`` to ``sub(clone(x), m)``'s operand where a contiguous clone
-    of ``x`` is centered on the same ``m``; returns how many were rerouted."""
-    moved = 0
+    of ``x`` is centered on the same ``m``."""
     for c in graph.nodes:
         if c.op != "call_function" or c.target is not aten.clone.default or not isinstance(c.args[0], fx.Node):
             continue
@@ -41,8 +40,6 @@ def _center_on_clones(graph: fx.Graph) -> int:
         for u in list(x.users):
             if u.target is aten.sub.Tensor and u.args[0] is x and u.args[1] in means and not u.kwargs:
                 u.update_arg(0, c)
-                moved += 1
-    return moved
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:

@@ -570,17 +570,24 @@ class _ReferenceMode(TorchFunctionMode):
         self.topk_stored: dict[int, torch.Tensor] = {}  # outputs a top-k class stores (softmax)
         self.param_views: dict[int, torch.Tensor] = {}  # parameters seen through _PARAM_VIEWS
         # outputs computed from a normalization's quantized x̂ -> (output, the same
-        # computation on the stored x̂): a layer reading one reads the second
-        self.from_norm: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # computation on the stored x̂, the output's version then): a layer reading
+        # one reads the second, while the output is unchanged
+        self.from_norm: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
     def _free(self, t: torch.Tensor) -> bool:
         """Held by the caller (a model input, parameter or buffer that needs no gradient)
         or computed from such tensors (and parameters) by light functions alone: the
         compiled path recomputes those instead of saving them, so they are never
         sparsified."""
-        if self.derived.get(id(t)) is t or self.param_views.get(id(t)) is t:
+        if self.derived.get(id(t)) is t:
             return True
         return (id(t) in self.inputs or id(t) in self.state) and not t.requires_grad
+
+    def _caller_memory(self, t: torch.Tensor) -> bool:
+        """A parameter, or one seen through ``_PARAM_VIEWS``: the compiled path never saves
+        a copy of it, so it stays exact. (Not "free": a light function of a trainable
+        parameter, ``W * 2``, is an activation, compressed on both sides.)"""
+        return isinstance(t, torch.nn.Parameter) or self.param_views.get(id(t)) is t
 
     def _cfg(self, x: torch.Tensor, dtype: torch.dtype | None = None, *, cls: str,
              exact_if_free: bool = True):
@@ -589,7 +596,7 @@ class _ReferenceMode(TorchFunctionMode):
         one whose encoded copy is not smaller than itself, the size rule), the config
         (top-k) or a ``_Quantized``. A tensor a top-k class also stores (the softmax
         output read by P·V) is top-k for every class."""
-        if exact_if_free and self._free(x):
+        if exact_if_free and (self._free(x) or self._caller_memory(x)):
             return None
         cfg, dt = self.config, dtype or x.dtype
         if cfg.encoding_of(cls) == "quant" and not (dt == x.dtype and self.topk_stored.get(id(x)) is x):
@@ -716,10 +723,10 @@ class _ReferenceMode(TorchFunctionMode):
         identity_dropout = func in _DROPOUT and _is_identity_dropout(args, kwargs)
         if self.topk_stored.get(id(src)) is src and (func in _ORDER_KEEPING or identity_dropout):
             out = func(*args, **kwargs)
-            if isinstance(out, torch.Tensor) and out.numel() == src.numel():
+            if isinstance(out, torch.Tensor):
                 self.topk_stored[id(out)] = out
             return out
-        if isinstance(src, torch.nn.Parameter) or self.param_views.get(id(src)) is src:
+        if self._caller_memory(src):
             whole = func is torch.Tensor.__getitem__ and _is_basic_index(args)  # [0:n] of n rows is an alias
             if func in _PARAM_VIEWS or identity_dropout or whole:
                 out = func(*args, **kwargs)
@@ -744,7 +751,7 @@ class _ReferenceMode(TorchFunctionMode):
         """A pointwise function of one tracked tensor (the others smaller, broadcast):
         the result is tracked too, as the same function of the stored value."""
         leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        tracked = [(t, self._stored(t)) for t in leaves if self._stored(t) is not None]  # before an in-place func
+        tracked = [(t, v) for t in leaves if (v := self._stored(t)) is not None]  # before an in-place func
         out = func(*args, **kwargs)
         if (len(tracked) == 1 and isinstance(out, torch.Tensor)
                 and (out.numel() == tracked[0][0].numel() or func is F.pad)

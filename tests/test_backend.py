@@ -17,6 +17,11 @@ from razorpass.partitioner import RazorPartitioner
 
 from .models import MLP, loss_of
 
+def _in_a_fresh_process(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a new Python process (nothing imported yet), output captured."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
 _SCRIPT = """
 import torch
 {pre}
@@ -33,7 +38,7 @@ print("OK", m[0].weight.grad.abs().sum().item() > 0)
     [("", ""), ("import razorpass", ""), ("", "import razorpass"), ("import razorpass", "import razorpass.backend")],
 )
 def test_backend_name_works_with_and_without_import(pre, post):
-    out = subprocess.run([sys.executable, "-c", _SCRIPT.format(pre=pre, post=post)], capture_output=True, text=True)
+    out = _in_a_fresh_process(_SCRIPT.format(pre=pre, post=post))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "OK True" in out.stdout
 
@@ -46,7 +51,7 @@ def test_lean_import():
         "assert not hasattr(torch.ops.razor, 'compress'), 'ops registered at import';"
         "import torch._inductor.config as c; assert c.custom_partitioner_fn is None; print('LEAN')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = _in_a_fresh_process(code)
     assert "LEAN" in out.stdout, out.stderr[-2000:]
 
 
@@ -63,7 +68,7 @@ def test_the_eager_compiler_runs_a_max_pool_in_a_fresh_process():
         " m[0].weight)[0];"
         "torch.testing.assert_close(got, ref); print('POOLED')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = _in_a_fresh_process(code)
     assert "POOLED" in out.stdout, out.stderr[-2000:]
 
 

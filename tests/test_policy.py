@@ -411,6 +411,7 @@ class _ViewedProbs(torch.nn.Module):
         p = torch.softmax(s.view(-1, self.H, s.size(-2), s.size(-1)), dim=-1)
         ctx = torch.bmm(p.view(-1, p.size(-2), p.size(-1)), v)
         pos = self.pos(torch.nn.functional.dropout(self.rel, 0.0, self.training).unsqueeze(0))  # (1, R, C)
+        pos = pos + self.pos(self.rel) + self.pos(self.rel * 2)  # the parameter itself; a function of it
         return ctx.reshape(x.shape[0], -1) @ pos.reshape(-1, 1)  # H*T*d = R*C elements a sample
 
 
@@ -419,11 +420,15 @@ def test_views_of_the_softmax_output_and_of_parameters_keep_their_encoding(compi
     """Two identities the compiled path keeps through views and the reference must too:
     P.view(...) read by P·V is the softmax output, stored top-k (it was quantized to 3
     bits on the reference side: value gradient 1.1x relative apart on DeBERTa); and a
-    parameter seen through dropout(p=0) and unsqueeze is the parameter's own memory,
-    never saved as a copy, so exact (the reference quantized it: 0.24 apart)."""
+    parameter, itself or seen through dropout(p=0) and unsqueeze, is the parameter's own
+    memory, never saved as a copy, so exact (the reference quantized it: 0.24 apart on
+    DeBERTa, 0.13 on a Linear reading a parameter directly). A function of it (rel * 2)
+    is an activation and compressed on both sides."""
     torch.manual_seed(0)
     rec = _matches_reference(_ViewedProbs().double().train(), torch.randn(4, 16, 32, dtype=torch.float64), compiler)
     assert [c.op_classes for c in rec.compressed if not isinstance(c, QuantizedRoot)] == [("matmul", "softmax")]
+    # rel * 2 is an activation (compressed on both sides); rel and its views are not
+    assert [c.shape for c in rec.compressed if c.op_classes == ("linear",) and c.shape[-2:] == (16, 32)] == [(16, 32)]
 
 
 class _NormOverTransposed(torch.nn.Module):
