@@ -162,3 +162,40 @@ def test_native_uniform_kernel_bit_identical(n, bits):
         for out_dtype in DTYPES:
             assert torch.equal(quantize_cpu.cpu_dequantize_uniform(codes, [n], bits, lo, hi, out_dtype),
                                quantize.torch_dequantize_uniform(codes, [n], bits, lo, hi, out_dtype))
+
+
+@pytest.mark.parametrize("group", [8, 24, 64, 136])
+@pytest.mark.parametrize("bits", BITS)
+def test_native_float32_vector_path_on_edge_values(group, bits):
+    """The native float32 kernel (four lanes at a time, a scalar tail) against the
+    PyTorch kernel, bit for bit, on the values where a vector min / max / round could
+    part from the scalar rule: ties between two levels (half to even), signed zeros,
+    subnormals, NaN and infinities, constant groups, and a last group cut short at
+    every offset of the 4- and 16-element blocks."""
+    assert quantize_cpu.load() is not None
+    top = 2**bits - 1
+    ties = torch.arange(group, dtype=torch.float32) % top + 0.5  # (x - 0) / 1 = k + 0.5
+    ties[0], ties[1] = 0.0, float(top)  # bounds 0 and top: step exactly 1
+    zeros = torch.tensor([0.0, -0.0] * (group // 2))
+    zeros[group // 2] = 1.0
+    signed = torch.tensor([-0.0, 0.0] * (group // 2)) + torch.arange(group) % 3
+    tiny = torch.full((group,), 1e-40) * torch.arange(group)
+    special = _sample((group,), torch.float32, 5)
+    special[group // 3], special[group // 2] = math.inf, -math.inf
+    nan = _sample((group,), torch.float32, 6)
+    nan[group - 1] = math.nan
+    constant = torch.full((group,), 0.75)
+    body = torch.cat([ties, zeros, signed, tiny, special, nan, constant, _sample((group,), torch.float32, 7, 1e4)])
+    for cut in range(0, group, 1 if group <= 24 else 5):
+        x = torch.cat([body, _sample((cut,), torch.float32, cut)])
+        codes, bounds = quantize_cpu.cpu_quantize_group(x, group, bits)
+        t_codes, t_bounds = quantize.torch_quantize_group(x, group, bits)
+        assert torch.equal(codes, t_codes), cut
+        # the bit patterns (the sign of a zero too); a NaN bound is a NaN, whatever its payload
+        nan = bounds.isnan()
+        assert torch.equal(nan, t_bounds.isnan()) and nan.any(), cut
+        assert torch.equal(bounds.view(torch.int16)[~nan], t_bounds.view(torch.int16)[~nan]), cut
+        torch.testing.assert_close(
+            quantize_cpu.cpu_dequantize_group(codes, bounds, [x.numel()], group, bits, torch.float32),
+            quantize.torch_dequantize_group(codes, bounds, [x.numel()], group, bits, torch.float32),
+            rtol=0, atol=0, equal_nan=True)
