@@ -61,20 +61,6 @@ inline Bounds rounded_bounds(float lo, float hi, bool nan) {
   return {lo_b, hi_b};
 }
 
-template <typename T>
-Bounds group_bounds(const T* x, int64_t m) {
-  // min / max ignoring NaN, NaN tracked on its own
-  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-  bool nan = false;
-  for (int64_t i = 0; i < m; ++i) {
-    const float v = static_cast<float>(x[i]);
-    lo = v < lo ? v : lo;
-    hi = v > hi ? v : hi;
-    nan |= v != v;
-  }
-  return rounded_bounds(lo, hi, nan);
-}
-
 // Round half to even of t in [0, 2^22): adding and subtracting 1.5 * 2^23 leaves the
 // integer nearest to t under the default rounding mode (what nearbyint and torch.round
 // give), in two vectorisable adds.
@@ -85,12 +71,11 @@ inline float round_even(float t) {
 
 // The level of v (clamped, NaN to 0) and the value of a level: the one rule both
 // layouts (per group, fixed range) encode and decode with.
-// (An int32, as the vector path's truncation gives; the callers narrow it to a byte.)
-inline int32_t level(float v, float lo, float step, float top) {
+inline uint8_t level(float v, float lo, float step, float top) {
   float t = (v - lo) / step;
   t = t >= 0.0f ? t : 0.0f;  // NaN to 0
   t = t < top ? t : top;     // clamping before rounding: the ends are integers
-  return static_cast<int32_t>(round_even(t));
+  return static_cast<uint8_t>(round_even(t));
 }
 
 inline float level_value(uint8_t q, float step, float lo) {
@@ -112,7 +97,7 @@ inline uint32_t pack_3bit(const uint8_t* q) {
   return static_cast<uint32_t>(x);
 #else
   uint32_t w = 0;
-  for (int b = 0; b < 8; ++b) w |= static_cast<uint32_t>(q[b] & 0x7) << (3 * b);
+  for (int b = 0; b < 8; ++b) w |= static_cast<uint32_t>(q[b]) << (3 * b);
   return w;
 #endif
 }
@@ -216,9 +201,35 @@ inline void levels_f32(const float* x, int64_t m, float lo, float step, float to
     const __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(k[0], k[1]), _mm_packs_epi32(k[2], k[3]));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), bytes);
   }
-  for (; i < m; ++i) q[i] = static_cast<uint8_t>(level(x[i], lo, step, top));
+  for (; i < m; ++i) q[i] = level(x[i], lo, step, top);
 }
 #endif
+
+template <typename T>
+Bounds group_bounds(const T* x, int64_t m) {
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) return group_bounds_f32(x, m);
+#endif
+  // min / max ignoring NaN, NaN tracked on its own
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  bool nan = false;
+  for (int64_t i = 0; i < m; ++i) {
+    const float v = static_cast<float>(x[i]);
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+    nan |= v != v;
+  }
+  return rounded_bounds(lo, hi, nan);
+}
+
+// The levels of the m elements of x into q.
+template <typename T>
+void levels(const T* x, int64_t m, float lo, float step, float top, uint8_t* q) {
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) return levels_f32(x, m, lo, step, top, q);
+#endif
+  for (int64_t i = 0; i < m; ++i) q[i] = level(static_cast<float>(x[i]), lo, step, top);
+}
 
 template <typename T>
 void quantize_impl(const T* x, int64_t n, int64_t group, int64_t bits, uint8_t* codes, c10::BFloat16* bounds) {
@@ -230,14 +241,7 @@ void quantize_impl(const T* x, int64_t n, int64_t group, int64_t bits, uint8_t* 
     for (int64_t g = g0; g < g1; ++g) {
       const T* xs = x + g * group;
       const int64_t m = std::min(group, n - g * group);
-#if defined(__SSE2__)
-      constexpr bool simd = std::is_same_v<T, float>;
-#else
-      constexpr bool simd = false;
-#endif
-      Bounds b;
-      if constexpr (simd) b = group_bounds_f32(xs, m);
-      else b = group_bounds(xs, m);
+      const Bounds b = group_bounds(xs, m);
       bounds[2 * g] = b.lo;
       bounds[2 * g + 1] = b.hi;
       const float lo = static_cast<float>(b.lo), hi = static_cast<float>(b.hi);
@@ -245,8 +249,7 @@ void quantize_impl(const T* x, int64_t n, int64_t group, int64_t bits, uint8_t* 
       if (step == 0.0f || step != step) {  // a constant group, or NaN bounds: code 0
         std::fill(q.begin(), q.end(), uint8_t{0});
       } else {
-        if constexpr (simd) levels_f32(xs, m, lo, step, top, q.data());
-        else for (int64_t i = 0; i < m; ++i) q[i] = static_cast<uint8_t>(level(static_cast<float>(xs[i]), lo, step, top));
+        levels(xs, m, lo, step, top, q.data());
         std::fill(q.begin() + m, q.end(), uint8_t{0});  // padding
       }
       pack(q.data(), group, bits, codes + g * gbytes);
@@ -288,14 +291,7 @@ void quantize_uniform_impl(const T* x, int64_t n, int64_t bits, float lo, float 
     std::vector<uint8_t> q(kUniformChunk), packed(kUniformChunk * bits / 8);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t e0 = c * kUniformChunk, m = std::min(kUniformChunk, n - e0);
-#if defined(__SSE2__)
-      if constexpr (std::is_same_v<T, float>) {
-        levels_f32(x + e0, m, lo, step, top, q.data());
-      } else
-#endif
-      {
-        for (int64_t i = 0; i < m; ++i) q[i] = static_cast<uint8_t>(level(static_cast<float>(x[e0 + i]), lo, step, top));
-      }
+      levels(x + e0, m, lo, step, top, q.data());
       const int64_t count = (m + 7) / 8 * 8;
       std::fill(q.begin() + m, q.begin() + count, uint8_t{0});
       pack(q.data(), count, bits, packed.data());
