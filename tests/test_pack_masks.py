@@ -1,5 +1,5 @@
 """The "mask" target: boolean tensors saved for backward (dropout masks) are packed
-8 per byte by ``razor::pack_bits`` and unpacked in backward. Lossless: the loss and
+8 per byte (bit-planar) by ``razor::pack_bits`` and unpacked in backward. Lossless: the loss and
 every gradient are bit-identical to the same compilation without it (under Inductor,
 which fuses the packing into the kernels around it, up to the order of float sums)."""
 
@@ -14,7 +14,6 @@ import torch.nn.functional as F
 import razorpass
 from razorpass import RazorConfig
 from razorpass.kernels import ops
-from razorpass.kernels.topk_compress import torch_compress
 from torch._inductor.utils import run_and_get_code
 
 from .models import loss_of
@@ -25,7 +24,13 @@ SHAPES = [(), (0,), (1,), (7,), (8,), (9,), (3, 5, 7), (2, 0, 3), (4, 1, 13, 3)]
 
 
 def _np_packed(x: torch.Tensor) -> np.ndarray:
-    return np.packbits(x.numpy().reshape(-1), bitorder="little")
+    """The bit-planar layout from numpy: n elements padded to 8P, row j of the (8, P)
+    view is bit plane j, so byte b packs column b, little-endian."""
+    flat = x.numpy().reshape(-1)
+    p = -(-flat.size // 8)
+    planes = np.zeros(8 * p, dtype=bool)
+    planes[: flat.size] = flat
+    return np.packbits(planes.reshape(8, p).T, axis=1, bitorder="little").reshape(-1)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -56,8 +61,13 @@ def test_pack_bits_non_contiguous_uses_logical_order(make):
     assert torch.equal(ops.unpack_bits(packed, list(x.shape)), x)
 
 
+# (4, 1, 13, 3), (9,), (3, 5, 7): no leading-dim prefix is a multiple of 8 (the flat
+# path); (16, 3, 5): planes along dim 0; (2, 4, 7, 3), (6, 4, 5): along dims 0-1;
+# (5, 3, 8): only the whole shape.
 @pytest.mark.parametrize("shape,compiled", [((0,), False), ((1,), False), ((4, 1, 13, 3), False), ((9,), True),
-                                            ((3, 5, 7), False), ((3, 5, 7), True)], ids=str)
+                                            ((3, 5, 7), False), ((3, 5, 7), True), ((16, 3, 5), False),
+                                            ((16, 3, 5), True), ((2, 4, 7, 3), True), ((6, 4, 5), True),
+                                            ((5, 3, 8), False), ((5, 3, 8), True)], ids=str)
 def test_fused_forms_are_bit_identical_to_the_ops(shape, compiled):
     """The plain-op forms that inline_codecs hands to Inductor give the ops' bytes and
     booleans, as written and as Inductor compiles them (also from a transposed mask)."""
@@ -73,14 +83,17 @@ def test_fused_forms_are_bit_identical_to_the_ops(shape, compiled):
         assert out.dtype == torch.bool and torch.equal(out, mask)
 
 
-def test_pack_bits_has_the_compressed_mask_bit_order():
-    # A single group of compress keeping exactly the True positions (all > 0, the rest
-    # 0) yields the same mask bytes as packing the booleans.
-    g = torch.Generator().manual_seed(5)
-    b = torch.rand(200, generator=g) > 0.6
-    x = b.float() * (1 + torch.rand(200, generator=g))
-    mask, _ = torch_compress(x, 200, int(b.sum()), torch.float32)
-    assert torch.equal(mask.reshape(-1), ops.pack_bits(b))
+@pytest.mark.parametrize("n", [1, 7, 20, 64])
+def test_pack_bits_layout_is_bit_planar(n):
+    # One True element at a time: element i sets bit i // P of byte i % P, P = ceil(n / 8).
+    p = math.ceil(n / 8)
+    for i in range(n):
+        x = torch.zeros(n, dtype=torch.bool)
+        x[i] = True
+        expected = torch.zeros(p, dtype=torch.uint8)
+        expected[i % p] = 1 << (i // p)
+        assert torch.equal(ops.pack_bits(x), expected), i
+        assert torch.equal(ops.fused_pack_bits(x), expected), i
 
 
 def test_pack_bits_rejects_other_dtypes():
