@@ -17,6 +17,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Sequence
 
+from .allocator import MALLOC_CHOICES, configure
 from .methods import METHODS, resolve_methods
 from .workloads import DEFAULT_METHODS, WORKLOADS
 
@@ -48,11 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, the head and the data order")
     p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--malloc", choices=MALLOC_CHOICES, default="system",
+                   help="what the C allocator does with freed memory, for every method alike: system (default) or "
+                        "retain (glibc: no mmap, no trim, so freed memory is reused without page faults; bench/allocator.py)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    malloc = configure(args.malloc)  # for the whole process ("system" undoes nothing)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -76,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = outputs.environment(device)
     print(f"razorpass-bench {workload.name} ({scale}) on {env['device']}, torch {env['torch']}, "
           f"commit {env['commit'][:12]}\n  {workload.data.description}\n  {workload.steps} steps, "
-          f"methods: {', '.join(m.name for m in methods)}", flush=True)
+          f"methods: {', '.join(m.name for m in methods)}; malloc: {malloc}", flush=True)
 
     # Cold compiles: compile_s means what a fresh machine pays, and razorpass'
     # partitioner always runs (an AOTAutograd cache hit skips it, and with it the
@@ -91,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         r.baseline_hits = base.hits if base else None
 
     print(outputs.format_table(results, workload))
-    meta = {**env, "scale": scale, "batch_override": args.batch_size,
+    meta = {**env, "scale": scale, "batch_override": args.batch_size, "malloc": malloc,
             "argv": list(argv) if argv is not None else sys.argv[1:], "wall_s": time.perf_counter() - started,
             **workload.describe()}
     written = _write_outputs(results, workload, scale, env, meta, args.out)

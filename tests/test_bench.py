@@ -183,7 +183,7 @@ def test_harness_tiny_end_to_end(tmp_path):
     doc = json.loads((tmp_path / "tweets_tiny.json").read_text())
     for key in ("date", "commit", "device", "torch", "transformers", "python", "data", "scale", "sizes", "steps"):
         assert doc["meta"][key], key
-    assert doc["meta"]["scale"] == "tiny" and doc["meta"]["argv"][0] == "--tiny"
+    assert doc["meta"]["scale"] == "tiny" and doc["meta"]["argv"][0] == "--tiny" and doc["meta"]["malloc"] == "system"
     assert [r["method"] for r in doc["results"]] == ["baseline", "razor"]
     assert doc["results"][1]["breakdown_bytes_per_sample"]  # razor rows carry the per-op-class breakdown
     assert (tmp_path / "tweets_tiny_tradeoff.png").stat().st_size > 0
@@ -252,3 +252,47 @@ def test_failed_rows_keep_no_machine_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     text = f'File "{tmp_path}/bench/runner.py", line 1\nFile "{site.getsitepackages()[0]}/torch/x.py", line 2'
     assert _relative_paths(text) == 'File "bench/runner.py", line 1\nFile "torch/x.py", line 2'
+
+
+def test_malloc_choice_is_checked():
+    from razorpass.bench.allocator import configure
+
+    assert configure("system") == "system"
+    with pytest.raises(ValueError, match="--malloc must be one of"):
+        configure("jemalloc")
+
+
+# A fresh process computes two 48 MiB temporaries (above glibc's largest dynamic mmap
+# threshold) from a 48 MiB tensor and frees them, four times to warm up, then four times
+# more; prints the minor page faults of the last four rounds.
+_FAULTS = """
+import resource, sys, torch
+from razorpass.bench.allocator import configure
+configure(sys.argv[1])
+x = torch.ones(3 << 22)
+def rounds(k):
+    for _ in range(k):
+        y = x * 2
+        z = y + 1
+        del y, z
+rounds(4)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+rounds(4)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_malloc_retain_reuses_freed_memory_without_page_faults():
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("--malloc retain is glibc's mallopt")
+    faults = {}
+    for choice in ("system", "retain"):
+        run = subprocess.run([sys.executable, "-c", _FAULTS, choice], capture_output=True, text=True, check=True)
+        faults[choice] = int(run.stdout.strip())
+    pages = 8 * (48 << 20) // 4096  # the eight temporaries
+    assert faults["system"] > pages // 2  # each one mapped fresh
+    assert faults["retain"] < pages // 100  # freed memory reused
