@@ -423,9 +423,11 @@ def test_training_loop_memory_does_not_grow():
 
 def test_a_kernel_build_lock_left_by_a_killed_process_is_cleared(tmp_path, monkeypatch, caplog):
     """torch waits forever on an extension's build lock; a process killed while building
-    the native kernel left one behind, and every later process hung on first use."""
+    the native kernel left one behind, and every later process hung on first use, as did
+    a process already waiting when the builder was killed."""
     import os
     import pathlib
+    import threading
     import time
 
     from torch.utils import cpp_extension
@@ -438,13 +440,21 @@ def test_a_kernel_build_lock_left_by_a_killed_process_is_cleared(tmp_path, monke
     build = native._build.__wrapped__  # uncached
     build("razorpass_lock_check", str(native._SOURCE))  # learns the extension's full name
     lock = pathlib.Path(cpp_extension._get_build_directory(built[0], False)) / "lock"
-    for stale in (True, False):
+    monkeypatch.setattr(native, "LOCK_POLL_S", 0.02)
+    # stale: left by a killed build; turning stale: its builder was killed while this
+    # process already waited; fresh: a build under way, whose builder removes the lock
+    for case in ("stale", "turning stale", "fresh"):
         lock.write_text("")
-        if stale:
-            old = time.time() - native.STALE_LOCK_S - 60
-            os.utime(lock, (old, old))
+        age = {"stale": native.STALE_LOCK_S + 60, "turning stale": native.STALE_LOCK_S - 0.3, "fresh": 0}[case]
+        os.utime(lock, (time.time() - age,) * 2)
+        builder = threading.Timer(0.3, lambda: lock.unlink(missing_ok=True)) if case == "fresh" else None
+        if builder:
+            builder.start()
+        caplog.clear()
         with caplog.at_level(logging.WARNING, logger="razorpass"):
             assert build("razorpass_lock_check", str(native._SOURCE)) == "module"
-        assert lock.exists() is not stale  # a stale lock is removed, a fresh one (a build under way) kept
-        lock.unlink(missing_ok=True)
-    assert "did not finish" in caplog.text and len(built) == 3
+        if builder:
+            builder.join()
+        assert not lock.exists(), case
+        assert ("did not finish" in caplog.text) is (case != "fresh"), case
+    assert len(built) == 4

@@ -54,6 +54,20 @@ def clear_stale_lock(build_dir: str) -> bool:
     return True
 
 
+# How often a process waiting on another's build looks at the lock again.
+LOCK_POLL_S = 1.0
+
+
+def wait_for_build(build_dir: str) -> None:
+    """Return once ``build_dir/lock`` is gone: another process finished its build, or its
+    lock turned stale while this one waited (then removed, with a warning). torch's own
+    wait never looks at the lock's age, so a process that started waiting on a build
+    whose builder was later killed would wait forever."""
+    lock = pathlib.Path(build_dir) / "lock"
+    while lock.exists() and not clear_stale_lock(build_dir):
+        time.sleep(LOCK_POLL_S)
+
+
 @functools.lru_cache(maxsize=None)
 def _build(name: str, source: str):
     try:
@@ -62,7 +76,7 @@ def _build(name: str, source: str):
         # the shared header is hashed with the source: editing it rebuilds the kernel
         header = pathlib.Path(source).with_name("float_types.h")
         digest = hashlib.sha256(header.read_bytes()).hexdigest()[:8]
-        clear_stale_lock(cpp_extension._get_build_directory(f"{name}_{digest}", verbose=False))
+        wait_for_build(cpp_extension._get_build_directory(f"{name}_{digest}", verbose=False))
         return cpp_extension.load(
             name=f"{name}_{digest}",
             sources=[source],
