@@ -230,9 +230,12 @@ def _(packed, shape):
 def _plane_shape(shape: list) -> list | None:
     """``[m // 8, *shape[k + 1:]]`` for the first ``k`` whose prefix ``m = prod(shape[:k + 1])``
     is a multiple of 8 (a bit plane is then ``m // 8`` rows of the leading dims and
-    every later dim whole), or None if there is none (``numel % 8 != 0``)."""
+    every later dim whole), or None if there is none (``numel % 8 != 0``) or a dim of
+    the prefix is symbolic (the flat form then, without a guard on its value)."""
     m = 1
     for k, s in enumerate(shape):
+        if not isinstance(s, int):  # symbolic: a test of it would guard the graph on it
+            return None
         m *= s
         if m % 8 == 0:
             return [m // 8, *shape[k + 1:]]
