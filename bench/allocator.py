@@ -21,7 +21,7 @@ the process's resident size, so neither choice changes a memory figure; only tim
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import platform
 
 __all__ = ["MALLOC_CHOICES", "configure"]
 
@@ -39,12 +39,10 @@ def configure(choice: str) -> str:
         raise ValueError(f"--malloc must be one of {MALLOC_CHOICES}, got {choice!r}")
     if choice == "system":
         return "system"
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None or not getattr(libc, "gnu_get_libc_version", None):
-        raise SystemExit("razorpass-bench: --malloc retain needs glibc (mallopt); this C library has none")
+    lib, version = platform.libc_ver()
+    if lib != "glibc":
+        raise SystemExit(f"razorpass-bench: --malloc retain needs glibc's mallopt; this C library is {lib or 'unknown'}")
+    mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
         raise SystemExit("razorpass-bench: glibc refused mallopt(M_MMAP_MAX, 0) / mallopt(M_TRIM_THRESHOLD, ...)")
-    libc.gnu_get_libc_version.restype = ctypes.c_char_p
-    return f"retain (glibc {libc.gnu_get_libc_version().decode()}: M_MMAP_MAX 0, M_TRIM_THRESHOLD 2**31-1)"
+    return f"retain (glibc {version}: M_MMAP_MAX 0, M_TRIM_THRESHOLD 2**31-1)"
