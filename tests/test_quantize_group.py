@@ -18,6 +18,15 @@ SHAPES = [(0,), (1,), (7,), (8,), (128,), (129,), (3, 5, 7), (2, 0, 3), (4, 1, 1
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+@pytest.fixture(params=["portable", "wide"])
+def simd(request):
+    """Run a native-kernel test on the portable code and on the AVX-512 / BMI2 path."""
+    if request.param == "wide" and not quantize_cpu.wide_available():
+        pytest.skip("this CPU has no AVX-512 / BMI2 path")
+    with quantize_cpu.simd_cap(0 if request.param == "portable" else 1):
+        yield request.param
+
+
 def _sample(shape, dtype, seed, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g) * scale + 0.3 * scale).to(dtype)
@@ -40,7 +49,7 @@ def _np_levels(x: torch.Tensor, bounds: torch.Tensor, group: int, bits: int) -> 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_native_torch_and_reference_bit_identical(shape, bits, dtype):
+def test_native_torch_and_reference_bit_identical(shape, bits, dtype, simd):
     assert quantize_cpu.load() is not None, "the native CPU kernel did not build"
     group = 8 if bits == 8 else 16
     x = _sample(shape, dtype, seed=bits + sum(shape))
@@ -147,7 +156,7 @@ def test_opcheck(shape, bits):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("n", [1, 9, 4095, 4097, 10001])
-def test_native_uniform_kernel_bit_identical(n, bits):
+def test_native_uniform_kernel_bit_identical(n, bits, simd):
     """The native kernel of ``razor::quantize_uniform`` / ``dequantize_uniform`` (the
     GELU derivative codes) against the PyTorch kernel, across its 4096-element chunks
     and partial last bytes, with NaN and infinities."""
@@ -164,9 +173,9 @@ def test_native_uniform_kernel_bit_identical(n, bits):
                                quantize.torch_dequantize_uniform(codes, [n], bits, lo, hi, out_dtype))
 
 
-@pytest.mark.parametrize("group", [8, 24, 64, 136])
+@pytest.mark.parametrize("group", [8, 24, 64, 136, 256])
 @pytest.mark.parametrize("bits", BITS)
-def test_native_float32_vector_path_on_edge_values(group, bits):
+def test_native_float32_vector_path_on_edge_values(group, bits, simd):
     """The native float32 kernel (four lanes at a time, a scalar tail) against the
     PyTorch kernel, bit for bit, on the values where a vector min / max / round could
     part from the scalar rule: ties between two levels (half to even), signed zeros,

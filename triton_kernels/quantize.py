@@ -148,7 +148,8 @@ def torch_dequantize_uniform(codes: torch.Tensor, shape: list[int], bits: int, l
 # * bounds: ``lo`` = min, ``hi`` = max of the group's elements (the padding of the last
 #   group is not an element), stored as bfloat16 rounded *outwards* (``lo`` down,
 #   ``hi`` up: the nearest bfloat16, stepped once with ``nextafter`` when rounding went
-#   inwards), so that every element lies in ``[lo, hi]``;
+#   inwards), so that every element lies in ``[lo, hi]``; a zero bound is +0 (which of a
+#   -0 and a +0 a min keeps depends on the order a kernel visits them);
 # * ``step = (float32(hi) - float32(lo)) / (L - 1)``; code ``q = clamp(round((float32(x)
 #   - lo) / step), 0, L - 1)`` (round half to even; code 0 when ``step`` is 0 or the
 #   quotient is NaN); decoded value ``float32(q) * step + lo``, cast to the dtype;
@@ -199,7 +200,7 @@ def group_quantized_shapes(numel, group_size: int, bits: int):
 
 def _outward_bounds(g: torch.Tensor) -> torch.Tensor:
     """(m, 2) bfloat16 ``[lo, hi]`` of the float32 rows of ``g``, rounded outwards."""
-    lo, hi = g.amin(dim=1), g.amax(dim=1)  # NaN propagates
+    lo, hi = g.amin(dim=1) + 0.0, g.amax(dim=1) + 0.0  # NaN propagates; -0 + 0 is +0
     lo_b, hi_b = lo.to(torch.bfloat16), hi.to(torch.bfloat16)
     down = torch.full_like(lo_b, -math.inf)
     lo_b = torch.where(lo_b.to(torch.float32) > lo, torch.nextafter(lo_b, down), lo_b)

@@ -10,6 +10,7 @@ be built: the caller then uses the PyTorch kernel.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 
@@ -23,6 +24,26 @@ _SOURCE = pathlib.Path(__file__).parent / "csrc" / "quantize_group_cpu.cpp"
 
 def load():
     return build("razorpass_quantize_cpu", _SOURCE)
+
+
+def wide_available() -> bool:
+    """Whether the native kernels take their AVX-512 / BMI2 path on this CPU (float32,
+    2-4 bits, whole 16-element blocks); elsewhere they run the portable code."""
+    ext = load()
+    return ext is not None and ext.simd_available() > 0
+
+
+@contextlib.contextmanager
+def simd_cap(cap: int):
+    """Inside the block the native kernels take at most the path ``cap`` names: 0 the
+    portable code, 1 the AVX-512 / BMI2 path where the CPU has it (the default). Both
+    give the same bits; the tests run both."""
+    ext = load()
+    previous = ext.set_simd(cap)
+    try:
+        yield
+    finally:
+        ext.set_simd(previous)
 
 
 def cpu_quantize_group(x: torch.Tensor, group_size: int, bits: int):

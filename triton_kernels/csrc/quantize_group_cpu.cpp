@@ -13,6 +13,11 @@
 // fused multiply-add changes the rounding), NaN for a group with a non-finite bound.
 // Codes are a little-endian bit stream, `bits` per element; each group owns
 // group * bits / 8 whole bytes. Groups run in parallel (at::parallel_for).
+//
+// float32 runs four lanes at a time on SSE2 (every x86-64 CPU) and, where the CPU has
+// AVX-512 and BMI2, sixteen lanes at a time with the codes packed and unpacked in
+// registers (pext / pdep); both paths give the same bits (set_simd(0) selects the
+// first, and the tests run both).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -32,8 +37,32 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define RAZOR_X86_DISPATCH 1
+#include <immintrin.h>
+#endif
 
 namespace {
+
+// Wider paths chosen at run time (the module is built for the baseline x86-64, so
+// the AVX-512 and BMI2 code sits in functions compiled for those targets alone):
+// 0 = the portable code (SSE2 on x86-64), 1 = AVX-512 float32 bounds / levels /
+// decode and BMI2 bit packing where the CPU has them. set_simd() lowers it, so the
+// tests check both against the PyTorch kernel on a CPU that has both.
+int simd_level() {
+#if defined(RAZOR_X86_DISPATCH)
+  static const int detected = [] {
+    __builtin_cpu_init();
+    return (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2")) ? 1 : 0;
+  }();
+  return detected;
+#else
+  return 0;
+#endif
+}
+
+int simd_cap = 1;  // set_simd(); read by every call below
+inline bool use_wide() { return simd_cap > 0 && simd_level() > 0; }
 
 inline uint16_t bf16_bits(c10::BFloat16 b) { return b.x; }
 
@@ -53,12 +82,28 @@ struct Bounds {
 };
 
 // The float32 min / max of a group (NaN if it has one) rounded outwards to bfloat16.
+// A zero bound is +0 (adding +0 turns -0 into +0): which of a -0 and a +0 a min / max
+// keeps depends on the order it visits them, and the kernels visit in different orders.
 inline Bounds rounded_bounds(float lo, float hi, bool nan) {
+  lo += 0.0f;
+  hi += 0.0f;
   if (nan) lo = hi = std::numeric_limits<float>::quiet_NaN();
   c10::BFloat16 lo_b(lo), hi_b(hi);  // round to nearest even
   if (static_cast<float>(lo_b) > lo) lo_b = bf16_step(lo_b, true);
   if (static_cast<float>(hi_b) < hi) hi_b = bf16_step(hi_b, false);
   return {lo_b, hi_b};
+}
+
+// The bounds of x[0, m) from those of x[0, i) (lo, hi, nan): the scalar tail of the
+// vector loops below.
+inline Bounds tail_bounds(const float* x, int64_t i, int64_t m, float lo, float hi, bool nan) {
+  for (; i < m; ++i) {
+    const float v = x[i];
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+    nan |= v != v;
+  }
+  return rounded_bounds(lo, hi, nan);
 }
 
 // Round half to even of t in [0, 2^22): adding and subtracting 1.5 * 2^23 leaves the
@@ -178,13 +223,7 @@ inline Bounds group_bounds_f32(const float* x, int64_t m) {
     hi = hi_l[j] > hi ? hi_l[j] : hi;
   }
   bool nan = _mm_movemask_ps(nan4) != 0;
-  for (; i < m; ++i) {
-    const float v = x[i];
-    lo = v < lo ? v : lo;
-    hi = v > hi ? v : hi;
-    nan |= v != v;
-  }
-  return rounded_bounds(lo, hi, nan);
+  return tail_bounds(x, i, m, lo, hi, nan);
 }
 
 inline void levels_f32(const float* x, int64_t m, float lo, float step, float top, uint8_t* q) {
@@ -205,8 +244,152 @@ inline void levels_f32(const float* x, int64_t m, float lo, float step, float to
 }
 #endif
 
+
+#if defined(RAZOR_X86_DISPATCH)
+// AVX-512: the same operations as the SSE2 code above, sixteen lanes at a time. The
+// lanes visit a group's elements in another order than four lanes or the PyTorch
+// kernel do; min / max are order-free up to the sign of a zero, which rounded_bounds
+// makes +0 for every kernel.
+__attribute__((target("avx512f"))) Bounds group_bounds_f32_avx512(const float* x, int64_t m) {
+  __m512 lo16 = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  __m512 hi16 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 nan16 = 0;
+  int64_t i = 0;
+  for (; i + 16 <= m; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    lo16 = _mm512_min_ps(v, lo16);
+    hi16 = _mm512_max_ps(v, hi16);
+    nan16 = static_cast<__mmask16>(nan16 | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q));
+  }
+  // the lanes hold no NaN (min / max keep their second operand, never NaN)
+  float lo = _mm512_reduce_min_ps(lo16), hi = _mm512_reduce_max_ps(hi16);
+  bool nan = nan16 != 0;
+  return tail_bounds(x, i, m, lo, hi, nan);
+}
+
+__attribute__((target("avx512f"))) void levels_f32_avx512(const float* x, int64_t m, float lo, float step, float top,
+                                                          uint8_t* q) {
+  const __m512 lo16 = _mm512_set1_ps(lo), step16 = _mm512_set1_ps(step), top16 = _mm512_set1_ps(top);
+  const __m512 zero = _mm512_setzero_ps(), magic = _mm512_set1_ps(12582912.0f);
+  int64_t i = 0;
+  for (; i + 16 <= m; i += 16) {
+    __m512 t = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), lo16), step16);
+    t = _mm512_min_ps(_mm512_max_ps(t, zero), top16);
+    const __m512i k = _mm512_cvttps_epi32(_mm512_sub_ps(_mm512_add_ps(t, magic), magic));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(k));
+  }
+  for (; i < m; ++i) q[i] = level(x[i], lo, step, top);
+}
+
+// Decoded values of m levels: float(q) * step + lo, a multiply then an add.
+__attribute__((target("avx512f"))) void level_values_f32_avx512(const uint8_t* q, int64_t m, float step, float lo,
+                                                                float* out) {
+  const __m512 step16 = _mm512_set1_ps(step), lo16 = _mm512_set1_ps(lo);
+  int64_t i = 0;
+  for (; i + 16 <= m; i += 16) {
+    const __m512i k = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
+    _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(k), step16), lo16));
+  }
+  for (; i < m; ++i) out[i] = level_value(q[i], step, lo);
+}
+
+// Codes straight to and from the bit stream, sixteen elements at a time (2B bytes of
+// the stream for B bits; m a multiple of 16): the levels as above, then BMI2's pext
+// gathers the low B bits of each code byte into the little-endian stream and pdep
+// spreads them back, in registers (codes that go through memory byte by byte and are
+// read back sixteen at a time stall on store forwarding).
+template <int B>
+__attribute__((target("avx512f,bmi2"))) void encode_f32_avx512(const float* x, int64_t m, float lo, float step,
+                                                               float top, uint8_t* out) {
+  constexpr uint64_t kMask = 0x0101010101010101ull * ((1u << B) - 1);
+  const __m512 lo16 = _mm512_set1_ps(lo), step16 = _mm512_set1_ps(step), top16 = _mm512_set1_ps(top);
+  const __m512 zero = _mm512_setzero_ps(), magic = _mm512_set1_ps(12582912.0f);
+  for (int64_t i = 0; i < m; i += 16) {
+    __m512 t = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), lo16), step16);
+    t = _mm512_min_ps(_mm512_max_ps(t, zero), top16);
+    const __m128i k = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_sub_ps(_mm512_add_ps(t, magic), magic)));
+    const uint64_t w0 = _pext_u64(static_cast<uint64_t>(_mm_cvtsi128_si64(k)), kMask);
+    const uint64_t w1 = _pext_u64(static_cast<uint64_t>(_mm_extract_epi64(k, 1)), kMask);
+    const uint64_t w = w0 | (w1 << (8 * B));
+    std::memcpy(out + 2 * B * (i / 16), &w, 2 * B);
+  }
+}
+
+template <int B>
+__attribute__((target("avx512f,bmi2"))) void decode_f32_avx512(const uint8_t* in, int64_t m, float step, float lo,
+                                                               float* out) {
+  constexpr uint64_t kMask = 0x0101010101010101ull * ((1u << B) - 1);
+  const __m512 step16 = _mm512_set1_ps(step), lo16 = _mm512_set1_ps(lo);
+  for (int64_t i = 0; i < m; i += 16) {
+    // One 8-byte load (an exact-size copy goes through the stack and stalls on store
+    // forwarding): every block but the last reads past its own 2B bytes into the next
+    // block's; the last reads the 8 bytes that end with it and shifts.
+    const uint8_t* p = in + 2 * B * (i / 16);
+    uint64_t w;
+    if (i + 16 < m) {
+      std::memcpy(&w, p, 8);
+    } else if (i > 0) {
+      std::memcpy(&w, p + 2 * B - 8, 8);
+      w >>= 8 * (8 - 2 * B);
+    } else {
+      w = 0;
+      std::memcpy(&w, p, 2 * B);
+    }
+    const __m128i k = _mm_set_epi64x(static_cast<int64_t>(_pdep_u64(w >> (8 * B), kMask)),
+                                     static_cast<int64_t>(_pdep_u64(w, kMask)));
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(k));
+    _mm512_storeu_ps(out + i, _mm512_add_ps(_mm512_mul_ps(v, step16), lo16));  // a multiply, then an add
+  }
+}
+#endif
+
+// The wide encode / decode of m float32 elements where it applies (a CPU with them,
+// 2-4 bits, m a multiple of 16); false leaves the work to the portable code.
+inline bool encode_wide(const float* x, int64_t m, int64_t bits, float lo, float step, float top, uint8_t* out) {
+#if defined(RAZOR_X86_DISPATCH)
+  if (!use_wide() || m % 16 != 0) return false;
+  switch (bits) {
+    case 2: encode_f32_avx512<2>(x, m, lo, step, top, out); return true;
+    case 3: encode_f32_avx512<3>(x, m, lo, step, top, out); return true;
+    case 4: encode_f32_avx512<4>(x, m, lo, step, top, out); return true;
+    default: return false;
+  }
+#else
+  return false;
+#endif
+}
+
+inline bool decode_wide(const uint8_t* in, int64_t m, int64_t bits, float step, float lo, float* out) {
+#if defined(RAZOR_X86_DISPATCH)
+  if (!use_wide() || m % 16 != 0) return false;
+  switch (bits) {
+    case 2: decode_f32_avx512<2>(in, m, step, lo, out); return true;
+    case 3: decode_f32_avx512<3>(in, m, step, lo, out); return true;
+    case 4: decode_f32_avx512<4>(in, m, step, lo, out); return true;
+    default: return false;
+  }
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+void level_values(const uint8_t* q, int64_t m, float step, float lo, T* out) {
+#if defined(RAZOR_X86_DISPATCH)
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_wide()) return level_values_f32_avx512(q, m, step, lo, out);
+  }
+#endif
+  for (int64_t i = 0; i < m; ++i) out[i] = static_cast<T>(level_value(q[i], step, lo));
+}
+
 template <typename T>
 Bounds group_bounds(const T* x, int64_t m) {
+#if defined(RAZOR_X86_DISPATCH)
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_wide()) return group_bounds_f32_avx512(x, m);
+  }
+#endif
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<T, float>) return group_bounds_f32(x, m);
 #endif
@@ -225,6 +408,11 @@ Bounds group_bounds(const T* x, int64_t m) {
 // The levels of the m elements of x into q.
 template <typename T>
 void levels(const T* x, int64_t m, float lo, float step, float top, uint8_t* q) {
+#if defined(RAZOR_X86_DISPATCH)
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_wide()) return levels_f32_avx512(x, m, lo, step, top, q);
+  }
+#endif
 #if defined(__SSE2__)
   if constexpr (std::is_same_v<T, float>) return levels_f32(x, m, lo, step, top, q);
 #endif
@@ -249,6 +437,9 @@ void quantize_impl(const T* x, int64_t n, int64_t group, int64_t bits, uint8_t* 
       if (step == 0.0f || step != step) {  // a constant group, or NaN bounds: code 0
         std::fill(q.begin(), q.end(), uint8_t{0});
       } else {
+        if constexpr (std::is_same_v<T, float>) {
+          if (m == group && encode_wide(xs, m, bits, lo, step, top, codes + g * gbytes)) continue;
+        }
         levels(xs, m, lo, step, top, q.data());
         std::fill(q.begin() + m, q.end(), uint8_t{0});  // padding
       }
@@ -274,8 +465,11 @@ void dequantize_impl(const uint8_t* codes, const c10::BFloat16* bounds, int64_t 
         std::fill(o, o + m, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
         continue;
       }
+      if constexpr (std::is_same_v<T, float>) {
+        if (m == group && decode_wide(codes + g * gbytes, m, bits, step, lo, o)) continue;
+      }
       unpack(codes + g * gbytes, group, bits, q.data());
-      for (int64_t i = 0; i < m; ++i) o[i] = static_cast<T>(level_value(q[i], step, lo));
+      level_values(q.data(), m, step, lo, o);
     }
   });
 }
@@ -291,6 +485,9 @@ void quantize_uniform_impl(const T* x, int64_t n, int64_t bits, float lo, float 
     std::vector<uint8_t> q(kUniformChunk), packed(kUniformChunk * bits / 8);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t e0 = c * kUniformChunk, m = std::min(kUniformChunk, n - e0);
+      if constexpr (std::is_same_v<T, float>) {  // a whole chunk owns m * bits / 8 bytes of the stream
+        if (m == kUniformChunk && encode_wide(x + e0, m, bits, lo, step, top, codes + e0 * bits / 8)) continue;
+      }
       levels(x + e0, m, lo, step, top, q.data());
       const int64_t count = (m + 7) / 8 * 8;
       std::fill(q.begin() + m, q.begin() + count, uint8_t{0});
@@ -309,12 +506,15 @@ void dequantize_uniform_impl(const uint8_t* codes, int64_t n, int64_t bits, floa
     std::vector<uint8_t> q(kUniformChunk), packed(kUniformChunk * bits / 8, 0);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t e0 = c * kUniformChunk, m = std::min(kUniformChunk, n - e0);
+      if constexpr (std::is_same_v<T, float>) {
+        if (m == kUniformChunk && decode_wide(codes + e0 * bits / 8, m, bits, step, lo, out + e0)) continue;
+      }
       const int64_t count = (m + 7) / 8 * 8, b0 = e0 * bits / 8;
       const int64_t have = std::min(count * bits / 8, total - b0);
       std::memcpy(packed.data(), codes + b0, have);
       std::fill(packed.begin() + have, packed.begin() + count * bits / 8, uint8_t{0});
       unpack(packed.data(), count, bits, q.data());
-      for (int64_t i = 0; i < m; ++i) out[e0 + i] = static_cast<T>(level_value(q[i], step, lo));
+      level_values(q.data(), m, step, lo, out + e0);
     }
   });
 }
@@ -370,6 +570,15 @@ at::Tensor dequantize_uniform(const at::Tensor& codes_in, int64_t n, int64_t bit
   return out;
 }
 
+// The widest path the kernels may take (0: the portable code); returns the previous cap.
+int64_t set_simd(int64_t cap) {
+  const int64_t previous = simd_cap;
+  simd_cap = static_cast<int>(cap);
+  return previous;
+}
+
+int64_t simd_available() { return simd_level(); }
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -377,4 +586,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_group", &dequantize_group, "per-group dequantize (CPU)");
   m.def("quantize_uniform", &quantize_uniform, "uniform quantize on one fixed range (CPU)");
   m.def("dequantize_uniform", &dequantize_uniform, "uniform dequantize on one fixed range (CPU)");
+  m.def("set_simd", &set_simd, "cap the vector path (0: portable code only); returns the previous cap");
+  m.def("simd_available", &simd_available, "1 if this CPU has the AVX-512 / BMI2 paths");
 }
