@@ -167,6 +167,7 @@ class PartitionRecord:
     # masks the partitioner recomputes in backward, used there unpacked (drop_backward_packs);
     # they stay in ``packed`` (packed on the joint graph) and in ``recomputed_in_backward``
     backward_packs_dropped: int = 0
+    centered_quantizes: int = 0  # BatchNorm inputs quantized centered in one op (center_quantize)
     budget: BudgetRecord | None = None  # memory_budget's choices, when one is set
 
     @property

@@ -22,7 +22,7 @@ from .topk_compress import offsets_dtype, torch_compress, torch_decompress, torc
 __all__ = ["compress", "decompress", "compressed_shapes", "compress_offsets", "decompress_offsets", "offsets_dtype", "pack_bits", "unpack_bits", "packed_numel", "fused_pack_bits",
            "fused_unpack_bits", "rank_tokens",
            "RANK_TOKENS_OP", "VALUE_DTYPES", "value_dtype_of", "quantize_uniform", "dequantize_uniform", "quantized_numel",
-           "quantize_group", "dequantize_group", "group_quantized_shapes"]
+           "quantize_group", "quantize_group_centered", "dequantize_group", "group_quantized_shapes"]
 
 # The dtypes a config's ``value_dtype`` names ("same": the activation's own dtype).
 VALUE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -334,6 +334,40 @@ def quantize_group(x: torch.Tensor, group_size: int, bits: int) -> tuple[torch.T
 @quantize_group.register_fake
 def _(x, group_size, bits):
     check_group_args("razor::quantize_group", group_size, bits)
+    codes, bounds = group_quantized_shapes(x.numel(), group_size, bits)
+    return x.new_empty(codes, dtype=torch.uint8), x.new_empty(bounds, dtype=torch.bfloat16)
+
+
+def _channel_view(center: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return center.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def _check_center(x: torch.Tensor, center: torch.Tensor) -> None:
+    if x.dim() < 2 or center.numel() != x.shape[1]:
+        raise ValueError(f"razor::quantize_group_centered: the center needs x.shape[1] elements (x of 2+ dims), got "
+                         f"x of shape {tuple(x.shape)} and a center of {center.numel()}")
+
+
+@torch.library.custom_op("razor::quantize_group_centered", mutates_args=())
+def quantize_group_centered(x: torch.Tensor, center: torch.Tensor, group_size: int,
+                            bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_group(x - center)`` for a center per index of dim 1 (``center.numel() ==
+    x.shape[1]``, a BatchNorm's per-channel mean): the same codes and bounds, bit for bit,
+    without materializing the difference. The native CPU kernel centers each group in a
+    scratch buffer (float32 x and center); anything else subtracts first."""
+    _check_center(x, center)
+    if x.device.type == "cpu" and x.dtype == center.dtype == torch.float32:
+        check_group_args("razor::quantize_group_centered", group_size, bits)
+        out = quantize_cpu.cpu_quantize_group_centered(x, center, group_size, bits)
+        if out is not None:
+            return out
+    return quantize_group(x - _channel_view(center, x), group_size, bits)
+
+
+@quantize_group_centered.register_fake
+def _(x, center, group_size, bits):
+    _check_center(x, center)
+    check_group_args("razor::quantize_group_centered", group_size, bits)
     codes, bounds = group_quantized_shapes(x.numel(), group_size, bits)
     return x.new_empty(codes, dtype=torch.uint8), x.new_empty(bounds, dtype=torch.bfloat16)
 

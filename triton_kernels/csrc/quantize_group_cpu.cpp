@@ -96,9 +96,9 @@ inline Bounds rounded_bounds(float lo, float hi, bool nan) {
 
 // The bounds of x[0, m) from those of x[0, i) (lo, hi, nan): the scalar tail of the
 // vector loops below.
-inline Bounds tail_bounds(const float* x, int64_t i, int64_t m, float lo, float hi, bool nan) {
+inline Bounds tail_bounds(const float* x, int64_t i, int64_t m, float lo, float hi, bool nan, float c = 0.0f) {
   for (; i < m; ++i) {
-    const float v = x[i];
+    const float v = x[i] - c;
     lo = v < lo ? v : lo;
     hi = v > hi ? v : hi;
     nan |= v != v;
@@ -250,13 +250,17 @@ inline void levels_f32(const float* x, int64_t m, float lo, float step, float to
 // lanes visit a group's elements in another order than four lanes or the PyTorch
 // kernel do; min / max are order-free up to the sign of a zero, which rounded_bounds
 // makes +0 for every kernel.
-__attribute__((target("avx512f"))) Bounds group_bounds_f32_avx512(const float* x, int64_t m) {
+//
+// Both take a center c and read x - c (a float32 subtraction, as the graph computes it;
+// c = 0 reads x exactly, -0 included), so a centered group needs no copy.
+__attribute__((target("avx512f"))) Bounds group_bounds_f32_avx512(const float* x, int64_t m, float c) {
+  const __m512 c16 = _mm512_set1_ps(c);
   __m512 lo16 = _mm512_set1_ps(std::numeric_limits<float>::infinity());
   __m512 hi16 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __mmask16 nan16 = 0;
   int64_t i = 0;
   for (; i + 16 <= m; i += 16) {
-    const __m512 v = _mm512_loadu_ps(x + i);
+    const __m512 v = _mm512_sub_ps(_mm512_loadu_ps(x + i), c16);
     lo16 = _mm512_min_ps(v, lo16);
     hi16 = _mm512_max_ps(v, hi16);
     nan16 = static_cast<__mmask16>(nan16 | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q));
@@ -264,7 +268,7 @@ __attribute__((target("avx512f"))) Bounds group_bounds_f32_avx512(const float* x
   // the lanes hold no NaN (min / max keep their second operand, never NaN)
   float lo = _mm512_reduce_min_ps(lo16), hi = _mm512_reduce_max_ps(hi16);
   bool nan = nan16 != 0;
-  return tail_bounds(x, i, m, lo, hi, nan);
+  return tail_bounds(x, i, m, lo, hi, nan, c);
 }
 
 __attribute__((target("avx512f"))) void levels_f32_avx512(const float* x, int64_t m, float lo, float step, float top,
@@ -299,13 +303,15 @@ __attribute__((target("avx512f"))) void level_values_f32_avx512(const uint8_t* q
 // spreads them back, in registers (codes that go through memory byte by byte and are
 // read back sixteen at a time stall on store forwarding).
 template <int B>
-__attribute__((target("avx512f,bmi2"))) void encode_f32_avx512(const float* x, int64_t m, float lo, float step,
-                                                               float top, uint8_t* out) {
+__attribute__((target("avx512f,bmi2"))) void encode_f32_avx512(const float* x, int64_t m, float c, float lo,
+                                                               float step, float top, uint8_t* out) {
+  const __m512 c16 = _mm512_set1_ps(c);
   constexpr uint64_t kMask = 0x0101010101010101ull * ((1u << B) - 1);
   const __m512 lo16 = _mm512_set1_ps(lo), step16 = _mm512_set1_ps(step), top16 = _mm512_set1_ps(top);
   const __m512 zero = _mm512_setzero_ps(), magic = _mm512_set1_ps(12582912.0f);
   for (int64_t i = 0; i < m; i += 16) {
-    __m512 t = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), lo16), step16);
+    const __m512 v = _mm512_sub_ps(_mm512_loadu_ps(x + i), c16);
+    __m512 t = _mm512_div_ps(_mm512_sub_ps(v, lo16), step16);
     t = _mm512_min_ps(_mm512_max_ps(t, zero), top16);
     const __m128i k = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_sub_ps(_mm512_add_ps(t, magic), magic)));
     const uint64_t w0 = _pext_u64(static_cast<uint64_t>(_mm_cvtsi128_si64(k)), kMask);
@@ -345,13 +351,14 @@ __attribute__((target("avx512f,bmi2"))) void decode_f32_avx512(const uint8_t* in
 
 // The wide encode / decode of m float32 elements where it applies (a CPU with them,
 // 2-4 bits, m a multiple of 16); false leaves the work to the portable code.
-inline bool encode_wide(const float* x, int64_t m, int64_t bits, float lo, float step, float top, uint8_t* out) {
+inline bool encode_wide(const float* x, int64_t m, int64_t bits, float lo, float step, float top, uint8_t* out,
+                        float c = 0.0f) {
 #if defined(RAZOR_X86_DISPATCH)
   if (!use_wide() || m % 16 != 0) return false;
   switch (bits) {
-    case 2: encode_f32_avx512<2>(x, m, lo, step, top, out); return true;
-    case 3: encode_f32_avx512<3>(x, m, lo, step, top, out); return true;
-    case 4: encode_f32_avx512<4>(x, m, lo, step, top, out); return true;
+    case 2: encode_f32_avx512<2>(x, m, c, lo, step, top, out); return true;
+    case 3: encode_f32_avx512<3>(x, m, c, lo, step, top, out); return true;
+    case 4: encode_f32_avx512<4>(x, m, c, lo, step, top, out); return true;
     default: return false;
   }
 #else
@@ -387,7 +394,7 @@ template <typename T>
 Bounds group_bounds(const T* x, int64_t m) {
 #if defined(RAZOR_X86_DISPATCH)
   if constexpr (std::is_same_v<T, float>) {
-    if (use_wide()) return group_bounds_f32_avx512(x, m);
+    if (use_wide()) return group_bounds_f32_avx512(x, m, 0.0f);
   }
 #endif
 #if defined(__SSE2__)
@@ -419,31 +426,91 @@ void levels(const T* x, int64_t m, float lo, float step, float top, uint8_t* q) 
   for (int64_t i = 0; i < m; ++i) q[i] = level(static_cast<float>(x[i]), lo, step, top);
 }
 
+// One group: its bounds into bounds[0..1], its codes into codes (group * bits / 8 bytes);
+// q is scratch of `group` bytes. m <= group elements are real, the rest padding.
+template <typename T>
+void encode_group(const T* xs, int64_t m, int64_t group, int64_t bits, uint8_t* codes, c10::BFloat16* bounds,
+                  uint8_t* q) {
+  const float top = static_cast<float>((1 << bits) - 1);
+  const Bounds b = group_bounds(xs, m);
+  bounds[0] = b.lo;
+  bounds[1] = b.hi;
+  const float lo = static_cast<float>(b.lo), hi = static_cast<float>(b.hi);
+  const float step = (hi - lo) / top;
+  if (step == 0.0f || step != step) {  // a constant group, or NaN bounds: code 0
+    std::fill(q, q + group, uint8_t{0});
+  } else {
+    if constexpr (std::is_same_v<T, float>) {
+      if (m == group && encode_wide(xs, m, bits, lo, step, top, codes)) return;
+    }
+    levels(xs, m, lo, step, top, q);
+    std::fill(q + m, q + group, uint8_t{0});  // padding
+  }
+  pack(q, group, bits, codes);
+}
+
 template <typename T>
 void quantize_impl(const T* x, int64_t n, int64_t group, int64_t bits, uint8_t* codes, c10::BFloat16* bounds) {
   const int64_t groups = (n + group - 1) / group;
   const int64_t gbytes = group * bits / 8;
-  const float top = static_cast<float>((1 << bits) - 1);
   at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
     std::vector<uint8_t> q(group);
+    for (int64_t g = g0; g < g1; ++g)
+      encode_group(x + g * group, std::min(group, n - g * group), group, bits, codes + g * gbytes, bounds + 2 * g,
+                   q.data());
+  });
+}
+
+// A whole group of one channel on the wide path, centered in registers; false where
+// that path does not apply (the caller then centers into a scratch buffer).
+inline bool encode_centered_wide(const float* xs, float c, int64_t m, int64_t bits, uint8_t* codes,
+                                 c10::BFloat16* bounds) {
+#if defined(RAZOR_X86_DISPATCH)
+  if (!use_wide() || m % 16 != 0 || bits < 2 || bits > 4) return false;
+  const float top = static_cast<float>((1 << bits) - 1);
+  const Bounds b = group_bounds_f32_avx512(xs, m, c);
+  bounds[0] = b.lo;
+  bounds[1] = b.hi;
+  const float lo = static_cast<float>(b.lo), hi = static_cast<float>(b.hi);
+  const float step = (hi - lo) / top;
+  if (step == 0.0f || step != step) {  // a constant group, or NaN bounds: code 0
+    std::memset(codes, 0, m * bits / 8);
+    return true;
+  }
+  return encode_wide(xs, m, bits, lo, step, top, codes, c);
+#else
+  return false;
+#endif
+}
+
+// quantize_impl of x - center[c] (float32 subtraction), c the index along dim 1 of a
+// contiguous (outer, C, inner) x: what quantize_group gives for the materialized
+// difference, without writing it out. Each group is centered into a scratch buffer.
+void quantize_centered_impl(const float* x, const float* center, int64_t n, int64_t channels, int64_t inner,
+                            int64_t group, int64_t bits, uint8_t* codes, c10::BFloat16* bounds) {
+  const int64_t groups = (n + group - 1) / group;
+  const int64_t gbytes = group * bits / 8;
+  at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
+    std::vector<uint8_t> q(group);
+    std::vector<float> centered(group);
+    // the channel c of the group's first element and its offset in that channel's run,
+    // carried from group to group (no integer division per group)
+    int64_t c = (g0 * group / inner) % channels, offset = g0 * group % inner;
     for (int64_t g = g0; g < g1; ++g) {
-      const T* xs = x + g * group;
-      const int64_t m = std::min(group, n - g * group);
-      const Bounds b = group_bounds(xs, m);
-      bounds[2 * g] = b.lo;
-      bounds[2 * g + 1] = b.hi;
-      const float lo = static_cast<float>(b.lo), hi = static_cast<float>(b.hi);
-      const float step = (hi - lo) / top;
-      if (step == 0.0f || step != step) {  // a constant group, or NaN bounds: code 0
-        std::fill(q.begin(), q.end(), uint8_t{0});
-      } else {
-        if constexpr (std::is_same_v<T, float>) {
-          if (m == group && encode_wide(xs, m, bits, lo, step, top, codes + g * gbytes)) continue;
+      const int64_t i0 = g * group, m = std::min(group, n - i0);
+      if (!(m == group && offset + m <= inner &&
+            encode_centered_wide(x + i0, center[c], m, bits, codes + g * gbytes, bounds + 2 * g))) {
+        for (int64_t k = 0, kc = c, ko = offset; k < m;) {  // runs of one channel
+          const int64_t run = std::min(m - k, inner - ko);
+          const float cv = center[kc];
+          for (int64_t r = 0; r < run; ++r) centered[k + r] = x[i0 + k + r] - cv;
+          k += run;
+          ko = 0;
+          kc = kc + 1 == channels ? 0 : kc + 1;
         }
-        levels(xs, m, lo, step, top, q.data());
-        std::fill(q.begin() + m, q.end(), uint8_t{0});  // padding
+        encode_group(centered.data(), m, group, bits, codes + g * gbytes, bounds + 2 * g, q.data());
       }
-      pack(q.data(), group, bits, codes + g * gbytes);
+      for (offset += group; offset >= inner; offset -= inner) c = c + 1 == channels ? 0 : c + 1;
     }
   });
 }
@@ -533,6 +600,26 @@ std::vector<at::Tensor> quantize_group(const at::Tensor& x_in, int64_t group, in
   return {codes, bounds};
 }
 
+// quantize_group(x - center) for a center along dim 1 (center.numel() == x.size(1)),
+// float32 only.
+std::vector<at::Tensor> quantize_group_centered(const at::Tensor& x_in, const at::Tensor& center_in, int64_t group,
+                                                int64_t bits) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && center_in.scalar_type() == at::kFloat && x_in.dim() >= 2 &&
+                  center_in.numel() == x_in.size(1),
+              "quantize_group_centered: float32 x of 2+ dims and a float32 center of x.size(1) elements");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor center = center_in.contiguous();
+  const int64_t n = x.numel();
+  const int64_t groups = (n + group - 1) / group;
+  at::Tensor codes = at::empty({groups * (group * bits / 8)}, x.options().dtype(at::kByte));
+  at::Tensor bounds = at::empty({2 * groups}, x.options().dtype(at::kBFloat16));
+  if (groups == 0) return {codes, bounds};
+  const int64_t channels = x.size(1), inner = n / (x.size(0) * channels);
+  quantize_centered_impl(x.data_ptr<float>(), center.data_ptr<float>(), n, channels, inner, group, bits,
+                         codes.data_ptr<uint8_t>(), bounds.data_ptr<c10::BFloat16>());
+  return {codes, bounds};
+}
+
 at::Tensor dequantize_group(const at::Tensor& codes_in, const at::Tensor& bounds_in, int64_t n, int64_t group,
                             int64_t bits, at::ScalarType dtype) {
   const at::Tensor codes = codes_in.contiguous();
@@ -583,6 +670,7 @@ int64_t simd_available() { return simd_level(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_group", &quantize_group, "per-group quantize (CPU)");
+  m.def("quantize_group_centered", &quantize_group_centered, "per-group quantize of x - center (CPU)");
   m.def("dequantize_group", &dequantize_group, "per-group dequantize (CPU)");
   m.def("quantize_uniform", &quantize_uniform, "uniform quantize on one fixed range (CPU)");
   m.def("dequantize_uniform", &dequantize_uniform, "uniform dequantize on one fixed range (CPU)");

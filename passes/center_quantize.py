@@ -1,0 +1,71 @@
+"""center-quantize: a BatchNorm input is quantized centered without writing the centered
+tensor out.
+
+Runs on the partitioned forward graph. ``compress_saved`` stores a BatchNorm's input as
+``quantize_group(x - mean)`` (the backward reads it only centered). The subtraction is a
+pointwise op the compiler would fuse into its consumers, but the quantizer is opaque, so
+the compiler writes the whole centered tensor to memory for it: on EfficientNet-Lite0
+(batch 32, 112 px), 49 tensors and 201 MiB a step, in fresh buffers.
+
+Each ``quantize_group(sub(x, mean), group, bits)`` whose ``mean`` is one value per
+index of dim 1 (shape ``[1, C, 1, ...]``, float32 like ``x`` and the difference) becomes
+``quantize_group_centered(x, mean, group, bits)``: the same codes and bounds, bit for
+bit (the kernel subtracts in float32 per group, in a scratch buffer), so the backward
+and what crosses to it are unchanged. The subtraction stays where other forward ops
+read it (dead code is removed). Each replacement is counted in ``ctx.centered_quantizes``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .common import PassContext
+from .rewrite import Rewriter
+
+__all__ = ["run"]
+
+aten = torch.ops.aten
+
+
+def _channel_center(sub: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(x, mean) of ``sub = x - mean`` with a float32 per-dim-1 ``mean``, or None."""
+    if sub.op != "call_function" or sub.target is not aten.sub.Tensor or sub.kwargs or len(sub.args) != 2:
+        return None
+    x, mean = sub.args
+    if not (isinstance(x, fx.Node) and isinstance(mean, fx.Node)):
+        return None
+    xv, mv, sv = x.meta.get("val"), mean.meta.get("val"), sub.meta.get("val")
+    if not all(isinstance(v, torch.Tensor) for v in (xv, mv, sv)):
+        return None
+    if not (xv.dtype == mv.dtype == sv.dtype == torch.float32) or xv.dim() < 2 or mv.dim() > xv.dim():
+        return None
+    channels = xv.shape[1]
+    want = [1, channels] + [1] * (xv.dim() - 2)
+    shape = [1] * (xv.dim() - mv.dim()) + list(mv.shape)
+    # plain ints only: comparing a symbolic size would guard the graph on it
+    if not all(isinstance(d, int) for d in (*shape, channels)) or shape != want:
+        return None
+    if list(sv.shape) != list(xv.shape):
+        return None
+    return x, mean
+
+
+def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    quantize = torch.ops.razor.quantize_group.default
+    centered = 0
+    with Rewriter(gm) as rw:  # on exit: a subtraction left unread is removed, the graph recompiled
+        for node in list(rw.graph.nodes):
+            if node.op != "call_function" or node.target is not quantize or not isinstance(node.args[0], fx.Node):
+                continue
+            found = _channel_center(node.args[0])
+            if found is None:
+                continue
+            with rw.graph.inserting_before(node):
+                fused = rw.graph.call_function(torch.ops.razor.quantize_group_centered.default, (*found, *node.args[1:]))
+            fused.meta = dict(node.meta)
+            node.replace_all_uses_with(fused)
+            rw.graph.erase_node(node)
+            centered += 1
+    ctx.centered_quantizes += centered
+    return gm
