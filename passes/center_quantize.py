@@ -10,7 +10,7 @@ the compiler writes the whole centered tensor to memory for it: on EfficientNet-
 Each ``quantize_group(sub(x, mean), group, bits)`` whose ``mean`` is one value per
 index of dim 1 (shape ``[1, C, 1, ...]``, float32 like ``x`` and the difference) becomes
 ``quantize_group_centered(x, mean, group, bits)``: the same codes and bounds, bit for
-bit (the kernel subtracts in float32 per group, in a scratch buffer), so the backward
+bit (the kernel subtracts in float32, in registers or a scratch buffer), so the backward
 and what crosses to it are unchanged. The subtraction stays where other forward ops
 read it (dead code is removed). Each replacement is counted in ``ctx.centered_quantizes``.
 """

@@ -331,11 +331,16 @@ def quantize_group(x: torch.Tensor, group_size: int, bits: int) -> tuple[torch.T
     return torch_quantize_group(x, group_size, bits)
 
 
-@quantize_group.register_fake
-def _(x, group_size, bits):
-    check_group_args("razor::quantize_group", group_size, bits)
+def _fake_group_codes(op: str, x: torch.Tensor, group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (codes, bounds) of the shapes a per-group quantization of ``x`` gives."""
+    check_group_args(op, group_size, bits)
     codes, bounds = group_quantized_shapes(x.numel(), group_size, bits)
     return x.new_empty(codes, dtype=torch.uint8), x.new_empty(bounds, dtype=torch.bfloat16)
+
+
+@quantize_group.register_fake
+def _(x, group_size, bits):
+    return _fake_group_codes("razor::quantize_group", x, group_size, bits)
 
 
 def _channel_view(center: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -353,8 +358,8 @@ def quantize_group_centered(x: torch.Tensor, center: torch.Tensor, group_size: i
                             bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_group(x - center)`` for a center per index of dim 1 (``center.numel() ==
     x.shape[1]``, a BatchNorm's per-channel mean): the same codes and bounds, bit for bit,
-    without materializing the difference. The native CPU kernel centers each group in a
-    scratch buffer (float32 x and center); anything else subtracts first."""
+    without materializing the difference. The native CPU kernel centers each group as it
+    reads it (float32 x and center); anything else subtracts first."""
     _check_center(x, center)
     if x.device.type == "cpu" and x.dtype == center.dtype == torch.float32:
         check_group_args("razor::quantize_group_centered", group_size, bits)
@@ -367,9 +372,7 @@ def quantize_group_centered(x: torch.Tensor, center: torch.Tensor, group_size: i
 @quantize_group_centered.register_fake
 def _(x, center, group_size, bits):
     _check_center(x, center)
-    check_group_args("razor::quantize_group_centered", group_size, bits)
-    codes, bounds = group_quantized_shapes(x.numel(), group_size, bits)
-    return x.new_empty(codes, dtype=torch.uint8), x.new_empty(bounds, dtype=torch.bfloat16)
+    return _fake_group_codes("razor::quantize_group_centered", x, group_size, bits)
 
 
 @torch.library.custom_op("razor::dequantize_group", mutates_args=())

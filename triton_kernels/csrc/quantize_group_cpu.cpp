@@ -426,18 +426,24 @@ void levels(const T* x, int64_t m, float lo, float step, float top, uint8_t* q) 
   for (int64_t i = 0; i < m; ++i) q[i] = level(static_cast<float>(x[i]), lo, step, top);
 }
 
+// Stores a group's bounds into bounds[0..1] and gives its lo and step; false for a
+// group whose codes are all 0 (a constant group, or NaN bounds).
+inline bool store_scale(Bounds b, float top, c10::BFloat16* bounds, float& lo, float& step) {
+  bounds[0] = b.lo;
+  bounds[1] = b.hi;
+  lo = static_cast<float>(b.lo);
+  step = (static_cast<float>(b.hi) - lo) / top;
+  return !(step == 0.0f || step != step);
+}
+
 // One group: its bounds into bounds[0..1], its codes into codes (group * bits / 8 bytes);
 // q is scratch of `group` bytes. m <= group elements are real, the rest padding.
 template <typename T>
 void encode_group(const T* xs, int64_t m, int64_t group, int64_t bits, uint8_t* codes, c10::BFloat16* bounds,
                   uint8_t* q) {
   const float top = static_cast<float>((1 << bits) - 1);
-  const Bounds b = group_bounds(xs, m);
-  bounds[0] = b.lo;
-  bounds[1] = b.hi;
-  const float lo = static_cast<float>(b.lo), hi = static_cast<float>(b.hi);
-  const float step = (hi - lo) / top;
-  if (step == 0.0f || step != step) {  // a constant group, or NaN bounds: code 0
+  float lo, step;
+  if (!store_scale(group_bounds(xs, m), top, bounds, lo, step)) {
     std::fill(q, q + group, uint8_t{0});
   } else {
     if constexpr (std::is_same_v<T, float>) {
@@ -468,12 +474,8 @@ inline bool encode_centered_wide(const float* xs, float c, int64_t m, int64_t bi
 #if defined(RAZOR_X86_DISPATCH)
   if (!use_wide() || m % 16 != 0 || bits < 2 || bits > 4) return false;
   const float top = static_cast<float>((1 << bits) - 1);
-  const Bounds b = group_bounds_f32_avx512(xs, m, c);
-  bounds[0] = b.lo;
-  bounds[1] = b.hi;
-  const float lo = static_cast<float>(b.lo), hi = static_cast<float>(b.hi);
-  const float step = (hi - lo) / top;
-  if (step == 0.0f || step != step) {  // a constant group, or NaN bounds: code 0
+  float lo, step;
+  if (!store_scale(group_bounds_f32_avx512(xs, m, c), top, bounds, lo, step)) {
     std::memset(codes, 0, m * bits / 8);
     return true;
   }
@@ -485,7 +487,8 @@ inline bool encode_centered_wide(const float* xs, float c, int64_t m, int64_t bi
 
 // quantize_impl of x - center[c] (float32 subtraction), c the index along dim 1 of a
 // contiguous (outer, C, inner) x: what quantize_group gives for the materialized
-// difference, without writing it out. Each group is centered into a scratch buffer.
+// difference, without writing it out. A whole group of one channel is centered in
+// registers on the wide path; any other group in a scratch buffer.
 void quantize_centered_impl(const float* x, const float* center, int64_t n, int64_t channels, int64_t inner,
                             int64_t group, int64_t bits, uint8_t* codes, c10::BFloat16* bounds) {
   const int64_t groups = (n + group - 1) / group;
