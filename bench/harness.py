@@ -1,7 +1,7 @@
 """``razorpass-bench``: run the methods of one workload and write the table, CSV, JSON
 and plots.
 
-    razorpass-bench                              # default job: tweets, 6 methods, ~15 min on 2 cores
+    razorpass-bench                              # default job: tweets, 7 methods, ~20 min on 2 cores
     razorpass-bench --full                       # every method, larger subset, more steps
     razorpass-bench --workload vit --methods baseline,razor,checkpoint
     razorpass-bench --tiny --methods baseline,razor --out /tmp/smoke   # CI smoke test
@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, the head and the data order")
     p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--paired-rounds", type=int, default=6, metavar="N",
+                   help="pairs of steps (method, baseline) timed back to back after each method's run, for a step-time "
+                        "ratio that drift of the machine's speed does not move (default: 6; 0: off; else at least 2)")
     p.add_argument("--malloc", choices=MALLOC_CHOICES, default="system",
                    help="what the C allocator does with freed memory, for every method alike: system (default) or "
                         "retain (glibc: no mmap, no trim, so freed memory is reused without page faults; bench/allocator.py)")
@@ -56,17 +59,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.paired_rounds < 0 or args.paired_rounds == 1:
+        parser.error(f"--paired-rounds must be 0 (off) or at least 2, got {args.paired_rounds}")
     malloc = configure(args.malloc)  # for the whole process ("system" undoes nothing)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import torch
-    from tqdm.auto import tqdm
 
     from . import outputs
-    from .runner import MIN_STEPS, run_method
+    from .runner import MIN_STEPS, run_methods
     from .workloads import load_workload
 
     scale = "full" if args.full else "tiny" if args.tiny else "default"
@@ -76,27 +81,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     workload = load_workload(args.workload, scale, seed=args.seed, train_size=args.train_size,
                              test_size=args.test_size, steps=args.steps, batch_size=args.batch_size)
+    rounds = args.paired_rounds
     if workload.steps < MIN_STEPS:
         raise SystemExit(f"razorpass-bench: --steps must be >= {MIN_STEPS} (2 warm-up, 1 profiled, >= 1 timed)")
     env = outputs.environment(device)
     print(f"razorpass-bench {workload.name} ({scale}) on {env['device']}, torch {env['torch']}, "
           f"commit {env['commit'][:12]}\n  {workload.data.description}\n  {workload.steps} steps, "
-          f"methods: {', '.join(m.name for m in methods)}; malloc: {malloc}", flush=True)
+          f"methods: {', '.join(m.name for m in methods)}; paired rounds: {rounds}; malloc: {malloc}", flush=True)
 
     # Cold compiles: compile_s means what a fresh machine pays, and razorpass'
     # partitioner always runs (an AOTAutograd cache hit skips it, and with it the
     # records the memory breakdown needs). Patched, not set: nothing outlives the run.
     with torch._inductor.config.patch(force_disable_caches=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
-        results = [run_method(workload, m, device, args.seed)
-                   for m in tqdm(methods, desc=workload.name, unit="method")]
+        results = run_methods(workload, methods, device, args.seed, rounds)
     base = next((r for r in results if r.method == "baseline" and r.ok), None)
     for r in results:
         r.baseline_step_s = base.step_s if base else None
         r.baseline_hits = base.hits if base else None
 
     print(outputs.format_table(results, workload))
-    meta = {**env, "scale": scale, "batch_override": args.batch_size, "malloc": malloc,
+    meta = {**env, "scale": scale, "batch_override": args.batch_size, "malloc": malloc, "paired_rounds": rounds,
             "argv": list(argv) if argv is not None else sys.argv[1:], "wall_s": time.perf_counter() - started,
             **workload.describe()}
     written = _write_outputs(results, workload, scale, env, meta, args.out)

@@ -27,6 +27,7 @@ backward, FLOPs, and test accuracy.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import warnings
 from typing import Callable, Iterator, Sequence
@@ -45,6 +46,8 @@ __all__ = [
     "count_flops",
     "evaluate",
     "binomial_se",
+    "paired_difference",
+    "paired_ratio",
     "timed",
 ]
 
@@ -104,9 +107,8 @@ class StepRunner:
         and LR step; returns the loss (detached, not synchronised)."""
         inputs, labels = batch
         self.optimizer.zero_grad(set_to_none=True)
-        with self.prepared.step_context():
-            loss = self.forward(inputs, labels)
-            loss.backward()
+        loss = self.forward(inputs, labels)
+        loss.backward()
         if after_backward is not None:
             after_backward()
         self.optimizer.step()
@@ -240,3 +242,17 @@ def paired_difference(mine: Sequence[bool], ref: Sequence[bool]) -> tuple[float,
         return mean, 0.0
     var = sum((x - mean) ** 2 for x in d) / (n - 1)
     return mean, math.sqrt(var / n)
+
+
+def paired_ratio(pairs: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """(ratio, its standard error) of two timings measured in pairs (a_i, b_i): the
+    geometric mean of a_i / b_i, and its SE from the spread of log(a_i / b_i) (delta
+    method: ratio x SE of the mean log). Pairs taken close together in time cancel
+    a drift of the machine's speed that the two medians would each carry."""
+    if len(pairs) < 2:
+        raise ValueError(f"a paired ratio needs at least 2 pairs, got {len(pairs)}")
+    if not all(a > 0 and b > 0 for a, b in pairs):
+        raise ValueError(f"paired timings must be positive, got {list(pairs)}")
+    logs = [math.log(a / b) for a, b in pairs]
+    ratio = math.exp(statistics.fmean(logs))
+    return ratio, ratio * statistics.stdev(logs) / math.sqrt(len(logs))

@@ -8,8 +8,8 @@ baseline          ``torch.compile(model)``, full fine-tune (the reference row)
 bf16              baseline under ``torch.autocast(dtype=torch.bfloat16)``
 checkpoint        baseline with ``torch.utils.checkpoint`` (non-reentrant) around
                   every block (found by :func:`bench.blocks.find_blocks`)
-budget0.5         baseline compiled under
-                  ``torch._functorch.config.activation_memory_budget = 0.5``
+budget0.5         baseline compiled with ``activation_memory_budget = 0.5`` (Inductor
+                  under ``torch._functorch.config.patch``: :class:`BudgetInductor`)
 razor             ``razorpass.compile(model)``: the defaults (the "accurate" policy)
 razor-int4        the defaults with ``quant_bits=4, quant_group_size=128`` (more bytes,
                   closer gradients)
@@ -45,7 +45,7 @@ from torch import nn
 
 from .blocks import find_head, freeze_all_but, wrap_blocks
 
-__all__ = ["Method", "METHODS", "Prepared", "prepare", "resolve_methods", "CheckpointedBlock"]
+__all__ = ["Method", "METHODS", "Prepared", "prepare", "resolve_methods", "CheckpointedBlock", "BudgetInductor"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,20 +140,33 @@ class Prepared:
 
     train_module: nn.Module  # what a training step calls (compiled)
     eager_module: nn.Module  # the same computation uncompiled (evaluation)
-    # Wraps every whole step (forward and backward): compiler config patches, which
-    # must be active whenever Dynamo may (re)compile; undone after each step, so no
-    # global setting outlives the benchmark.
-    step_context: Context
     # Wraps forward calls only (autocast: backward runs outside autocast).
     forward_context: Context
     razor_options: dict[str, Any] | None  # what razorpass.compile was given
     lr: float
 
 
-def _step_context(method: Method) -> Context:
-    if method.memory_budget is None:
-        return contextlib.nullcontext
-    return lambda: torch._functorch.config.patch(activation_memory_budget=method.memory_budget)
+class BudgetInductor:
+    """Inductor with ``torch._functorch.config.activation_memory_budget`` set while it
+    compiles; the partitioner, its only reader, runs then.
+
+    A backend object of its own, on purpose: Dynamo keeps one cache per code object
+    and tells entries apart by their guards and their backend, not by functorch's
+    config. With the budget set as a global around a plain ``torch.compile``, a
+    second model of the same class (the baseline's copy, compiled in the same
+    process) would be served the other one's graphs."""
+
+    def __init__(self, budget: float):
+        self.budget = budget
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        from torch._inductor.compile_fx import compile_fx
+
+        with torch._functorch.config.patch(activation_memory_budget=self.budget):
+            return compile_fx(gm, example_inputs)
+
+    def __repr__(self) -> str:
+        return f"BudgetInductor({self.budget})"
 
 
 def _forward_context(method: Method, device_type: str) -> Context:
@@ -175,7 +188,8 @@ def prepare(method: Method, model: nn.Module, *, lr: float, head_lr: float, bsr_
         freeze_all_but(model, find_head(model)[1])
     options = method.razor_options(bsr_options)
     if options is None:
-        compiled = torch.compile(model)
+        compiled = torch.compile(model) if method.memory_budget is None else torch.compile(
+            model, backend=BudgetInductor(method.memory_budget))
     else:
         import razorpass
 
@@ -183,7 +197,6 @@ def prepare(method: Method, model: nn.Module, *, lr: float, head_lr: float, bsr_
     return Prepared(
         train_module=compiled,
         eager_module=getattr(compiled, "_orig_mod", model),
-        step_context=_step_context(method),
         forward_context=_forward_context(method, device_type),
         razor_options=options,
         lr=head_lr if method.head_only else lr,

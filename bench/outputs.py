@@ -37,6 +37,8 @@ METRICS: dict[str, tuple[str, Any]] = {
     "peak_step_bytes": ("bytes", lambda r: r.peak_bytes),
     "step_s": ("s", lambda r: r.step_s),
     "step_ratio": ("x baseline", lambda r: r.step_ratio),
+    "step_ratio_paired": ("x baseline", lambda r: r.paired_ratio and r.paired_ratio[0]),
+    "step_ratio_paired_se": ("x baseline", lambda r: r.paired_ratio and r.paired_ratio[1]),
     "step_min_s": ("s", lambda r: r.step_min_s),
     "step_cpu_s": ("s", lambda r: r.step_cpu_s),
     "compile_s": ("s", lambda r: r.compile_s),
@@ -127,7 +129,8 @@ def write_csv(rows: list[dict], path: pathlib.Path) -> None:
 def _result_dict(r: MethodResult) -> dict[str, Any]:
     d = {"method": r.method, "summary": r.summary, "status": r.status}
     d.update({metric: read(r) if r.ok or metric in _ALWAYS else None for metric, (_, read) in METRICS.items()})
-    d.update(step_times=r.step_times, step_cpu_times=r.step_cpu_times, losses=r.losses, razor_options=r.razor_options,
+    d.update(step_times=r.step_times, step_cpu_times=r.step_cpu_times, paired_step_times=r.paired_times,
+             losses=r.losses, razor_options=r.razor_options,
              breakdown_bytes_per_sample=r.breakdown, notes=r.notes, error=r.error,
              test_hits=None if r.hits is None else "".join("1" if h else "0" for h in r.hits))
     return d
@@ -162,6 +165,7 @@ def _cells(r: MethodResult, base: MethodResult | None) -> list[str]:
         f"{r.peak_fwd_bwd_bytes / MiB:.1f}" + _ratio(r.peak_fwd_bwd_bytes, ref.peak_fwd_bwd_bytes),
         f"{r.peak_bytes / MiB:.1f}" + _ratio(r.peak_bytes, ref.peak_bytes),
         f"{r.step_s:.3f}" + _times(r.step_s, ref.step_s),
+        "-" if r.paired_ratio is None else f"{r.paired_ratio[0]:.2f} ± {r.paired_ratio[1]:.2f}",
         f"{r.step_min_s:.3f}" + _times(r.step_min_s, ref.step_min_s),
         f"{r.flops / 1e9:.1f}" if r.flops is not None else "-",
         f"{r.compile_s:.0f}",
@@ -170,12 +174,14 @@ def _cells(r: MethodResult, base: MethodResult | None) -> list[str]:
 
 
 TABLE_HEADER = ("method", "accuracy ± SE", "vs base pts ± paired SE", "saved MiB/sample (less)", "peak fwd+bwd MiB (less)",
-                "peak step MiB (less)", "step s (x base)", "min step s", "GFLOP/step", "compile s", "trained")
+                "peak step MiB (less)", "step s (x base)", "paired x base ± SE", "min step s", "GFLOP/step", "compile s", "trained")
 
 
 def format_table(results: Sequence[MethodResult], workload: Workload) -> str:
     """The terminal table: one line per method; "(N.Nx)" is N.N times less than the
-    baseline row (memory) or N.N times the baseline (step time)."""
+    baseline row (memory) or N.N times the baseline (step time, a ratio of two medians
+    timed minutes apart). "paired x base" is the step time against the baseline's
+    from steps timed back to back (runner.run_methods), with its SE."""
     base = next((r for r in results if r.method == "baseline" and r.ok), None)
     rows = [_cells(r, base) for r in results if r.ok]
     widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(TABLE_HEADER)]

@@ -41,6 +41,8 @@ def plot_tradeoff(results: Sequence[MethodResult], title: str, path: pathlib.Pat
             x = x_of(r)
             if has_accuracy:
                 y, err = r.accuracy, r.accuracy_se
+            elif r.paired_ratio is not None:  # drift-free: timed step for step against the baseline
+                y, err = r.paired_ratio
             else:
                 y, err = r.step_ratio or 1.0, None
             ax.errorbar(x, y, yerr=err, fmt="o", capsize=3)
@@ -48,7 +50,7 @@ def plot_tradeoff(results: Sequence[MethodResult], title: str, path: pathlib.Pat
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("test accuracy (± binomial SE)" if has_accuracy else "step time (x baseline)")
+    axes[0].set_ylabel("test accuracy (± binomial SE)" if has_accuracy else "step time (x baseline, ± paired SE)")
     fig.suptitle(textwrap.fill(title, 110), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -13,7 +13,21 @@ after training        one forward under saved-tensor hooks (saved bytes);
                       (FLOPs; no optimizer step); test accuracy (eager,
                       ``torch.no_grad``, eval mode); the MemoryReport
                       breakdown of razorpass methods
+paired rounds         (:func:`run_methods`, every method but the baseline)
+                      one untimed step each of the method and of the
+                      baseline, then ``rounds`` pairs of their steps timed
+                      back to back, which one goes first alternating
 ====================  ======================================================
+
+Paired timing. Methods run one after another, minutes apart, and a CPU's speed can
+drift by tens of percent in that time (other tenants of the host, frequency), so a
+ratio of two medians taken minutes apart can say 0.9x one run and 1.6x the next.
+:func:`run_methods` keeps the baseline compiled while every other method runs and
+ends each method with ``rounds`` pairs of steps: its step and the baseline's, on the
+same batch, back to back. ``paired_ratio`` is the geometric mean of the per-pair
+ratios, with a standard error from their spread: drift slower than one pair cancels.
+The steps after training run past the LR schedule (learning rate 0), so they change
+no parameter; they come after every other measurement anyway.
 """
 
 from __future__ import annotations
@@ -26,23 +40,26 @@ import os
 import statistics
 import time
 import traceback
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from . import measure
 from .blocks import num_params
-from .methods import Method, Prepared, prepare
+from .methods import Method, prepare
 from .workloads import Workload
 
-__all__ = ["MethodResult", "run_method", "WARMUP_STEPS", "PROFILE_STEP", "MIN_STEPS"]
+__all__ = ["MethodResult", "run_methods", "WARMUP_STEPS", "PROFILE_STEP", "MIN_STEPS"]
 
 WARMUP_STEPS = 2
 PROFILE_STEP = WARMUP_STEPS
 MIN_STEPS = PROFILE_STEP + 2  # at least one timed step
 # Samples of the (cheap, eager-compiled) MemoryReport of razorpass methods.
 BREAKDOWN_BATCH = 4
+# Dynamo's default per-code-object recompile limit: what each method may use when
+# run_methods keeps every method's cache entries until the end.
+_DYNAMO_ENTRIES = 8
 
 
 @dataclasses.dataclass
@@ -62,6 +79,8 @@ class MethodResult:
     flops: int | None = None  # forward + backward of one training batch
     step_times: list[float | None] = dataclasses.field(default_factory=list)  # wall s; None: profiled step
     step_cpu_times: list[float | None] = dataclasses.field(default_factory=list)  # process CPU s
+    # (this method's step s, the baseline's step s) of each paired round (run_methods)
+    paired_times: list[tuple[float, float]] = dataclasses.field(default_factory=list)
     losses: list[float] = dataclasses.field(default_factory=list)
     trainable_params: int | None = None
     total_params: int | None = None
@@ -134,6 +153,12 @@ class MethodResult:
             return None
         return self.step_s / self.baseline_step_s
 
+    @property
+    def paired_ratio(self) -> tuple[float, float] | None:
+        """(step time / the baseline's, standard error) from the paired rounds: the
+        geometric mean of the per-pair ratios (see the module docstring)."""
+        return measure.paired_ratio(self.paired_times) if len(self.paired_times) >= 2 else None
+
     def per_sample(self, value: int | None) -> float | None:
         return None if value is None else value / self.batch_size
 
@@ -184,14 +209,15 @@ def _only_trained(model: torch.nn.Module, trained: set[int]) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _breakdown(workload: Workload, prepared: Prepared, result: MethodResult) -> None:
+def _breakdown(workload: Workload, result: MethodResult) -> None:
     """Saved bytes per op class (per sample) of a razorpass method that compresses, from
     ``razorpass.memory_report`` with the eager inner compiler (same partitioner, same
     saved tensors, no code generation; token dropping applied as razorpass.compile
     applies it) on a few training examples. Optional: a failure is noted, the row
-    stays valid."""
-    options = prepared.razor_options
-    if options is None or options.get("targets", True) == ():  # not razorpass, or nothing compressed
+    stays valid. ``memory_report`` resets Dynamo: run it when no compiled step of
+    this process is still to be timed."""
+    options = result.razor_options
+    if not result.ok or options is None or options.get("targets", True) == ():  # not razorpass, or nothing compressed
         return
     import razorpass
 
@@ -213,25 +239,96 @@ def _reason(e: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def run_method(workload: Workload, method: Method, device: torch.device, seed: int = 0) -> MethodResult:
-    """Train a copy of ``workload.model`` with ``method`` and measure it. Failures of
-    the method (e.g. razorpass options it does not support yet) become an n/a row."""
+def run_methods(workload: Workload, methods: Sequence[Method], device: torch.device, seed: int,
+                rounds: int) -> list[MethodResult]:
+    """Every method's result, in the order given. With a baseline among them and
+    ``rounds`` >= 2, the baseline runs first and stays compiled, and every other
+    method ends with ``rounds`` paired steps against it (module docstring); with
+    ``rounds`` 0 or no baseline, each method runs alone (Dynamo reset after each). A
+    method that fails is an n/a row (e.g. razorpass options it does not support
+    yet); the others go on."""
+    if rounds == 1 or rounds < 0:
+        raise ValueError(f"paired rounds must be 0 (off) or at least 2, got {rounds}")
+    bar = tqdm(total=len(methods), desc=workload.name, unit="method")
+    base = next((m for m in methods if m.name == "baseline"), None)
+    results: dict[str, MethodResult] = {}
+    live = None
+    # Every method's cache entries stay on the model's code objects until the
+    # baseline goes: room for all of them under Dynamo's per-code-object limit.
+    limits = dict(recompile_limit=_DYNAMO_ENTRIES * len(methods),
+                  accumulated_recompile_limit=_DYNAMO_ENTRIES * 32 * len(methods))
+    with torch._dynamo.config.patch(**limits):
+        try:
+            if base is not None and rounds:
+                results[base.name], live = _run_method(workload, base, device, seed, keep=True)
+                bar.update()
+            for method in methods:
+                if method.name not in results:
+                    results[method.name], _ = _run_method(workload, method, device, seed, partner=live, rounds=rounds)
+                    bar.update()
+            live = None
+            for result in results.values():  # last: razorpass.memory_report resets Dynamo
+                _breakdown(workload, result)
+        finally:
+            live = None
+            torch._dynamo.reset()
+            gc.collect()
+            bar.close()
+    return [results[m.name] for m in methods]
+
+
+@dataclasses.dataclass
+class _Live:
+    """A method's compiled training step, kept for paired rounds, and their batch."""
+
+    step: measure.StepRunner
+    batch: measure.Batch
+
+    def timed(self) -> float:
+        return measure.timed(lambda: self.step(self.batch), self.step.device)[1]
+
+
+def _paired_rounds(mine: _Live, base: _Live, rounds: int) -> list[tuple[float, float]]:
+    """(mine, base) step seconds of ``rounds`` pairs of steps, back to back; which one
+    goes first alternates. One untimed step each first: both come back to their step
+    after other work (evaluation, the previous method)."""
+    mine.timed(), base.timed()
+    pairs = []
+    for r in range(rounds):
+        if r % 2:
+            m, b = mine.timed(), base.timed()
+        else:
+            b, m = base.timed(), mine.timed()
+        pairs.append((m, b))
+    return pairs
+
+
+def _run_method(workload: Workload, method: Method, device: torch.device, seed: int = 0, *, keep: bool = False,
+                partner: _Live | None = None, rounds: int = 0) -> tuple[MethodResult, _Live | None]:
+    """(result, its step if ``keep``). With ``keep`` or a ``partner``, Dynamo is not
+    reset (the kept step, or the partner's, must stay compiled); with a partner, the
+    method ends with ``rounds`` paired steps against it."""
     result = MethodResult(method.name, method.summary, workload.scale.batch_size)
     started = time.perf_counter()
+    live = None
     try:
-        _run(workload, method, device, seed, result)
+        live = _run(workload, method, device, seed, result)
+        if partner is not None:
+            result.paired_times = _paired_rounds(live, partner, rounds)
     except Exception as e:  # noqa: BLE001 - one failing method must not sink the whole run
         result.status = f"n/a ({_reason(e)})"
         result.error = _relative_paths(traceback.format_exc())
         tqdm.write(f"[{workload.name}/{method.name}] {result.status}")
+        live = None
     finally:
-        torch._dynamo.reset()
+        if not keep and partner is None:
+            torch._dynamo.reset()
         gc.collect()
         result.wall_s = time.perf_counter() - started
-    return result
+    return result, (live if keep else None)
 
 
-def _run(workload: Workload, method: Method, device: torch.device, seed: int, result: MethodResult) -> None:
+def _run(workload: Workload, method: Method, device: torch.device, seed: int, result: MethodResult) -> _Live:
     torch.manual_seed(seed)
     model = copy.deepcopy(workload.model).to(device).train()
     prepared = prepare(method, model, lr=workload.lr, head_lr=workload.head_lr, bsr_options=workload.bsr,
@@ -250,7 +347,23 @@ def _run(workload: Workload, method: Method, device: torch.device, seed: int, re
         batches = tqdm(_test_batches(workload), desc="  test", leave=False,
                        total=-(-len(workload.data.test) // workload.eval_batch_size))
         result.hits = measure.evaluate(prepared.eager_module, batches, prepared.forward_context, device)
-    _breakdown(workload, prepared, result)
+    return _Live(step, next(_batches(workload, device, seed)))
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _check_compiled(method: Method, graphs: int) -> None:
+    """The first step of every method compiles: if it compiled no graph, Dynamo served
+    it graphs compiled for another method of this process (same code, guards and
+    backend), or ran it eagerly past its recompile limit, and the row would time
+    something else."""
+    if graphs == 0:
+        raise RuntimeError(f"{method.name}: the first training step compiled no graph (Dynamo reused another "
+                           "method's graphs, or hit its recompile limit and ran eagerly)")
 
 
 def _train(workload: Workload, method: Method, model: torch.nn.Module, step: measure.StepRunner,
@@ -261,6 +374,7 @@ def _train(workload: Workload, method: Method, model: torch.nn.Module, step: mea
     bar = tqdm(_batches(workload, device, seed), total=workload.steps, desc=f"{workload.name}/{method.name}",
                unit="step", leave=False)
     for i, batch in enumerate(bar):
+        graphs = _graphs_compiled()
         if i == PROFILE_STEP:
             with measure.PeakMemory(device) as peak:
                 loss = step(batch, after_backward=peak.mark)
@@ -269,6 +383,7 @@ def _train(workload: Workload, method: Method, model: torch.nn.Module, step: mea
         else:
             loss, seconds, cpu_seconds = measure.timed(lambda: step(batch), device)
         if i == 0:
+            _check_compiled(method, _graphs_compiled() - graphs)
             trained = {id(p) for p in model.parameters() if p.grad is not None}
             result.trainable_params = sum(p.numel() for p in model.parameters() if id(p) in trained)
             result.total_params = num_params(model)
@@ -288,8 +403,7 @@ def _measure_batch(workload: Workload, model: torch.nn.Module, step: measure.Ste
     inputs, labels = workload.example_batch()
     inputs, labels = tuple(t.to(device) for t in inputs), labels.to(device)
     exclude = [*model.parameters(), *model.buffers(), *inputs]
-    with step.prepared.step_context():
-        result.saved_bytes = measure.saved_bytes(lambda: step.forward(inputs, labels), exclude)
-    with _only_trained(model, trained), step.prepared.step_context():
+    result.saved_bytes = measure.saved_bytes(lambda: step.forward(inputs, labels), exclude)
+    with _only_trained(model, trained):
         result.flops = measure.count_flops(lambda: step.forward(inputs, labels, eager=True).backward())
     step.optimizer.zero_grad(set_to_none=True)

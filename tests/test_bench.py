@@ -135,6 +135,87 @@ def test_paired_accuracy_difference_matches_numpy():
         paired_difference([True], [True, False])
 
 
+def test_paired_ratio_matches_numpy_and_cancels_drift():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    mine, base = rng.uniform(1.0, 2.0, 9), rng.uniform(1.0, 2.0, 9)
+    ratio, se = measure.paired_ratio(list(zip(mine.tolist(), base.tolist())))
+    logs = np.log(mine / base)
+    assert ratio == pytest.approx(np.exp(logs.mean()))
+    assert se == pytest.approx(np.exp(logs.mean()) * logs.std(ddof=1) / np.sqrt(9))
+    # The machine slows by up to 3x between pairs, both steps of a pair alike: the
+    # paired ratio stays exactly 1.25 with no spread; a ratio of medians moves.
+    drift = rng.uniform(1.0, 3.0, 9)
+    pairs = [(1.25 * k, 1.0 * k) for k in drift.tolist()]
+    ratio, se = measure.paired_ratio(pairs)
+    assert ratio == pytest.approx(1.25) and se == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        measure.paired_ratio(pairs[:1])
+    with pytest.raises(ValueError, match="positive"):
+        measure.paired_ratio([(1.0, 0.0), (1.0, 1.0)])
+
+
+@pytest.mark.timeout(300)
+def test_methods_compiled_in_one_process_each_get_their_own_graphs():
+    """Paired timing keeps the baseline compiled while the other methods compile the
+    same model class: each must compile its own graphs (Dynamo guards the backend, so
+    the budget method needs a backend of its own), and a method served another's
+    graphs is refused, not timed."""
+    import copy
+
+    from razorpass.bench.methods import prepare
+    from razorpass.bench.runner import _check_compiled, _graphs_compiled
+
+    torch._dynamo.reset()
+    net, x = _Net(), torch.randn(4, 8)
+    names = ["baseline", "budget0.5", "checkpoint", "head-only", "razor"]
+    try:
+        for name in [*names, "baseline"]:
+            prepared = prepare(METHODS[name], copy.deepcopy(net), lr=1e-3, head_lr=1e-3, bsr_options={},
+                               device_type="cpu")
+            before = _graphs_compiled()
+            with prepared.forward_context():
+                prepared.train_module(x).float().sum().backward()
+            compiled = _graphs_compiled() - before
+            if name == "baseline" and before:  # the second baseline: the first one's graphs serve it
+                assert compiled == 0
+                with pytest.raises(RuntimeError, match="compiled no graph"):
+                    _check_compiled(METHODS[name], compiled)
+            else:
+                assert compiled >= 1, name
+                _check_compiled(METHODS[name], compiled)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_budget_backend_applies_the_budget_like_the_global_config():
+    """BudgetInductor saves what a plain torch.compile under the global
+    activation_memory_budget saves, and less than the baseline."""
+    import copy
+
+    from razorpass.bench.methods import BudgetInductor
+    from razorpass.report import measure_saved
+
+    torch._dynamo.reset()
+    net, x = _Net(n=6, d=64), torch.randn(32, 8)
+
+    def saved(compiled):
+        exclude = [*compiled.parameters(), x]
+        return sum(n for _, n in measure_saved(lambda: compiled(x).sum(), exclude))
+
+    try:
+        plain = saved(torch.compile(copy.deepcopy(net)))
+        torch._dynamo.reset()
+        with torch._functorch.config.patch(activation_memory_budget=0.3):
+            patched = saved(torch.compile(copy.deepcopy(net)))
+        torch._dynamo.reset()
+        own = saved(torch.compile(copy.deepcopy(net), backend=BudgetInductor(0.3)))
+    finally:
+        torch._dynamo.reset()
+    assert own == patched < plain
+
+
 def test_na_rows_keep_their_reason_and_leave_metrics_empty():
     import types
 
@@ -170,13 +251,16 @@ def test_harness_tiny_end_to_end(tmp_path):
         rows = list(reader)
     assert {(r["method"], r["metric"]) for r in rows} == {(m, k) for m in ("baseline", "razor") for k in METRICS}
     assert all(r["status"] == "ok" for r in rows)
-    value = {(r["method"], r["metric"]): float(r["value"]) for r in rows}
+    value = {(r["method"], r["metric"]): float(r["value"]) for r in rows if r["value"] != ""}
     for method in ("baseline", "razor"):
         assert 0 <= value[method, "accuracy"] <= 1 and value[method, "test_size"] == 32
         assert value[method, "peak_step_bytes"] >= value[method, "peak_fwd_bwd_bytes"] > 0
         assert value[method, "step_s"] > 0 and value[method, "flops_per_step"] > 0
     assert value["razor", "saved_bytes_per_sample"] < value["baseline", "saved_bytes_per_sample"]
     assert value["baseline", "step_ratio"] == 1.0
+    # paired timing: six pairs (the default), razor against the baseline kept compiled
+    assert value["razor", "step_ratio_paired"] > 0 and value["razor", "step_ratio_paired_se"] >= 0
+    assert ("baseline", "step_ratio_paired") not in value
     assert value["razor", "accuracy_diff"] == pytest.approx(
         value["razor", "accuracy"] - value["baseline", "accuracy"])
 
@@ -185,6 +269,8 @@ def test_harness_tiny_end_to_end(tmp_path):
         assert doc["meta"][key], key
     assert doc["meta"]["scale"] == "tiny" and doc["meta"]["argv"][0] == "--tiny" and doc["meta"]["malloc"] == "system"
     assert [r["method"] for r in doc["results"]] == ["baseline", "razor"]
+    assert doc["meta"]["paired_rounds"] == 6 and len(doc["results"][1]["paired_step_times"]) == 6
+    assert doc["results"][0]["paired_step_times"] == []
     assert doc["results"][1]["breakdown_bytes_per_sample"]  # razor rows carry the per-op-class breakdown
     assert (tmp_path / "tweets_tiny_tradeoff.png").stat().st_size > 0
     assert (tmp_path / "tweets_tiny_breakdown.png").stat().st_size > 0
