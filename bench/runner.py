@@ -57,9 +57,6 @@ PROFILE_STEP = WARMUP_STEPS
 MIN_STEPS = PROFILE_STEP + 2  # at least one timed step
 # Samples of the (cheap, eager-compiled) MemoryReport of razorpass methods.
 BREAKDOWN_BATCH = 4
-# Dynamo's default per-code-object recompile limit: what each method may use when
-# run_methods keeps every method's cache entries until the end.
-_DYNAMO_ENTRIES = 8
 
 
 @dataclasses.dataclass
@@ -254,10 +251,11 @@ def run_methods(workload: Workload, methods: Sequence[Method], device: torch.dev
     results: dict[str, MethodResult] = {}
     live = None
     # Every method's cache entries stay on the model's code objects until the
-    # baseline goes: room for all of them under Dynamo's per-code-object limit.
-    limits = dict(recompile_limit=_DYNAMO_ENTRIES * len(methods),
-                  accumulated_recompile_limit=_DYNAMO_ENTRIES * 32 * len(methods))
-    with torch._dynamo.config.patch(**limits):
+    # baseline goes: each method gets Dynamo's limits of one model.
+    dynamo = torch._dynamo.config
+    limits = dict(recompile_limit=dynamo.recompile_limit * len(methods),
+                  accumulated_recompile_limit=dynamo.accumulated_recompile_limit * len(methods))
+    with dynamo.patch(**limits):
         try:
             if base is not None and rounds:
                 results[base.name], live = _run_method(workload, base, device, seed, keep=True)

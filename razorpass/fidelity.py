@@ -144,7 +144,8 @@ def budget_choices(model: torch.nn.Module, inputs: tuple, loss_fn: Callable[[Any
     """What ``config.memory_budget`` chooses for ``model`` on ``inputs``, as
     :func:`razorpass.reference.apply` takes it: compiles one step (the "eager" inner
     compiler: the choices come from the partition, not from code generation) and reads
-    every graph's :class:`~razorpass.passes.records.BudgetRecord`. Leaves ``.grad`` set."""
+    every graph's :class:`~razorpass.passes.records.BudgetRecord`. Leaves ``.grad`` set.
+    Resets Dynamo before and after, as :func:`razorpass.memory_report` does."""
     from . import compile as razor_compile
     from . import record_compiles
 

@@ -209,6 +209,11 @@ def memory_report(model: torch.nn.Module, example_inputs, config: RazorConfig | 
     With BSR's ``drop_layers``, token selection is installed on a copy of ``model``
     (what :func:`razorpass.compile` installs on the model itself), so both runs, dense
     and compressed, see the tokens that survive; ``model`` is left as it was.
+
+    It compiles ``model`` twice and calls ``torch._dynamo.reset()`` before and after,
+    so that both compiles run the partitioner whatever was compiled before: every
+    other compiled model of the process recompiles on its next call. Call it before
+    or after training, not between the steps of a compiled model you are timing.
     """
     cfg = RazorConfig.from_options(config, **options)
     if cfg.drop_layers:
