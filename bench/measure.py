@@ -5,10 +5,13 @@ backward, FLOPs, and test accuracy.
   backward, optimizer step), over the whole step and up to the end of backward.
   CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the
   step. CPU: ``torch.profiler.profile(profile_memory=True)`` records every allocation
-  and free of the CPU allocator as a ``[memory]`` event; the events are sorted by time
-  and summed; the peak of that running sum is the peak above the memory held when the
-  step started (parameters, optimizer state and data are held before, so they do not
-  count). Deterministic, unlike process RSS.
+  and free of the CPU allocator with its address; the peak of the bytes allocated
+  inside the step and still alive is the figure: activations, temporaries and the new
+  gradients. Tensors from before the step (parameters, optimizer state, data, the
+  last step's gradients) do not count, even when the step frees them: on CPU a
+  full fine-tune's figure includes one set of gradients that the CUDA figure, which
+  sees the old set freed, does not. Deterministic, unlike process RSS, and
+  independent of what the process profiled before (:func:`_peak_of_block`).
 * **Saved for backward**: one forward under ``saved_tensors_hooks``
   (:func:`razorpass.report.measure_saved`): every distinct storage autograd keeps,
   parameters, buffers and inputs excluded. It sees the tensors a compiled graph
@@ -129,9 +132,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float
 
 
 class PeakMemory:
-    """Peak bytes allocated inside a ``with`` block above what was allocated at its
-    start: ``.peak`` over the whole block and ``.peak_at_mark`` up to the last
-    :meth:`mark` (e.g. the end of backward, before the optimizer step)."""
+    """Peak bytes allocated inside a ``with`` block and alive at once (CUDA: above what
+    was allocated at its start): ``.peak`` over the whole block and ``.peak_at_mark``
+    up to the last :meth:`mark` (e.g. the end of backward, before the optimizer step)."""
 
     _MARK = "razorpass_bench::mark"
 
@@ -167,17 +170,46 @@ class PeakMemory:
         self._prof.__exit__(*exc)
         if exc[0] is not None:
             return
-        # The raw event stream: FunctionEvent folds allocations into the op that made them.
-        events = self._prof.profiler.kineto_results.events()
-        marks = [e.start_ns() for e in events if e.name() == self._MARK]
-        memory = sorted((e.start_ns(), e.nbytes()) for e in events
-                        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-        running = 0
-        for t, nbytes in memory:
+        self.peak, self.peak_at_mark = _peak_of_block(self._prof, self._MARK)
+
+
+def _peak_of_block(prof, mark: str) -> tuple[int, int]:
+    """(peak, peak up to the last ``mark``) of the bytes allocated inside a profiled
+    block and still alive, from the profiler's allocation events (address, size, time;
+    FunctionEvent would fold them into the op that made them).
+
+    A free counts only when its address was allocated inside the block. The CPU
+    allocator reports a free with the size it recorded when it last saw that address
+    allocated under a profiler, so a tensor allocated before the block (the last
+    step's gradients) is freed either unseen or, when its address was last seen in an
+    earlier profiled block, with that block's stale size: summing every reported free
+    made the figure depend on what the process had profiled before."""
+    from torch._C._profiler import _EventType
+
+    allocations, marks, order = [], [], 0
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.typed[0] == _EventType.Allocation:
+            fields = e.typed[1]
+            if fields.device.type == "cpu":
+                allocations.append((e.start_time_ns, order, fields.ptr, fields.alloc_size))
+                order += 1
+        elif e.name == mark:
+            marks.append(e.start_time_ns)
+        stack.extend(e.children)
+    live: dict[int, int] = {}
+    running = peak = peak_at_mark = 0
+    for t, _, ptr, nbytes in sorted(allocations):
+        if nbytes > 0:
+            live[ptr] = nbytes
             running += nbytes
-            self.peak = max(self.peak, running)
-            if marks and t <= marks[-1]:
-                self.peak_at_mark = self.peak
+        else:
+            running -= live.pop(ptr, 0)
+        peak = max(peak, running)
+        if marks and t <= max(marks):
+            peak_at_mark = peak
+    return peak, peak_at_mark
 
 
 def saved_bytes(forward: Callable[[], object], exclude: list[torch.Tensor]) -> int:

@@ -103,6 +103,24 @@ def test_cpu_peak_memory_counts_a_temporary_and_the_mark():
     assert 8 * n <= peak.peak < 9 * n
 
 
+def test_cpu_peak_memory_ignores_tensors_allocated_before_the_block():
+    """Only what the block allocates counts. A tensor from before the block, freed in
+    it, lowers nothing, whether or not an earlier profiled block saw its address (the
+    CPU allocator then reports its free with that block's size)."""
+    cpu = torch.device("cpu")
+    n = 1 << 22  # 4 MiB of bytes, 1M floats
+    old = torch.ones(n // 4)  # allocated with no profiler running
+    with measure.PeakMemory(cpu) as peak:
+        del old
+        new = torch.ones(n // 4)
+    assert n <= peak.peak < n + (1 << 16)
+    with measure.PeakMemory(cpu) as peak:  # `new`'s address was seen allocated above
+        del new
+        fresh = torch.ones(n // 8)
+    assert n // 2 <= peak.peak < n // 2 + (1 << 16)
+    del fresh
+
+
 def test_binomial_se():
     assert measure.binomial_se(75, 100) == pytest.approx(math.sqrt(0.75 * 0.25 / 100))
 
