@@ -186,28 +186,30 @@ def _peak_of_block(prof, mark: str) -> tuple[int, int]:
     made the figure depend on what the process had profiled before."""
     from torch._C._profiler import _EventType
 
-    allocations, marks, order = [], [], 0
+    allocations, marks = [], []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         e = stack.pop()
         if e.typed[0] == _EventType.Allocation:
             fields = e.typed[1]
             if fields.device.type == "cpu":
-                allocations.append((e.start_time_ns, order, fields.ptr, fields.alloc_size))
-                order += 1
+                allocations.append((e.start_time_ns, fields.alloc_size, fields.ptr))
         elif e.name == mark:
             marks.append(e.start_time_ns)
         stack.extend(e.children)
+    last_mark = max(marks, default=None)
     live: dict[int, int] = {}
     running = peak = peak_at_mark = 0
-    for t, _, ptr, nbytes in sorted(allocations):
+    # By time; at equal times frees (negative sizes) first: an address is freed
+    # before it can be allocated again.
+    for t, nbytes, ptr in sorted(allocations):
         if nbytes > 0:
             live[ptr] = nbytes
             running += nbytes
         else:
             running -= live.pop(ptr, 0)
         peak = max(peak, running)
-        if marks and t <= max(marks):
+        if last_mark is not None and t <= last_mark:
             peak_at_mark = peak
     return peak, peak_at_mark
 
