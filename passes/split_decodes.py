@@ -1,15 +1,16 @@
 """split-decodes: decode again rather than keep a decoded activation alive across a
-convolution backward that does not read it.
+convolution backward or a batched matmul that does not read it.
 
 Runs on the partitioned backward graph. ``rewrite.reroute`` decodes a root once, before
 its first backward use; when a code serves uses far apart (a norm's x̂ that the next
 layer's weight gradient reads through a replayed affine / ReLU6 / padding, and the
 norm's own backward much later), the dense decoded tensor stays alive across the
 convolution backward between them: on EfficientNet-Lite0 that raised the step
-peak by 32 MiB. Here the uses of each decode are grouped in graph order, a new group
-starting after a convolution backward that does not read it, and every group after the
-first gets its own copy of the decode, placed right before the group. A decode is deterministic, so values are unchanged; the cost is one
-more decode per extra group. Runs after partitioning because the partitioner's CSE would
+peak by 32 MiB; an attention's softmax output, likewise, across the bmm of dP. Here
+the uses of each decode are grouped in graph order, a new group starting after a
+heavy op that does not read it, and every group after the first gets its own copy of
+the decode, placed right before the group. A decode is deterministic, so values are
+unchanged; the cost is one more decode per extra group. Runs after partitioning because the partitioner's CSE would
 merge the copies back.
 """
 
@@ -27,12 +28,16 @@ aten = torch.ops.aten
 DECODE_OPS = frozenset({torch.ops.razor.dequantize_group.default, torch.ops.razor.decompress.default,
                         torch.ops.razor.decompress_offsets.default,
                         torch.ops.razor.dequantize_uniform.default})
-# Only a convolution backward: on MiniLM and ViT-B/16 a LayerNorm's x̂ decoded once
-# lives across one matmul backward (its qkv weight gradient, then the norm's backward)
-# and splitting it there measured no lower peak (ViT-B/16: 387 and 403 MiB in two runs
-# without, 394 with: run-to-run noise) for 2-6% of step time; on EfficientNet-Lite0 the
-# split across a convolution backward took the peak from 192 to 159 MiB.
-_HEAVY = frozenset({aten.convolution_backward.default})
+# A convolution backward, and a batched matmul. On MiniLM and ViT-B/16 a LayerNorm's x̂
+# decoded once lives across one matmul backward (its qkv weight gradient, then the
+# norm's backward) and splitting it there measured no lower peak (ViT-B/16: 387 and 403
+# MiB in two runs without, 394 with: run-to-run noise) for 2-6% of step time; on
+# EfficientNet-Lite0 the split across a convolution backward took the peak from 192 to
+# 159 MiB. The softmax output P of an attention serves dV = Pᵀ·dO and the softmax
+# backward, with dP = dO·Vᵀ (a bmm) between them: kept decoded across it, P and dP
+# (B·H·T² elements each) are live at once; decoded again after it, ViT-B/16's step peak
+# went from 414.3 to 407.5 MiB for one more top-k decode per layer.
+_HEAVY = frozenset({aten.convolution_backward.default, aten.bmm.default})
 
 
 def _groups(users: list[fx.Node], order: dict, heavy_before: list[int]) -> list[list[fx.Node]]:

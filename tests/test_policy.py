@@ -487,6 +487,16 @@ def test_inductor_does_not_fuse_the_decomposed_attention_back(compiler):
     assert {c for root in rec.compressed for c in root.op_classes} == {"linear", "matmul", "softmax"}
 
 
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_the_softmax_output_is_decoded_again_after_the_bmm_of_dp(compiler):
+    """P serves dV = Pᵀ·dO and the softmax backward, with dP = dO·Vᵀ between them: the
+    backward decodes P once for each (split_decodes), so that P and dP, each B·H·T²
+    elements, are not live at once. Gradients equal the reference's."""
+    torch.manual_seed(0)
+    rec = _matches_reference(_ScaledSdpa().double().train(), torch.randn(4, 16, 32, dtype=torch.float64), compiler)
+    assert rec.split_decodes == 1
+
+
 def test_shared_code_under_bf16_autocast_matches_the_reference():
     """Under autocast the Linear reads a bfloat16 cast of the float32 LayerNorm output:
     the cast is replayed on γ·x̂+β from the decoded float32 x̂."""
