@@ -63,6 +63,30 @@ def test_ops_bit_exact_against_reference_levels(shape, bits, dtype):
         assert err <= step / 2 * (1 + 1e-5) + (0.01 if dtype == torch.bfloat16 else 0)
 
 
+_FUSED_CASES = ([(shape, bits, False) for bits in BITS for shape in [(1,), (7,), (8,), (9,), (3, 5, 7), (4, 1, 13, 3)]]
+                + [(shape, bits, True) for bits in BITS for shape in [(9,), (2, 197, 48)]])
+
+
+@pytest.mark.parametrize("shape,bits,compiled", _FUSED_CASES, ids=str)
+def test_fused_decode_is_bit_identical_to_the_op(shape, bits, compiled):
+    """The plain-op decode inline_codecs hands to Inductor gives the op's values, bit
+    for bit, as written and as Inductor compiles it into a multiply (the GELU
+    backward)."""
+    x = _sample(shape, torch.float32, seed=bits + sum(shape))
+    g = _sample(shape, torch.float32, seed=bits + sum(shape) + 1)
+    codes = ops.quantize_uniform(x, bits, LO, HI)
+    want = g * ops.dequantize_uniform(codes, list(shape), bits, LO, HI, torch.float32)
+
+    def fused(c, g):
+        return g * ops.fused_dequantize_uniform(c, list(shape), bits, LO, HI, torch.float32)
+
+    if compiled:
+        torch._dynamo.reset()
+        fused = torch.compile(fused, dynamic=False, fullgraph=True)
+    got = fused(codes, g)
+    assert got.shape == want.shape and torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 def test_rounding_rule_half_to_even_clamped_nan_to_zero():
     # lo=0, hi=3, 2 bits: step 1, levels 0..3
     x = torch.tensor([0.5, 1.5, 2.5, 1.49, -1.0, 7.0, float("nan"), float("inf"), -float("inf")])
@@ -208,6 +232,8 @@ def test_gradients_match_reference(name, compiler):
     with reference.apply(model, cfg):
         ref = _grads(model, inputs, model)
     assert len(rec.quantized) == len(GELUS[name]) and rec.compressed == []
+    # Inductor gets the decode as plain ops (inline_codecs), fused into the GELU backward
+    assert rec.inlined == (len(GELUS[name]) if compiler == "inductor" else 0)
     # The levels are exact; what differs is fp32 rounding of the same products and
     # sums (decomposed vs fused kernels; inductor fuses further), relative to each
     # gradient's scale (floored: a key bias's gradient is zero up to rounding).
