@@ -168,6 +168,7 @@ class PartitionRecord:
     # they stay in ``packed`` (packed on the joint graph) and in ``recomputed_in_backward``
     backward_packs_dropped: int = 0
     centered_quantizes: int = 0  # BatchNorm inputs quantized centered in one op (center_quantize)
+    folded_affines: int = 0  # weight gradients computed from x̂, the norm's affine folded in (fold_affine)
     budget: BudgetRecord | None = None  # memory_budget's choices, when one is set
 
     @property

@@ -298,6 +298,9 @@ def test_a_layer_after_a_norm_reads_the_norms_code(kind, inplace, compiler):
     # conv backward between them: decoded twice, not kept alive across it (a matmul
     # backward between them does not split it)
     assert rec.split_decodes == (0 if kind == "ln" else 1)
+    # the Linear's weight gradient reads x̂ itself, γ and β folded in (fold_affine); a
+    # convolution after ReLU6 / padding reads the replay, which is not affine
+    assert rec.folded_affines == (1 if kind == "ln" else 0)
     norm_class = "layernorm" if kind == "ln" else "batchnorm"
     layer_class = "linear" if kind == "ln" else "conv"
     shared = [c for c in rec.compressed if set(c.op_classes) == {norm_class, layer_class}]
@@ -358,6 +361,41 @@ def _matches_reference(model, x, compiler):
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9 * max(1.0, ref[k].abs().max().item()))
     return rec
+
+
+class _NormsThenLinears(torch.nn.Module):
+    """A LayerNorm read by two Linears (query and key of an attention), and a LayerNorm
+    without bias read by one, then one read by a Linear through a ReLU (not affine)."""
+
+    def __init__(self, C=32):
+        super().__init__()
+        self.pre = torch.nn.Linear(C, C)  # the first norm's input is an activation, not the batch
+        self.n1, self.q, self.k = torch.nn.LayerNorm(C), torch.nn.Linear(C, C), torch.nn.Linear(C, C, bias=False)
+        self.n2, self.fc = torch.nn.LayerNorm(C, bias=False), torch.nn.Linear(C, C)
+        self.n3, self.out = torch.nn.LayerNorm(C), torch.nn.Linear(C, C)
+        with torch.no_grad():
+            for n in (self.n1, self.n2, self.n3):
+                n.weight.uniform_(0.5, 1.5)
+            for n in (self.n1, self.n3):
+                n.bias.uniform_(-1, 1)
+
+    def forward(self, x):
+        h = self.n1(self.pre(x))
+        y = self.q(h) * self.k(h)
+        y = self.fc(self.n2(y))
+        return self.out(torch.relu(self.n3(y)))
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_weight_gradients_after_a_norm_fold_its_affine(compiler):
+    """dW = dYᵀ·(γ·x̂ + β) = (dYᵀ·x̂)·diag(γ) + (dYᵀ·1)·βᵀ: the three Linears reading an
+    affine of a decoded x̂ take their weight gradients from x̂ itself, with no replayed
+    activation-sized buffer; the one behind a ReLU reads the replay. Equal to the
+    reference, which multiplies the replayed tensor."""
+    torch.manual_seed(0)
+    rec = _matches_reference(_NormsThenLinears().double().train(), torch.randn(4, 16, 32, dtype=torch.float64) * 2 + 1,
+                             compiler)
+    assert rec.folded_affines == 3
 
 
 class _InplaceResidual(torch.nn.Module):
