@@ -155,6 +155,7 @@ class PassContext:
     backward_packs_dropped: int = 0  # drop_backward_packs: pack/unpack pairs removed from backward
     centered_quantizes: int = 0  # center_quantize: BatchNorm inputs quantized without writing x - mean
     folded_affines: int = 0  # fold_affine: weight gradients read x̂, not a replayed γ·x̂ + β
+    hoisted_decodes: int = 0  # hoist_decodes: decodes run with their weight gradients, right after dY
     # memory_budget: root -> bits (0: dense), kept across attempts like excluded_roots
     budget_bits: dict[str, int] = field(default_factory=dict)
 
@@ -163,7 +164,7 @@ class PassContext:
         self.compressed, self.packed, self.skipped, self.pack_skipped = [], [], [], []
         self.recomputed_in_backward, self.dense_kept, self.joint = [], [], None
         self.quantized, self.quantize_skipped, self.inlined, self.split_decodes = [], [], 0, 0
-        self.backward_packs_dropped, self.centered_quantizes, self.folded_affines = 0, 0, 0
+        self.backward_packs_dropped, self.centered_quantizes, self.folded_affines, self.hoisted_decodes = 0, 0, 0, 0
 
     def primals(self, gm: fx.GraphModule) -> list[fx.Node]:
         return primals(gm)

@@ -4,7 +4,7 @@ apply falls back.
     Dynamo graph --bsr_token_check--freeze_blocks--decompose_sdpa--> (AOTAutograd)
     (Inductor, granularity="sample": mark_samples, before Inductor's own joint-graph passes)
     joint graph  --canonicalize--compress_saved--encode_derivative--pack_masks--> rewritten joint
-                 --min-cut--> (fw, bw) --check_saved--> (describe saved) --fold_affine--split_decodes--drop_backward_packs--inline_codecs--center_quantize--> Inductor
+                 --min-cut--> (fw, bw) --check_saved--> (describe saved) --fold_affine--split_decodes--hoist_decodes--drop_backward_packs--inline_codecs--center_quantize--> Inductor
                  (memory_budget: after the first check_saved, choose bits per root, back to the joint passes once)
 
 Every pass is a ``Pass(name, run)`` with ``run(gm, ctx) -> gm``: pre-autograd passes get
@@ -39,8 +39,8 @@ from torch._ops import OpOverload
 from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
 from . import (bsr_token_check, canonicalize, center_quantize, check_saved, compress_saved, decompose_sdpa,
-               drop_backward_packs, encode_derivative, fold_affine, freeze_blocks, inline_codecs, memory_budget,
-               pack_masks, split_decodes)
+               drop_backward_packs, encode_derivative, fold_affine, freeze_blocks, hoist_decodes, inline_codecs,
+               memory_budget, pack_masks, split_decodes)
 from .common import PassContext, PreAutogradContext, module_path
 from .records import PartitionRecord, SavedTensor
 
@@ -74,6 +74,7 @@ POST_PARTITION_CHECKS: tuple[Pass, ...] = (Pass("check_saved", check_saved.run),
 POST_PARTITION_PASSES: tuple[Pass, ...] = (
     Pass("fold_affine", fold_affine.run),  # weight gradient from x̂: no replayed γ·x̂ + β written out
     Pass("split_decodes", split_decodes.run),  # no decoded tensor kept across a heavy op
+    Pass("hoist_decodes", hoist_decodes.run),  # a weight gradient's decode runs right after dY
     Pass("drop_backward_packs", drop_backward_packs.run),  # a mask recomputed in backward: no pack/unpack
     Pass("inline_codecs", inline_codecs.run),  # Inductor: bit packing as plain ops
     Pass("center_quantize", center_quantize.run),  # quantize x - mean without writing it out
@@ -242,7 +243,7 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_f
         fw, bw = (_post_partition(g, ctx) for g in (fw, bw))
         record.inlined, record.split_decodes = ctx.inlined, ctx.split_decodes
         record.backward_packs_dropped, record.centered_quantizes = ctx.backward_packs_dropped, ctx.centered_quantizes
-        record.folded_affines = ctx.folded_affines
+        record.folded_affines, record.hoisted_decodes = ctx.folded_affines, ctx.hoisted_decodes
     for rec in _recorders:
         rec.append(record)
     return fw, bw

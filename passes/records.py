@@ -169,6 +169,7 @@ class PartitionRecord:
     backward_packs_dropped: int = 0
     centered_quantizes: int = 0  # BatchNorm inputs quantized centered in one op (center_quantize)
     folded_affines: int = 0  # weight gradients computed from x̂, the norm's affine folded in (fold_affine)
+    hoisted_decodes: int = 0  # decodes moved, with their weight-gradient matmuls, right after dY (hoist_decodes)
     budget: BudgetRecord | None = None  # memory_budget's choices, when one is set
 
     @property

@@ -398,6 +398,26 @@ def test_weight_gradients_after_a_norm_fold_its_affine(compiler):
     assert rec.folded_affines == 3
 
 
+class _Mlp(torch.nn.Module):
+    def __init__(self, C=32):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(C, 3 * C), torch.nn.Linear(3 * C, C)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_a_weight_gradients_decode_runs_right_after_dy(compiler):
+    """fc2's input (the GELU output) is read by fc2's weight gradient alone: its decode
+    and that matmul are moved before the input gradient dY·W, so that the decoded
+    input is freed before the (as wide) input gradient exists (hoist_decodes). The
+    order changes, not the values: gradients equal the reference's."""
+    torch.manual_seed(0)
+    rec = _matches_reference(_Mlp().double().train(), torch.randn(4, 16, 32, dtype=torch.float64), compiler)
+    assert rec.hoisted_decodes == 1
+
+
 class _InplaceResidual(torch.nn.Module):
     """conv → BatchNorm → ``h += x`` → ReLU → conv: a residual block as Hugging Face's
     ResNet writes it (the add in place on the norm's output)."""
