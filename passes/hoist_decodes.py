@@ -67,6 +67,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         group = sorted(members, key=order.__getitem__)
         others = [a for n in group for a in n.all_input_nodes if a not in members]
         anchor = max(others, key=order.__getitem__)
+        if anchor.op == "placeholder":  # no call among the graph's inputs
+            anchor = list(gm.graph.find_nodes(op="placeholder"))[-1]
         first_mm = next(n for n in group if n.target is aten.mm.default)
         nodes = list(gm.graph.nodes)
         if all(n in members for n in nodes[order[anchor] + 1:order[first_mm]]):
