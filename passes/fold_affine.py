@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .common import PassContext
+from .common import PassContext, replay_chain
 from .rewrite import Rewriter
 from .split_decodes import DECODE_OPS
 
@@ -106,9 +106,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             x, gamma, beta, chain = found
             columns = _val(b).shape[-1]
             with rw.graph.inserting_before(mm):
-                cur = x
-                for link in chain:  # the same reshapes, on x̂
-                    cur = _call(rw, link.target, (cur, *link.args[1:]))
+                cur = replay_chain(rw.graph, rw.fake_mode, chain, x, chain[0].args[0])  # the same reshapes, on x̂
                 prod = _call(rw, aten.mm.default, (a, cur))
                 new = _call(rw, aten.mul.Tensor, (prod, _call(rw, aten.view.default, (gamma, [1, columns]))))
                 if beta is not None:
