@@ -15,33 +15,26 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["RazorConfig", "TARGETS", "DEFAULT_TARGETS", "BACKRAZOR_TARGETS", "VALUE_DTYPES", "GRANULARITIES",
-           "COMPILERS", "GELU_ENCODINGS", "TOPK_LAYOUTS", "GELU_DERIVATIVE_RANGE", "POLICIES", "QUANT_BITS", "TOPK_CLASSES"]
+from .passes.vocab import Compiler, GeluEncoding, Granularity, OpClass, Policy, Storage, TopkLayout, parse
 
-# Saved-activation classes a config may name in ``targets``.
-#   linear:    the input of every linear / matmul-with-a-weight whose weight gets a gradient
-#   conv:      the input of every convolution whose weight gets a gradient
-#   matmul:    both operands of activation x activation matmuls (Q·Kᵀ, P·V)
-#   softmax:   the saved softmax output
-#   layernorm: the saved normalized LayerNorm input x̂ = (x - mean) * rstd (mean, rstd exact)
-#   gelu:      the saved GELU input (Back Razor keeps it dense)
-#   batchnorm: the BatchNorm input centered on its channel mean, x - mean (mean, invstd exact)
-#   sdpa:      scaled_dot_product_attention runs as explicit math so that its Q·Kᵀ / P·V
-#              operands and softmax output are compressed; implies "matmul" and "softmax"
-#   mask:      boolean masks saved for backward (dropout, ReLU/ReLU6 backward masks): packed
-#              8 per byte, lossless
-#   all:       every class above
-TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "gelu", "batchnorm", "sdpa", "mask",
-                            "all")
+__all__ = ["RazorConfig", "TARGETS", "DEFAULT_TARGETS", "BACKRAZOR_TARGETS", "VALUE_DTYPES", "GRANULARITIES",
+           "COMPILERS", "GELU_ENCODINGS", "TOPK_LAYOUTS", "GELU_DERIVATIVE_RANGE", "POLICIES", "QUANT_BITS", "TOPK_CLASSES",
+           "OpClass", "Policy", "Granularity", "TopkLayout", "Compiler", "GeluEncoding", "Storage"]
+
+# The names a config's fields take are the members of the enums in
+# ``razorpass.passes.vocab`` (strings are accepted and converted); the tuples below list
+# their values.
+TARGETS: tuple[str, ...] = tuple(c.value for c in OpClass)
 # Back Razor's coverage of a ViT: every Linear input, both operands of Q·Kᵀ, the softmax
 # output and V of P·V, the LayerNorm inputs; convolution inputs for CNNs. Plus the
 # boolean masks, packed losslessly (free in accuracy). The "backrazor" policy's targets.
-BACKRAZOR_TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "sdpa", "mask")
+BACKRAZOR_TARGETS: tuple[OpClass, ...] = (OpClass.LINEAR, OpClass.CONV, OpClass.MATMUL, OpClass.SOFTMAX,
+                                          OpClass.LAYERNORM, OpClass.SDPA, OpClass.MASK)
 # The "accurate" policy (the default) covers the GELU too (its derivative, at 3 bits)
 # and the BatchNorm input.
-DEFAULT_TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "layernorm", "gelu", "batchnorm", "sdpa",
-                                    "mask")
-# How a targeted class is stored:
+DEFAULT_TARGETS: tuple[OpClass, ...] = (OpClass.LINEAR, OpClass.CONV, OpClass.MATMUL, OpClass.SOFTMAX,
+                                        OpClass.LAYERNORM, OpClass.GELU, OpClass.BATCHNORM, OpClass.SDPA, OpClass.MASK)
+# How a targeted class is stored (``Policy``):
 #   "backrazor": every class top-k sparsified (Back Razor's rule; the GELU input, when
 #                targeted, too): keep ceil((1 - sparsity) * group) values per group.
 #   "accurate":  the softmax output top-k sparsified as above (probabilities are sparse);
@@ -51,22 +44,22 @@ DEFAULT_TARGETS: tuple[str, ...] = ("linear", "conv", "matmul", "softmax", "laye
 #                / conv input computed pointwise from a LayerNorm / BatchNorm output
 #                (x̂ · γ + β, then a ReLU / ReLU6 or a cast) stores no code of its own:
 #                its weight gradient reads that computation on the decoded x̂.
-POLICIES: tuple[str, ...] = ("accurate", "backrazor")
-TOPK_CLASSES: frozenset[str] = frozenset({"softmax"})  # top-k under "accurate"
+POLICIES: tuple[str, ...] = tuple(p.value for p in Policy)
+TOPK_CLASSES: frozenset[OpClass] = frozenset({OpClass.SOFTMAX})  # top-k under "accurate"
 QUANT_BITS: tuple[int, ...] = (2, 3, 4, 8)
 VALUE_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32", "same")
-GRANULARITIES: tuple[str, ...] = ("block", "sample")
+GRANULARITIES: tuple[str, ...] = tuple(g.value for g in Granularity)
 # How a top-k copy records which elements it kept: "mask" (1 bit per element), "offsets"
 # (the kept positions in the group, 2 bytes each, 4 for groups of 2**15 and more), or
 # "auto": per tensor, whichever is smaller (offsets above sparsity 15/16). Lossless:
 # the decoded tensor is the same either way.
-TOPK_LAYOUTS: tuple[str, ...] = ("auto", "mask", "offsets")
-COMPILERS: tuple[str, ...] = ("inductor", "eager")
+TOPK_LAYOUTS: tuple[str, ...] = tuple(t.value for t in TopkLayout)
+COMPILERS: tuple[str, ...] = tuple(c.value for c in Compiler)
 # How the "gelu" target stores what the GELU backward reads:
 #   topk:   the GELU input x, top-k sparsified like every other class;
 #   derivN: the derivative gelu'(x) (all the backward needs: grad_in = grad * gelu'(x)),
 #           quantized to N bits on GELU_DERIVATIVE_RANGE (the encode_derivative pass).
-GELU_ENCODINGS: tuple[str, ...] = ("topk", "deriv2", "deriv3", "deriv4")
+GELU_ENCODINGS: tuple[str, ...] = tuple(g.value for g in GeluEncoding)
 # The codebook range of the derivN encodings: see razorpass.kernels.quantize.
 from .kernels.quantize import GELU_DERIVATIVE_RANGE  # noqa: E402
 
@@ -94,7 +87,7 @@ def _as_indices(name: str, value: Any, none_ok: bool = False) -> tuple[int, ...]
     return tuple(value)
 
 
-def _as_targets(targets: Any) -> tuple[str, ...]:
+def _as_targets(targets: Any) -> tuple[OpClass, ...]:
     if isinstance(targets, str):
         targets = (targets,)
     if not isinstance(targets, Sequence):
@@ -102,11 +95,12 @@ def _as_targets(targets: Any) -> tuple[str, ...]:
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise ValueError(f"RazorConfig.targets: unknown name(s) {unknown}; valid names are {TARGETS}")
-    if "all" in targets:
-        targets = [t for t in TARGETS if t != "all"]
-    if "sdpa" in targets:
-        targets = [*targets, "matmul", "softmax"]
-    return tuple(dict.fromkeys(targets))
+    classes = [OpClass(t) for t in targets]
+    if OpClass.ALL in classes:
+        classes = [c for c in OpClass if c is not OpClass.ALL]
+    if OpClass.SDPA in classes:
+        classes = [*classes, OpClass.MATMUL, OpClass.SOFTMAX]
+    return tuple(dict.fromkeys(classes))
 
 
 @dataclass(frozen=True)
@@ -123,7 +117,7 @@ class RazorConfig:
     # contiguous activation (the last block is padded; padding is never kept).
     # "sample": one group per index of dim 0 of the activation as the layer
     # receives it (Back Razor's own rule).
-    granularity: str = "block"
+    granularity: Granularity = Granularity.BLOCK
     # Group size of the "block" granularity; a positive multiple of 8 so that every
     # group owns whole bytes of the packed mask.
     block_size: int = 1024
@@ -132,25 +126,25 @@ class RazorConfig:
     value_dtype: str = "bfloat16"
     # Which elements a top-k copy kept, as a packed mask or as offsets (``TOPK_LAYOUTS``);
     # "auto" takes the smaller per tensor. Changes bytes, never values.
-    topk_layout: str = "auto"
+    topk_layout: TopkLayout = TopkLayout.AUTO
     # Which saved activations to compress (names from ``TARGETS``); None: the policy's
     # (``DEFAULT_TARGETS`` for "accurate", ``BACKRAZOR_TARGETS`` for "backrazor").
     # ``target_classes`` is the resolved tuple.
-    targets: tuple[str, ...] | None = None
+    targets: tuple[OpClass, ...] | None = None
     # Glob patterns over module paths ("encoder.layer.*.attention.*"). A layer is
     # compressed when it matches some ``include`` pattern and no ``exclude`` pattern.
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     # Inner compiler: "inductor" (default) or "eager" (AOTAutograd, no codegen).
-    compiler: str = "inductor"
+    compiler: Compiler = Compiler.INDUCTOR
     # What the "gelu" target saves (names from ``GELU_ENCODINGS``): "topk" sparsifies
     # the GELU input; "deriv2" / "deriv3" / "deriv4" save gelu'(x) quantized to 2 / 3 / 4
     # bits instead (the GELU input is then not saved for the GELU backward at all).
     # None: the policy's ("deriv3" for "accurate", "topk" for "backrazor").
-    gelu_encoding: str | None = None
+    gelu_encoding: GeluEncoding | None = None
     # How targeted tensors are stored (names from ``POLICIES``, see there). "backrazor"
     # is Back Razor's rule exactly (the behaviour of razorpass before the policy existed).
-    policy: str = "accurate"
+    policy: Policy = Policy.ACCURATE
     # Bits per element and group size of the "accurate" policy's quantized classes.
     quant_bits: int = 3
     quant_group_size: int = 256
@@ -193,10 +187,7 @@ class RazorConfig:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0.0 <= s < 1.0:
             raise ValueError(f"RazorConfig.sparsity must be a float in [0, 1), got {s!r}")
         object.__setattr__(self, "sparsity", float(s))
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"RazorConfig.granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
-            )
+        object.__setattr__(self, "granularity", parse(Granularity, self.granularity, "granularity"))
         b = self.block_size
         if isinstance(b, bool) or not isinstance(b, int) or b <= 0 or b % 8:
             raise ValueError(f"RazorConfig.block_size must be a positive multiple of 8, got {b!r}")
@@ -204,10 +195,8 @@ class RazorConfig:
             raise ValueError(
                 f"RazorConfig.value_dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"
             )
-        if self.topk_layout not in TOPK_LAYOUTS:
-            raise ValueError(f"RazorConfig.topk_layout must be one of {TOPK_LAYOUTS}, got {self.topk_layout!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"RazorConfig.policy must be one of {POLICIES}, got {self.policy!r}")
+        object.__setattr__(self, "topk_layout", parse(TopkLayout, self.topk_layout, "topk_layout"))
+        object.__setattr__(self, "policy", parse(Policy, self.policy, "policy"))
         q = self.quant_bits
         if isinstance(q, bool) or q not in QUANT_BITS:
             raise ValueError(f"RazorConfig.quant_bits must be one of {QUANT_BITS}, got {q!r}")
@@ -218,7 +207,7 @@ class RazorConfig:
         if m is not None:
             if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or not 0.0 < m <= 1.0:
                 raise ValueError(f"RazorConfig.memory_budget must be a fraction in (0, 1] or None, got {m!r}")
-            if self.policy != "accurate":
+            if self.policy is not Policy.ACCURATE:
                 raise ValueError(f"RazorConfig.memory_budget needs policy='accurate' (it chooses bits per quantized "
                                  f"tensor); policy={self.policy!r} quantizes nothing")
             object.__setattr__(self, "memory_budget", float(m))
@@ -229,10 +218,9 @@ class RazorConfig:
             object.__setattr__(self, "targets", _as_targets(self.targets))
         object.__setattr__(self, "include", _as_patterns("include", self.include))
         object.__setattr__(self, "exclude", _as_patterns("exclude", self.exclude))
-        if self.compiler not in COMPILERS:
-            raise ValueError(f"RazorConfig.compiler must be one of {COMPILERS}, got {self.compiler!r}")
-        if self.gelu_encoding is not None and self.gelu_encoding not in GELU_ENCODINGS:
-            raise ValueError(f"RazorConfig.gelu_encoding must be one of {GELU_ENCODINGS}, got {self.gelu_encoding!r}")
+        object.__setattr__(self, "compiler", parse(Compiler, self.compiler, "compiler"))
+        if self.gelu_encoding is not None:
+            object.__setattr__(self, "gelu_encoding", parse(GeluEncoding, self.gelu_encoding, "gelu_encoding"))
         object.__setattr__(self, "trainable_blocks", _as_indices("trainable_blocks", self.trainable_blocks, none_ok=True))
         object.__setattr__(self, "drop_layers", _as_indices("drop_layers", self.drop_layers))
         r = self.keep_rate
@@ -253,46 +241,46 @@ class RazorConfig:
         return Fraction(self.sparsity).limit_denominator(1_000_000)
 
     @property
-    def target_classes(self) -> tuple[str, ...]:
+    def target_classes(self) -> tuple[OpClass, ...]:
         """The classes compressed: ``targets``, or the policy's default when it is None."""
         if self.targets is not None:
             return self.targets
-        return _as_targets(DEFAULT_TARGETS if self.policy == "accurate" else BACKRAZOR_TARGETS)
+        return _as_targets(DEFAULT_TARGETS if self.policy is Policy.ACCURATE else BACKRAZOR_TARGETS)
 
     @property
-    def gelu_mode(self) -> str:
+    def gelu_mode(self) -> GeluEncoding:
         """What the "gelu" class saves: ``gelu_encoding``, or the policy's default."""
         if self.gelu_encoding is not None:
             return self.gelu_encoding
-        return "deriv3" if self.policy == "accurate" else "topk"
+        return GeluEncoding.DERIV3 if self.policy is Policy.ACCURATE else GeluEncoding.TOPK
 
     @property
     def gelu_derivative_bits(self) -> int | None:
         """Bits per element of the saved GELU derivative, or None ("topk": the input is
         top-k sparsified instead)."""
-        mode = self.gelu_mode
-        return None if mode == "topk" else int(mode.removeprefix("deriv"))
+        return self.gelu_mode.bits
 
-    def encoding_of(self, op_class: str) -> str:
-        """How a tensor of ``op_class`` is stored: "topk" (``razor::compress``) or "quant"
-        (``razor::quantize_group`` at ``quant_bits``). The GELU follows ``gelu_mode``."""
-        if self.policy == "backrazor" or op_class in TOPK_CLASSES or op_class == "gelu":
-            return "topk"
-        return "quant"
+    def encoding_of(self, op_class: OpClass | str) -> Storage:
+        """How a tensor of ``op_class`` is stored: ``Storage.TOPK`` (``razor::compress``) or
+        ``Storage.QUANT`` (``razor::quantize_group`` at ``quant_bits``). The GELU follows
+        ``gelu_mode``."""
+        if self.policy is Policy.BACKRAZOR or op_class in TOPK_CLASSES or op_class == OpClass.GELU:
+            return Storage.TOPK
+        return Storage.QUANT
 
     def quant_group(self, op_classes) -> int:
-        """Group size of a quantized tensor read by ``op_classes`` (a name or names):
+        """Group size of a quantized tensor read by ``op_classes`` (a class or classes):
         ``batchnorm_group_size`` when the batchnorm class reads it, else
         ``quant_group_size``."""
         classes = (op_classes,) if isinstance(op_classes, str) else tuple(op_classes)
-        return self.batchnorm_group_size if "batchnorm" in classes else self.quant_group_size
+        return self.batchnorm_group_size if OpClass.BATCHNORM in classes else self.quant_group_size
 
     def topk_offsets(self, group_size: int, k: int) -> bool:
         """True when a top-k copy with ``k`` of every ``group_size`` elements records its
         kept elements as offsets (``topk_layout``; "auto": when they take fewer bytes per
         group than the mask). Integers only (the group size is static)."""
-        if self.topk_layout != "auto":
-            return self.topk_layout == "offsets"
+        if self.topk_layout is not TopkLayout.AUTO:
+            return self.topk_layout is TopkLayout.OFFSETS
         return self._offsets_bytes(group_size, k) < -(-group_size // 8)
 
     def topk_index_bytes(self, group_size: int, k: int) -> int:

@@ -1,0 +1,150 @@
+"""The typed vocabulary of razorpass: what an option or a record names is a member of one
+of these enums, never a free string.
+
+Every enum is a ``str`` enum: a member equals its value (``OpClass.LINEAR == "linear"``),
+so strings stay accepted wherever a user writes one (``options={"policy": "backrazor"}``,
+``targets=("linear",)``) and the config turns them into members once, when it is built.
+``parse`` does that conversion with an error that names the field and the valid values.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TypeVar
+
+__all__ = ["OpClass", "Policy", "Granularity", "TopkLayout", "Encoding", "Storage", "Compiler", "GeluEncoding", "SkipReason",
+           "Skip", "parse"]
+
+
+class _Named(str, enum.Enum):
+    """A string enum that prints as its value (``f"{OpClass.LINEAR}"`` is ``linear``)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class OpClass(_Named):
+    """What a saved tensor is to the backward that reads it (a config's ``targets``)."""
+
+    LINEAR = "linear"  # the input of a linear / matmul-with-a-weight whose weight gets a gradient
+    CONV = "conv"  # the input of a convolution whose weight gets a gradient
+    MATMUL = "matmul"  # an operand of an activation x activation matmul (Q·Kᵀ, P·V)
+    SOFTMAX = "softmax"  # the saved softmax output
+    LAYERNORM = "layernorm"  # the normalized LayerNorm input x̂ (mean, rstd stay exact)
+    GELU = "gelu"  # the saved GELU input, or its derivative (GeluEncoding)
+    BATCHNORM = "batchnorm"  # the BatchNorm input centered on its channel mean (mean, invstd exact)
+    SDPA = "sdpa"  # scaled_dot_product_attention as explicit math: implies MATMUL and SOFTMAX
+    MASK = "mask"  # boolean masks saved for backward (dropout, ReLU / ReLU6), packed losslessly
+    ALL = "all"  # every class above (a config name only)
+
+
+class Policy(_Named):
+    """How targeted classes are stored (see ``RazorConfig.policy``)."""
+
+    ACCURATE = "accurate"  # the softmax top-k, the rest quantized, the GELU as its derivative
+    BACKRAZOR = "backrazor"  # Back Razor's rule: every class top-k
+
+
+class Granularity(_Named):
+    """Which elements form one top-k group."""
+
+    BLOCK = "block"  # ``block_size`` consecutive elements of the flattened activation
+    SAMPLE = "sample"  # one index of dim 0 of the activation as its layer receives it
+
+
+class Storage(_Named):
+    """How a policy stores a targeted class (``RazorConfig.encoding_of``)."""
+
+    TOPK = "topk"  # the k largest magnitudes per group (Encoding.TOPK_MASK / TOPK_OFFSETS)
+    QUANT = "quant"  # uniform levels per group (Encoding.GROUP / GROUP_CENTERED)
+
+
+class TopkLayout(_Named):
+    """How a top-k copy records which elements it kept."""
+
+    AUTO = "auto"  # per tensor, whichever takes fewer bytes
+    MASK = "mask"  # one bit per element
+    OFFSETS = "offsets"  # the kept positions inside the group
+
+
+class Compiler(_Named):
+    """The inner compiler the razor backend hands the partitioned graphs to."""
+
+    INDUCTOR = "inductor"
+    EAGER = "eager"
+
+
+class GeluEncoding(_Named):
+    """What the "gelu" class saves."""
+
+    TOPK = "topk"  # the GELU input, top-k sparsified
+    DERIV2 = "deriv2"  # gelu'(x) on 2 / 3 / 4-bit uniform levels
+    DERIV3 = "deriv3"
+    DERIV4 = "deriv4"
+
+    @property
+    def bits(self) -> int | None:
+        return None if self is GeluEncoding.TOPK else int(self.value.removeprefix("deriv"))
+
+
+class Encoding(_Named):
+    """One codec of the family (``passes/codecs.py`` holds what each one is)."""
+
+    TOPK_MASK = "topk_mask"  # the k largest |x| per group: packed mask + values
+    TOPK_OFFSETS = "topk_offsets"  # the same selection: in-group offsets + values
+    GROUP = "group"  # uniform levels on each group's own [min, max]
+    GROUP_CENTERED = "group_centered"  # GROUP of x - mean (a BatchNorm input), one op
+    UNIFORM = "uniform"  # uniform levels on one fixed range (a GELU derivative)
+    PACKED_MASK = "packed_mask"  # a boolean tensor, 8 elements per byte (lossless)
+
+
+class SkipReason(_Named):
+    """Why a pass left a tensor as it was (``Skip.reason``)."""
+
+    UNSUPPORTED_DTYPE = "unsupported dtype, saved dense"
+    NOT_CENTERED = "a BatchNorm backward that does not read its input as input - mean"
+    RECOMPUTABLE = "recomputable from the inputs the caller holds"
+    NO_SAMPLE_SIZE = "no static per-sample size"
+    NOT_SMALLER = "compressed copy not smaller than the dense tensor"
+    BUDGET_DENSE = "kept dense by memory_budget"
+    RETRY_DENSE = "saved dense by the partitioner (retry)"
+    NOT_ONE_FACTOR = "not one derivative factor"
+    NOT_COMPUTED = "not a computed tensor"
+    NO_GELU_FORMULA = "a GELU backward computing neither erf nor tanh"
+    EXPOSED = "a forward output exposes it"
+    DATA_DEPENDENT_SHAPE = "data-dependent shape"
+    EMPTY = "empty"
+    RECOMPUTABLE_FROM_INPUTS = "recomputable from graph inputs"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A tensor a pass left alone: ``node`` (its name in the joint graph), ``reason``, and
+    ``detail`` for the specifics (shapes, sizes, which layer). ``str()`` reads
+    "node: detail: reason" as the log does."""
+
+    node: str
+    reason: SkipReason
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.detail}: {self.reason}" if self.detail else f"{self.node}: {self.reason}"
+
+
+E = TypeVar("E", bound=_Named)
+
+
+def parse(kind: type[E], value, field: str) -> E:
+    """``value`` (a member or its string) as a member of ``kind``; a ValueError naming
+    ``field`` and the valid values otherwise."""
+    try:
+        return kind(value)
+    except ValueError:
+        valid = tuple(m.value for m in kind)
+        raise ValueError(f"RazorConfig.{field} must be one of {valid}, got {value!r}") from None
