@@ -17,21 +17,20 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..kernels.ops import RANK_TOKENS_OP
-from .common import PreAutogradContext
+from .context import PreAutogradContext
+from .framework import GraphPass, PassResult, Stage
 
-__all__ = ["run"]
+__all__ = ["run", "PASS"]
 
 
 class TokenSelectionMissing(ValueError):
     """drop_layers is set but the traced model has no token selection in it."""
 
 
-def run(gm: fx.GraphModule, ctx: PreAutogradContext) -> fx.GraphModule:
+def run(gm: fx.GraphModule, ctx: PreAutogradContext) -> PassResult:
     config = ctx.config
-    if not config.drop_layers:
-        return gm
-    if any(n.op == "call_function" and n.target is RANK_TOKENS_OP for n in gm.graph.nodes):
-        return gm
+    if not config.drop_layers or any(n.op == "call_function" and n.target is RANK_TOKENS_OP for n in gm.graph.nodes):
+        return PassResult()
     raise TokenSelectionMissing(
         f"RazorConfig.drop_layers={config.drop_layers} drops tokens, which changes tensor shapes after the "
         "selection blocks, so it must be applied to the model before tracing: use "
@@ -40,3 +39,6 @@ def run(gm: fx.GraphModule, ctx: PreAutogradContext) -> fx.GraphModule:
         "sparsity options work with either). If you did call razorpass.compile, this graph has no selection "
         "block because of a graph break; compile with fullgraph=True to see where."
     )
+
+
+PASS = GraphPass("bsr_token_check", Stage.PRE_AUTOGRAD, run)

@@ -21,7 +21,8 @@ import torch
 import torch.fx as fx
 from torch._functorch.compile_utils import fx_graph_cse
 
-from .common import PassContext
+from .context import PassContext
+from .framework import GraphPass, PassResult, Stage
 
 
 aten = torch.ops.aten
@@ -42,8 +43,12 @@ def _center_on_clones(graph: fx.Graph) -> None:
                 u.update_arg(0, c)
 
 
-def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     _center_on_clones(gm.graph)
     gm.graph.eliminate_dead_code()
-    new = fx.GraphModule(gm, fx_graph_cse(gm.graph))
-    return new
+    before = len(gm.graph.nodes)
+    gm.graph = fx_graph_cse(gm.graph)
+    return PassResult(before - len(gm.graph.nodes))
+
+
+PASS = GraphPass("canonicalize", Stage.JOINT, run)

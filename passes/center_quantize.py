@@ -4,15 +4,14 @@ tensor out.
 Runs on the partitioned forward graph. ``compress_saved`` stores a BatchNorm's input as
 ``quantize_group(x - mean)`` (the backward reads it only centered). The subtraction is a
 pointwise op the compiler would fuse into its consumers, but the quantizer is opaque, so
-the compiler writes the whole centered tensor to memory for it: on EfficientNet-Lite0
-(batch 32, 112 px), 49 tensors and 201 MiB a step, in fresh buffers.
+the compiler writes the whole centered tensor to memory for it, once per BatchNorm.
 
 Each ``quantize_group(sub(x, mean), group, bits)`` whose ``mean`` is one value per
 index of dim 1 (shape ``[1, C, 1, ...]``, float32 like ``x`` and the difference) becomes
 ``quantize_group_centered(x, mean, group, bits)``: the same codes and bounds, bit for
 bit (the kernel subtracts in float32, in registers or a scratch buffer), so the backward
 and what crosses to it are unchanged. The subtraction stays where other forward ops
-read it (dead code is removed). Each replacement is counted in ``ctx.centered_quantizes``.
+read it (dead code is removed). The result counts the replacements.
 """
 
 from __future__ import annotations
@@ -20,10 +19,13 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .common import PassContext
+from .codecs import CODECS
+from .context import PassContext
+from .framework import GraphPass, PassResult, Stage
 from .rewrite import Rewriter
+from .vocab import Encoding
 
-__all__ = ["run"]
+__all__ = ["run", "PASS"]
 
 aten = torch.ops.aten
 
@@ -51,10 +53,10 @@ def _channel_center(sub: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return x, mean
 
 
-def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    quantize = torch.ops.razor.quantize_group.default
+def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    quantize, fused = CODECS[Encoding.GROUP].encode, CODECS[Encoding.GROUP_CENTERED].encode
     centered = 0
-    with Rewriter(gm) as rw:  # on exit: a subtraction left unread is removed, the graph recompiled
+    with Rewriter(gm) as rw:  # on exit: a subtraction left unread is removed
         for node in list(rw.graph.nodes):
             if node.op != "call_function" or node.target is not quantize or not isinstance(node.args[0], fx.Node):
                 continue
@@ -62,10 +64,12 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             if found is None:
                 continue
             with rw.graph.inserting_before(node):
-                fused = rw.graph.call_function(torch.ops.razor.quantize_group_centered.default, (*found, *node.args[1:]))
-            fused.meta = dict(node.meta)
-            node.replace_all_uses_with(fused)
+                new = rw.graph.call_function(fused, (*found, *node.args[1:]))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
             rw.graph.erase_node(node)
             centered += 1
-    ctx.centered_quantizes += centered
-    return gm
+    return PassResult(centered)
+
+
+PASS = GraphPass("center_quantize", Stage.POST_PARTITION, run)

@@ -14,10 +14,14 @@ input instead); the pipeline then compiles the graph unmodified.
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
-from .common import VIEW_OPS, BailOut, PassContext, backward_nodes, forward_outputs, strip_views
+from .codecs import encode_ops
+from .common import VIEW_OPS, BailOut, forward_outputs, strip_views
+from .context import PassContext
+from .facts import backward_nodes
+from .framework import GraphPass, Stage
+from .records import CheckResult
 
 
 class DenseSaved(BailOut):
@@ -29,8 +33,10 @@ class DenseSaved(BailOut):
 
 
 def still_read_dense(joint: fx.GraphModule, roots: set[str]) -> set[str]:
-    """Compressed roots that some backward op of the rewritten joint graph reads dense."""
+    """Encoded roots that some backward op of the rewritten joint graph reads dense (an
+    encode op reading its root is not such a read: the encodes of every codec)."""
     bwd = backward_nodes(joint)
+    encoders = encode_ops()
     keep = set()
     for n in joint.graph.nodes:
         if n.name not in roots:
@@ -40,9 +46,7 @@ def still_read_dense(joint: fx.GraphModule, roots: set[str]) -> set[str]:
             cur = todo.pop()
             for u in cur.users:
                 if u in bwd or u.meta.get("partitioner_tag") in ("is_backward", "must_be_in_backward"):
-                    if u.target not in (torch.ops.razor.compress.default, torch.ops.razor.compress_offsets.default,
-                                        torch.ops.razor.pack_bits.default,
-                                        torch.ops.razor.quantize_uniform.default):
+                    if u.target not in encoders:
                         keep.add(n.name)
                 elif u.op == "call_function" and u.target in VIEW_OPS:
                     todo.append(u)
@@ -59,11 +63,11 @@ def root_of(n: fx.Node) -> fx.Node:
     return strip_views(n)[0]
 
 
-def run(fw_module: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+def run(fw_module: fx.GraphModule, ctx: PassContext) -> CheckResult:
     """Check the partitioned forward graph against ``ctx.joint`` (the rewritten joint graph)."""
-    records = [*ctx.compressed, *ctx.packed, *ctx.quantized]
+    records = ctx.encoded
     if not records:
-        return fw_module
+        return CheckResult()
     roots = {r.root for r in records}
     allowed = still_read_dense(ctx.joint, roots)
     saved = saved_nodes(fw_module, ctx.num_fwd_outputs)
@@ -74,6 +78,8 @@ def run(fw_module: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     # tensors saved anyway (e.g. a LayerNorm output from the saved LayerNorm input):
     # correct and free in memory, so it is recorded, not rejected.
     fw_names = {n.name for n in fw_module.graph.nodes}
-    ctx.recomputed_in_backward = sorted(r.root for r in records if r.encode_node not in fw_names)
-    ctx.dense_kept = sorted(allowed)
-    return fw_module
+    return CheckResult(recomputed_in_backward=sorted(r.root for r in records if r.encode_node not in fw_names),
+                       dense_kept=sorted(allowed))
+
+
+PASS = GraphPass("check_saved", Stage.CHECK, run)

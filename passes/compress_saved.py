@@ -29,6 +29,7 @@ post-partition check (``check_saved``) proves nothing else keeps it alive.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import operator
@@ -38,11 +39,15 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
-from ..kernels.ops import compressed_shapes, group_quantized_shapes, value_dtype_of
-from .common import (ORDER_PRESERVING, SAMPLE_DIM0_META, VIEW_OPS, PassContext, backward_nodes, dim0, matches,
-                     module_path, order_preserving, recomputable_from_caller, strip_views, tangent_closure)
-from .records import CompressedRoot, QuantizedRoot
+from ..kernels.ops import value_dtype_of
+from .codecs import CODECS
+from .common import ORDER_PRESERVING, SAMPLE_DIM0_META, VIEW_OPS, dim0, matches, module_path, order_preserving, strip_views
+from .context import PassContext
+from .facts import GraphFacts
+from .framework import GraphPass, PassConfig, Stage
+from .records import EncodeResult
 from .rewrite import Rewriter, Use
+from .vocab import Encoding, GeluEncoding, Granularity, OpClass, Skip, SkipReason, Storage
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -71,10 +76,10 @@ CONV_BACKWARD = aten.convolution_backward.default
 # BatchNorm input (with the saved per-channel mean and invstd, which stay exact).
 # Keyed by name: graph copies may carry a copy of the OpOverload object.
 DECOMPOSED_CLASSES = {
-    str(aten.native_layer_norm_backward.default): "layernorm",
-    str(aten._softmax_backward_data.default): "softmax",
-    str(aten.gelu_backward.default): "gelu",
-    str(aten.native_batch_norm_backward.default): "batchnorm",
+    str(aten.native_layer_norm_backward.default): OpClass.LAYERNORM,
+    str(aten._softmax_backward_data.default): OpClass.SOFTMAX,
+    str(aten.gelu_backward.default): OpClass.GELU,
+    str(aten.native_batch_norm_backward.default): OpClass.BATCHNORM,
 }
 
 
@@ -82,7 +87,7 @@ DECOMPOSED_CLASSES = {
 class Site(Use):
     """One rerouted use: ``consumer.args[arg_index]`` reads the (sparsified) root."""
 
-    op_class: str = ""
+    op_class: OpClass | None = None
     module: str = ""
 
 
@@ -99,10 +104,10 @@ class Plan:
     derived: list[fx.Node] = field(default_factory=list)  # layer inputs computed from the root, served by its code
 
 
-def _reaches_param_grad(gm: fx.GraphModule, ctx: PassContext, bwd: set[fx.Node]) -> set[fx.Node]:
+def _reaches_param_grad(facts: GraphFacts) -> set[fx.Node]:
     """Backward nodes whose value flows to a parameter's gradient through plumbing only."""
-    static = ctx.static_primals(gm)
-    sinks = [g for p, g in ctx.grad_outputs(gm) if g is not None and p in static]
+    bwd = facts.backward
+    sinks = [g for p, g in facts.grad_outputs if g is not None and p in facts.static]
     seen: set[fx.Node] = set()
     todo = list(sinks)
     while todo:
@@ -143,7 +148,7 @@ def _full_sizes(gm: fx.GraphModule, bwd: set[fx.Node], static: set[fx.Node]) -> 
 
 
 def _operand_class(node: fx.Node, idx: int, reach: set[fx.Node], bwd: set[fx.Node], static: set[fx.Node],
-                   full: dict) -> str | None:
+                   full: dict) -> OpClass | None:
     """The target class of backward ``node``'s argument ``idx`` if it is a saved activation."""
     arg = node.args[idx]
     if not isinstance(arg, fx.Node) or not _is_activation_operand(arg, bwd, static):
@@ -151,12 +156,12 @@ def _operand_class(node: fx.Node, idx: int, reach: set[fx.Node], bwd: set[fx.Nod
     if node.target in MATMULS:
         # A matmul whose result is a weight gradient reads a layer input ("linear");
         # any other matmul with an activation operand is activation x activation.
-        return "linear" if node in reach else "matmul"
+        return OpClass.LINEAR if node in reach else OpClass.MATMUL
     if node.target is CONV_BACKWARD:
         weight_grad = node.args[10][1] and any(
             u.target is operator.getitem and u.args[1] == 1 and u in reach for u in node.users
         )
-        return "conv" if idx == 1 and weight_grad else None
+        return OpClass.CONV if idx == 1 and weight_grad else None
     op_class = DECOMPOSED_CLASSES.get(str(node.meta.get("original_aten")))
     if op_class is None:
         return None
@@ -184,12 +189,7 @@ def _is_activation_operand(n, bwd: set[fx.Node], static: set[fx.Node]) -> bool:
 # The forward ops whose decomposed pieces a decomposed backward may share through CSE
 # (erf(x / sqrt(2)) is computed once for the GELU and reused by its backward): such
 # pieces are recomputed from the sparsified activation in backward.
-_FORWARD_OF = {
-    "gelu": {str(aten.gelu.default), str(aten.gelu_backward.default)},
-    "layernorm": set(),
-    "softmax": set(),
-    "batchnorm": set(),
-}
+_FORWARD_OF = {OpClass.GELU: {str(aten.gelu.default), str(aten.gelu_backward.default)}}
 
 
 _CASTS = frozenset({prims.convert_element_type.default, aten._to_copy.default})
@@ -221,7 +221,7 @@ def _single_input(n: fx.Node) -> fx.Node | None:
     return inputs[0] if len(inputs) == 1 else None
 
 
-def _walk_to_root(operand: fx.Node, bwd: set[fx.Node], op_class: str) -> tuple[fx.Node, list[fx.Node], fx.Node]:
+def _walk_to_root(operand: fx.Node, bwd: set[fx.Node], op_class: OpClass) -> tuple[fx.Node, list[fx.Node], fx.Node]:
     """(root, chain root->operand, the node whose dim 0 is the sample dim).
 
     The root is the deepest node reachable through order-preserving reshapes, so that
@@ -258,28 +258,33 @@ def _walk_to_root(operand: fx.Node, bwd: set[fx.Node], op_class: str) -> tuple[f
     return n, chain, received if received is not None else n
 
 
-def not_smaller(val: torch.Tensor, group: int, keep: int, config) -> bool:
+def topk_encoding(config: PassConfig, group: int, keep: int) -> Encoding:
+    """The top-k layout of a copy keeping ``keep`` of every ``group`` elements."""
+    return Encoding.TOPK_OFFSETS if config.topk_offsets(group, keep) else Encoding.TOPK_MASK
+
+
+def not_smaller(val: torch.Tensor, group: int, keep: int, config: PassConfig) -> bool:
     """The size rule: True when the compressed copy of ``val`` (per group, a packed mask
     of ceil(group / 8) bytes or ``keep`` offsets, as ``topk_layout`` picks, and ``keep``
     values) is not smaller than ``val`` dense, which then stays dense. A symbolic size
     that is not known to be smaller is compressed (False)."""
-    (groups, _), (_, k) = compressed_shapes(val.numel(), group, keep)
-    packed = groups * config.topk_index_bytes(group, keep) + groups * k * value_dtype_of(config, val.dtype).itemsize
+    packed = CODECS[topk_encoding(config, group, keep)].nbytes(val.numel(), group, keep,
+                                                               value_dtype_of(config, val.dtype))
     return statically_known_true(packed >= val.numel() * val.element_size())
 
 
 def not_smaller_quantized(val: torch.Tensor, group: int, bits: int) -> bool:
     """The size rule for a quantized copy (``bits`` per element of whole groups plus the
     bounds of each group)."""
-    (code_bytes,), (nbounds,) = group_quantized_shapes(val.numel(), group, bits)
-    return statically_known_true(code_bytes + nbounds * 2 >= val.numel() * val.element_size())
+    return statically_known_true(CODECS[Encoding.GROUP].nbytes(val.numel(), group, bits)
+                                 >= val.numel() * val.element_size())
 
 
-def _topk_group(cfg, received: fx.Node, sample_dim0=None):
-    """The top-k group size for a root (an int), or why there is none (a str).
+def _topk_group(cfg: PassConfig, received: fx.Node, sample_dim0=None) -> int | Skip:
+    """The top-k group size for a root, or why there is none.
     ``sample_dim0``: the smallest dim 0 the operand was read through before Inductor's
     joint-graph passes folded reshapes (``mark_samples``), where that is smaller."""
-    if cfg.granularity != "sample":
+    if cfg.granularity is not Granularity.SAMPLE:
         return cfg.block_size
     shape = received.meta["val"].shape
     group = math.prod(shape[1:]) if len(shape) > 1 else 1
@@ -289,12 +294,13 @@ def _topk_group(cfg, received: fx.Node, sample_dim0=None):
                 and int(d0) % int(sample_dim0) == 0):
             # a sample dim folded away under a symbolic size: which elements form a
             # sample is not known statically, so this tensor stays dense (exact)
-            return f"per-sample size of {received.name} (dim 0 {d0}, sample dim {sample_dim0}) is not static"
+            return Skip(received.name, SkipReason.NO_SAMPLE_SIZE,
+                        f"dim 0 {d0} of {received.name}, sample dim {sample_dim0}")
         group = group * (int(d0) // int(sample_dim0))
     if not is_concrete_int(group):
-        return f"per-sample size {group} is symbolic"
+        return Skip(received.name, SkipReason.NO_SAMPLE_SIZE, f"per-sample size {group} is symbolic")
     if int(group) == 0:  # (B, 0, ...): no elements, and no group to divide into
-        return "per-sample size 0"
+        return Skip(received.name, SkipReason.NO_SAMPLE_SIZE, "per-sample size 0")
     return int(group)
 
 
@@ -309,7 +315,7 @@ DERIVING_OPS = frozenset({
 # Ops that add constant elements around their one tensor input (a "same" padding before
 # a convolution): the result is derived too, though larger than the input.
 PADDING_OPS = frozenset({aten.constant_pad_nd.default})
-NORM_CLASSES = frozenset({"layernorm", "batchnorm"})
+NORM_CLASSES = frozenset({OpClass.LAYERNORM, OpClass.BATCHNORM})
 
 
 def _operand_key(a):
@@ -360,7 +366,7 @@ def _derived_from(root: fx.Node, norm_keys: dict, bwd: set[fx.Node]) -> tuple[fx
     return None
 
 
-def _merge_derived(cands: dict, cfg, bwd: set[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
+def _merge_derived(cands: dict, cfg: PassConfig, bwd: set[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
     """One stored tensor for a normalization and the layer that reads its output.
 
     A Linear after a LayerNorm (or a convolution after BatchNorm + ReLU6) reads
@@ -373,7 +379,7 @@ def _merge_derived(cands: dict, cfg, bwd: set[fx.Node]) -> dict[fx.Node, list[fx
     norm_keys, merged = {}, {}
     for root, uses in cands.items():
         if (any(c in NORM_CLASSES for _, _, c in uses)
-                and all(cfg.encoding_of(c) == "quant" for _, _, c in uses)
+                and all(cfg.encoding_of(c) is Storage.QUANT for _, _, c in uses)
                 and not not_smaller_quantized(root.meta["val"], cfg.quant_group([c for _, _, c in uses]),
                                               cfg.quant_bits)):
             norm_keys[_value_key(root)] = root
@@ -381,7 +387,8 @@ def _merge_derived(cands: dict, cfg, bwd: set[fx.Node]) -> dict[fx.Node, list[fx
         return merged
     for root in list(cands):
         uses = cands.get(root)
-        if uses is None or any(c not in ("linear", "conv") or cfg.encoding_of(c) != "quant" for _, _, c in uses):
+        if uses is None or any(c not in (OpClass.LINEAR, OpClass.CONV) or cfg.encoding_of(c) is not Storage.QUANT
+                               for _, _, c in uses):
             continue
         found = _derived_from(root, norm_keys, bwd)
         if found is None:
@@ -403,89 +410,111 @@ def _merge_derived(cands: dict, cfg, bwd: set[fx.Node]) -> dict[fx.Node, list[fx
     return merged
 
 
-def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
-    """One plan per (root, group size): every targeted backward use of a saved activation."""
-    cfg = ctx.config
-    if not cfg.target_classes:
-        return []
-    bwd = backward_nodes(gm)
-    reach = _reaches_param_grad(gm, ctx, bwd)
-    static = ctx.static_primals(gm)
-    # Graph inputs that get no gradient (the batch) are held by the caller anyway:
-    # a compressed copy would add bytes, not save them. Inputs that get a gradient are
-    # activations of an earlier graph (a graph break) and are compressed.
-    held_by_caller = ctx.held_by_caller(gm)
-    full = _full_sizes(gm, bwd, static)
-    cands: dict[fx.Node, list] = {}  # root -> [(sites, top-k group, op_class)], in graph order
-    skipped: list[str] = []
-    bn_roots: set[fx.Node] = set()
-    dep = tangent_closure(gm)
-    light_memo: dict = {}
-    free_roots: set[fx.Node] = set()
-    too_small: set[fx.Node] = set()
+@dataclass
+class _Scan:
+    """What ``analyse`` gathers in one walk over the backward nodes: per root, its uses
+    (sites, top-k group or why there is none, class), in graph order, and what it skips."""
+
+    cfg: PassConfig
+    facts: GraphFacts
+    excluded: frozenset[str]
+    cands: dict[fx.Node, list] = field(default_factory=dict)
+    skipped: list[Skip] = field(default_factory=list)
+    bn_roots: set[fx.Node] = field(default_factory=set)
+    free_roots: set[fx.Node] = field(default_factory=set)
+
+    def complex_weight_gradient(self, node: fx.Node) -> None:
+        """A complex weight gradient reads conj(x), not a saved activation: unsupported,
+        x stays saved dense; say so (int / bool never have a weight gradient)."""
+        cplx = [a for a in node.all_input_nodes if getattr(a.meta.get("val"), "is_complex", bool)()]
+        if not cplx or not matches(module_path(node), self.cfg.include, self.cfg.exclude):
+            return
+        srcs = [strip_views(a, through=lambda n: n.target in VIEW_OPS or n.target is aten._conj.default)[0]
+                for a in cplx]
+        src = next((r for r in srcs if r not in self.facts.backward), srcs[-1])  # the forward activation
+        if src not in self.facts.held_by_caller:
+            dtype = getattr(src.meta.get("val"), "dtype", "complex")
+            why = f"the input of {module_path(node) or '(graph)'} ({src.target} output, {dtype})"
+            self.skipped.append(Skip(src.name, SkipReason.UNSUPPORTED_DTYPE, why))
+            log.warning("razorpass: not compressing %s: unsupported dtype, saved dense", why)
+
+    def batchnorm_use(self, node: fx.Node, path: str):
+        """(root, sites, top-k group) of a BatchNorm backward: the centered input, every
+        use of it a site; None when it has none or it was found already."""
+        root = _bn_centered(node, self.facts.tangent_dependent)
+        if root is None:
+            self.skipped.append(Skip(node.name, SkipReason.NOT_CENTERED))
+            return None
+        if root in self.bn_roots:
+            return None
+        self.bn_roots.add(root)
+        sites = [Site(u, [], arg_index=i, op_class=OpClass.BATCHNORM, module=path)
+                 for u in root.users for i, a in enumerate(u.args) if a is root]
+        return root, sites, _topk_group(self.cfg, root)
+
+    def operand_use(self, node: fx.Node, idx: int, op_class: OpClass, path: str):
+        """(root, sites, top-k group) of the activation ``node`` reads as argument ``idx``."""
+        root, chain, received = _walk_to_root(node.args[idx], self.facts.backward, op_class)
+        group = _topk_group(self.cfg, received, node.meta.get(SAMPLE_DIM0_META, {}).get(idx))
+        return root, [Site(node, chain, arg_index=idx, op_class=op_class, module=path)], group
+
+    def add(self, root: fx.Node, sites: list[Site], group, op_class: OpClass) -> None:
+        """Record a use of ``root`` unless it is not an activation worth encoding."""
+        if root.name in self.excluded:
+            return
+        val, facts = root.meta.get("val"), self.facts
+        if (root in facts.static or root in facts.held_by_caller or not isinstance(val, torch.Tensor)
+                or not val.is_floating_point()):
+            return
+        if facts.recomputable_from_caller(root):
+            # e.g. a padded copy of the batch: the partitioner recomputes it from what
+            # the caller holds, so a compressed copy would only lose precision
+            if root not in self.free_roots:
+                self.free_roots.add(root)
+                self.skipped.append(Skip(root.name, SkipReason.RECOMPUTABLE))
+            return
+        self.cands.setdefault(root, []).append((sites, group, op_class))
+
+
+def _scan(gm: fx.GraphModule, ctx: PassContext) -> _Scan:
+    """Every targeted backward use of a saved activation, per root."""
+    cfg, facts = ctx.config, ctx.facts(gm)
+    bwd = facts.backward
+    reach = _reaches_param_grad(facts)
+    full = _full_sizes(gm, bwd, facts.static)
+    scan = _Scan(cfg, facts, frozenset(ctx.excluded_roots))
     for node in gm.graph.nodes:
         if node not in bwd or node.op != "call_function":
             continue
-        if node.target in MATMULS and node in reach and "linear" in cfg.target_classes:
-            # a complex weight gradient reads conj(x), not a saved activation: unsupported,
-            # x stays saved dense; say so (int / bool never have a weight gradient)
-            cplx = [a for a in node.all_input_nodes if getattr(a.meta.get("val"), "is_complex", bool)()]
-            if cplx and matches(module_path(node), cfg.include, cfg.exclude):
-                srcs = [strip_views(a, through=lambda n: n.target in VIEW_OPS or n.target is aten._conj.default)[0]
-                        for a in cplx]
-                src = next((r for r in srcs if r not in bwd), srcs[-1])  # the forward activation
-                if src not in held_by_caller:
-                    dtype = getattr(src.meta.get("val"), "dtype", "complex")
-                    why = f"the input of {module_path(node) or '(graph)'} ({src.target} output, {dtype})"
-                    skipped.append(f"{src.name}: {why}: unsupported dtype, saved dense")
-                    log.warning("razorpass: not compressing %s: unsupported dtype, saved dense", why)
+        if node.target in MATMULS and node in reach and OpClass.LINEAR in cfg.target_classes:
+            scan.complex_weight_gradient(node)
         for idx in range(len(node.args)):
-            op_class = _operand_class(node, idx, reach, bwd, static, full)
+            op_class = _operand_class(node, idx, reach, bwd, facts.static, full)
             if op_class is None or op_class not in cfg.target_classes:
                 continue
-            if op_class == "gelu" and cfg.gelu_mode != "topk":
+            if op_class is OpClass.GELU and cfg.gelu_mode is not GeluEncoding.TOPK:
                 continue  # encode_derivative stores gelu'(x) instead of the GELU input
             path = module_path(node)
             if not matches(path, cfg.include, cfg.exclude):
                 continue
-            if op_class == "batchnorm":
-                # the root is the centered input; every use of it is a site
-                root = _bn_centered(node, dep)
-                if root is None:
-                    skipped.append(f"{node.name}: a BatchNorm backward that does not read its input as input - mean")
-                    continue
-                if root in bn_roots:
-                    continue
-                bn_roots.add(root)
-                chain, topk_group = [], _topk_group(cfg, root)
-                sites = [Site(u, [], arg_index=i, op_class=op_class, module=path)
-                         for u in root.users for i, a in enumerate(u.args) if a is root]
-            else:
-                root, chain, received = _walk_to_root(node.args[idx], bwd, op_class)
-                topk_group = _topk_group(cfg, received, node.meta.get(SAMPLE_DIM0_META, {}).get(idx))
-                sites = [Site(node, chain, arg_index=idx, op_class=op_class, module=path)]
-            if root.name in ctx.excluded_roots:
-                continue
-            val = root.meta.get("val")
-            if root in static or root in held_by_caller or not isinstance(val, torch.Tensor) or not val.is_floating_point():
-                continue
-            if recomputable_from_caller(root, dep, light_memo, held_by_caller, static):
-                # e.g. a padded copy of the batch: the partitioner recomputes it from
-                # what the caller holds, so a compressed copy would only lose precision
-                if root not in free_roots:
-                    free_roots.add(root)
-                    skipped.append(f"{root.name}: recomputable from the inputs the caller holds")
-                continue
-            cands.setdefault(root, []).append((sites, topk_group, op_class))
-    merged = _merge_derived(cands, cfg, bwd)
+            use = scan.batchnorm_use(node, path) if op_class is OpClass.BATCHNORM else \
+                scan.operand_use(node, idx, op_class, path)
+            if use is not None:
+                scan.add(*use, op_class)
+    return scan
+
+
+def _plan(scan: _Scan, ctx: PassContext, merged: dict[fx.Node, list[fx.Node]]) -> list[Plan]:
+    """One plan per (root, group size): one encoding per root. A root some top-k class
+    reads (the softmax output, also the P of P·V) is stored top-k for all its uses,
+    otherwise quantized."""
+    cfg, too_small = ctx.config, set()
     plans: dict[tuple[fx.Node, int], Plan] = {}
-    for root, uses in cands.items():
-        # one encoding per root: a root some top-k class reads (the softmax output, also
-        # the P of P·V) is stored top-k for all its uses, otherwise quantized
-        quant = all(cfg.encoding_of(c) == "quant" for _, _, c in uses)
+    for root, uses in scan.cands.items():
+        quant = all(cfg.encoding_of(c) is Storage.QUANT for _, _, c in uses)
         val = root.meta["val"]
         if quant and ctx.budget_bits.get(root.name) == 0:
-            skipped.append(f"{root.name}: kept dense by memory_budget")
+            scan.skipped.append(Skip(root.name, SkipReason.BUDGET_DENSE))
             continue
         for sites, topk_group, op_class in uses:
             if quant:
@@ -493,8 +522,8 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                                      ctx.budget_bits.get(root.name, cfg.quant_bits))
             else:
                 group, bits = topk_group, 0
-                if isinstance(group, str):
-                    skipped.append(f"{root.name}: {group}")
+                if isinstance(group, Skip):
+                    scan.skipped.append(dataclasses.replace(group, node=root.name))
                     continue
                 keep = int(cfg.keep_count(group))
             if (quant and not_smaller_quantized(val, group, bits)) or (not quant and not_smaller(val, group, keep, cfg)):
@@ -502,33 +531,38 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                 # partitioner may then recompute the root instead of saving the copy)
                 if root not in too_small:
                     too_small.add(root)
-                    skipped.append(f"{root.name}: compressed copy not smaller than the dense tensor")
+                    scan.skipped.append(Skip(root.name, SkipReason.NOT_SMALLER))
                 continue
             plan = plans.setdefault((root, group), Plan(root, group_size=group, keep=keep, bits=bits,
                                                         derived=merged.get(root, [])))
             plan.sites.extend(sites)
-    ctx.skipped = skipped
     return list(plans.values())
 
 
-def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[CompressedRoot]:
-    """Compress each plan's root after it is computed and decompress it before its first
-    targeted backward use."""
+def analyse(gm: fx.GraphModule, ctx: PassContext) -> tuple[list[Plan], list[Skip]]:
+    """The plans for ``gm``, and the tensors left alone with why."""
+    if not ctx.config.target_classes:
+        return [], []
+    scan = _scan(gm, ctx)
+    merged = _merge_derived(scan.cands, ctx.config, scan.facts.backward)
+    plans = _plan(scan, ctx, merged)
+    return plans, scan.skipped
+
+
+def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list:
+    """Encode each plan's root after it is computed and decode it before its first
+    targeted backward use: ``QuantizedRoot`` / ``CompressedRoot`` records."""
     records = []
     with Rewriter(gm) as rw:
         for plan in plans:
             val, group, bits = plan.root.meta["val"], plan.group_size, plan.bits
             if bits:
-                done = rw.reroute(plan.root, plan.sites, torch.ops.razor.quantize_group.default, (group, bits),
-                                  torch.ops.razor.dequantize_group.default,
+                codec = CODECS[Encoding.GROUP]
+                done = rw.reroute(plan.root, plan.sites, codec, (group, bits),
                                   lambda enc, sizes: (enc[0], enc[1], sizes, group, bits, val.dtype))
             else:
-                offsets = ctx.config.topk_offsets(group, plan.keep)
-                done = rw.reroute(plan.root, plan.sites,
-                                  torch.ops.razor.compress_offsets.default if offsets else torch.ops.razor.compress.default,
-                                  (group, plan.keep, value_dtype_of(ctx.config, val.dtype)),
-                                  torch.ops.razor.decompress_offsets.default if offsets
-                                  else torch.ops.razor.decompress.default,
+                codec = CODECS[topk_encoding(ctx.config, group, plan.keep)]
+                done = rw.reroute(plan.root, plan.sites, codec, (group, plan.keep, value_dtype_of(ctx.config, val.dtype)),
                                   lambda enc, sizes: (enc[0], enc[1], sizes, group, val.dtype))
             modules = tuple(s.module for s in plan.sites)
             common = dict(**done.record_fields(), layer=layer_label(modules), modules=modules,
@@ -536,9 +570,9 @@ def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[Compr
                           group_size=group)
             if bits:
                 derived = sum(d.meta["val"].numel() * d.meta["val"].element_size() for d in plan.derived)
-                records.append(QuantizedRoot(**common, bits=bits, derived_bytes=derived))
+                records.append(codec.record(**common, bits=bits, derived_bytes=derived))
             else:
-                records.append(CompressedRoot(**common, keep=plan.keep, layout="offsets" if offsets else "mask"))
+                records.append(codec.record(**common, keep=plan.keep))
     return records
 
 
@@ -557,7 +591,10 @@ def layer_label(modules: list[str]) -> str:
     return ".".join(prefix + ["{" + tails + "}"])
 
 
-def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    plans = analyse(gm, ctx)
-    ctx.compressed = apply(gm, ctx, plans) if plans else []
-    return gm
+def run(gm: fx.GraphModule, ctx: PassContext) -> EncodeResult:
+    plans, skipped = analyse(gm, ctx)
+    encoded = apply(gm, ctx, plans) if plans else []
+    return EncodeResult(count=len(encoded), encoded=encoded, skipped=skipped)
+
+
+PASS = GraphPass("compress_saved", Stage.JOINT, run)

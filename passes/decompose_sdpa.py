@@ -16,25 +16,27 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .common import PreAutogradContext
+from .context import PreAutogradContext
+from .framework import GraphPass, PassResult, Stage
+from .vocab import OpClass
 
-__all__ = ["run", "math_sdpa"]
+__all__ = ["run", "math_sdpa", "PASS"]
 
 SDPA_TARGETS = frozenset({F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention})
 
 
-def run(gm: fx.GraphModule, ctx: PreAutogradContext) -> fx.GraphModule:
-    config = ctx.config
-    if "sdpa" not in config.target_classes:
-        return gm
+def run(gm: fx.GraphModule, ctx: PreAutogradContext) -> PassResult:
+    if OpClass.SDPA not in ctx.config.target_classes:
+        return PassResult()
     changed = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in SDPA_TARGETS:
             node.target = math_sdpa
             changed += 1
-    if changed:
-        gm.recompile()
-    return gm
+    return PassResult(changed)
+
+
+PASS = GraphPass("decompose_sdpa", Stage.PRE_AUTOGRAD, run)
 
 
 def math_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):

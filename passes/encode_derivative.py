@@ -22,12 +22,12 @@ untargeted, may still keep ``x`` or the output alive; that is that reader's tens
 exact, ``tanh``: the tanh approximation). A GELU written as tanh math in Python (GPT-2's
 ``gelu_new``) has no ``gelu_backward`` node and is left alone, silently.
 
-Left alone, with a reason in ``ctx.quantize_skipped``: groups whose tangent-free factor
+Left alone, with a reason in the result's ``skipped``: groups whose tangent-free factor
 is not one full-size computed tensor, formulas with neither ``erf`` nor ``tanh``,
 factors recomputable from what the caller holds (the partitioner recomputes those for
 free), and roots the pipeline's retry excluded. Layers outside ``include`` /
-``exclude`` are skipped silently. Records (``records.QuantizedDerivative``) go to
-``ctx.quantized``: the saved-tensor description and the post-partition check
+``exclude`` are skipped silently. The records (``records.QuantizedDerivative``) are the
+result's ``encoded``: the saved-tensor description and the post-partition check
 (``check_saved``) cover them.
 """
 
@@ -40,15 +40,18 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..kernels.quantize import GELU_DERIVATIVE_RANGE
-from .common import (BailOut, PassContext, backward_nodes, matches, module_path, recomputable_from_caller,
-                     tangent_closure)
+from .codecs import CODECS
+from .common import BailOut, matches, module_path
 from .compress_saved import group_key, layer_label
-from .records import QuantizedDerivative
+from .context import PassContext
+from .framework import GraphPass, Stage
+from .records import EncodeResult, QuantizedDerivative
 from .rewrite import Rewriter, Use
+from .vocab import Encoding, OpClass, Skip, SkipReason
 
 aten = torch.ops.aten
 
-OP_CLASS = "gelu"
+OP_CLASS = OpClass.GELU
 _BACKWARD = str(aten.gelu_backward.default)
 # Nodes of the GELU formulas: the backward's own pieces and forward pieces CSE shares.
 _FORMULA = frozenset({_BACKWARD, str(aten.gelu.default)})
@@ -88,21 +91,20 @@ def _formula(root: fx.Node, dep: set[fx.Node]) -> tuple[str | None, list[fx.Node
     return mode, list(dict.fromkeys(leaves))
 
 
-def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
-    """One plan per tangent-free GELU-derivative factor that backward reads."""
+def analyse(gm: fx.GraphModule, ctx: PassContext) -> tuple[list[Plan], list[Skip]]:
+    """One plan per tangent-free GELU-derivative factor that backward reads, and the
+    factors left alone with why."""
     cfg = ctx.config
     bits = cfg.gelu_derivative_bits
     if bits is None or OP_CLASS not in cfg.target_classes:
-        return []
-    bwd = backward_nodes(gm)
-    dep = tangent_closure(gm)
-    static = ctx.static_primals(gm)
-    held_by_caller = ctx.held_by_caller(gm)
+        return [], []
+    facts = ctx.facts(gm)
+    dep = facts.tangent_dependent  # (within the backward nodes)
     excluded = set(ctx.excluded_roots)
     # the tangent-free operands of each GELU backward's tangent-dependent nodes
     groups: dict = {}
     for node in gm.graph.nodes:
-        if node not in bwd or node not in dep or node.op != "call_function":
+        if node not in dep or node.op != "call_function":
             continue
         if str(node.meta.get("original_aten")) != _BACKWARD:
             continue
@@ -111,31 +113,30 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
             if a not in dep and _full_size(a, node):
                 cands.setdefault(a, []).append(node)
     plans: dict[fx.Node, Plan] = {}
-    skipped: list[str] = []
-    memo: dict = {}
+    skipped: list[Skip] = []
     for key, cands in groups.items():
         if not cands:
             continue
         if len(cands) != 1:
-            skipped.append(f"{key[2] or '(graph)'}: {len(cands)} tangent-free full-size operands "
-                           f"({', '.join(a.name for a in cands)}), not one derivative factor")
+            skipped.append(Skip(key[2] or "(graph)", SkipReason.NOT_ONE_FACTOR,
+                                f"{len(cands)} tangent-free full-size operands ({', '.join(a.name for a in cands)})"))
             continue
         ((root, consumers),) = cands.items()
         path = module_path(consumers[0])
         if not matches(path, cfg.include, cfg.exclude):
             continue
         if root.op != "call_function":
-            skipped.append(f"{root.name}: not a computed tensor ({root.op})")
+            skipped.append(Skip(root.name, SkipReason.NOT_COMPUTED, root.op))
             continue
         if root.name in excluded:
-            skipped.append(f"{root.name}: saved dense by the partitioner (retry)")
+            skipped.append(Skip(root.name, SkipReason.RETRY_DENSE))
             continue
-        if recomputable_from_caller(root, dep, memo, held_by_caller, static):
-            skipped.append(f"{root.name}: recomputable from the inputs the caller holds")
+        if facts.recomputable_from_caller(root):
+            skipped.append(Skip(root.name, SkipReason.RECOMPUTABLE))
             continue
         mode, leaves = _formula(root, dep)
         if mode is None:
-            skipped.append(f"{root.name}: a GELU backward computing neither erf nor tanh")
+            skipped.append(Skip(root.name, SkipReason.NO_GELU_FORMULA))
             continue
         plan = plans.get(root)
         if plan is None:
@@ -143,21 +144,20 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
         for c in consumers:
             plan.sites.append(Use(c, [], operand=root))
             plan.modules.append(path)
-    ctx.quantize_skipped = skipped
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return sorted(plans.values(), key=lambda p: order[p.root])
+    return sorted(plans.values(), key=lambda p: order[p.root]), skipped
 
 
 def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[QuantizedDerivative]:
     bits = ctx.config.gelu_derivative_bits
     records = []
+    bwd = ctx.facts(gm).backward
+    codec = CODECS[Encoding.UNIFORM]
     with Rewriter(gm) as rw:
-        bwd = backward_nodes(gm)
         for plan in plans:
             lo, hi = GELU_DERIVATIVE_RANGE[plan.approximate]
             dtype = plan.root.meta["val"].dtype
-            done = rw.reroute(plan.root, plan.sites, torch.ops.razor.quantize_uniform.default, (bits, lo, hi),
-                              torch.ops.razor.dequantize_uniform.default,
+            done = rw.reroute(plan.root, plan.sites, codec, (bits, lo, hi),
                               lambda enc, sizes: (enc[0], sizes, bits, lo, hi, dtype))
             left = [u.name for u in plan.root.users if u in bwd]
             if left:
@@ -172,7 +172,10 @@ def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[Quant
     return records
 
 
-def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    plans = analyse(gm, ctx)
-    ctx.quantized = apply(gm, ctx, plans) if plans else []
-    return gm
+def run(gm: fx.GraphModule, ctx: PassContext) -> EncodeResult:
+    plans, skipped = analyse(gm, ctx)
+    encoded = apply(gm, ctx, plans) if plans else []
+    return EncodeResult(count=len(encoded), encoded=encoded, skipped=skipped)
+
+
+PASS = GraphPass("encode_derivative", Stage.JOINT, run)

@@ -4,8 +4,8 @@ decoded x̂, without writing the replayed γ·x̂ + β out.
 Runs on the partitioned backward graph. Where ``compress_saved`` merged a Linear's input
 into its normalization's code, the backward replays the affine on the decoded x̂ and
 the weight gradient reads it: ``dW = dYᵀ · (γ·x̂ + β)``. The matmul is opaque to the
-compiler, so the replay is written out as a full activation-sized buffer (on
-ViT-B/16 at batch 16, 9.2 MiB per query/key/value and fc1 weight gradient) and is live
+compiler, so the replay is written out as a full activation-sized buffer (one per
+query / key / value and MLP-input weight gradient of a transformer block) and is live
 with everything else the block's backward holds. Since γ and β are per column,
 
     dYᵀ · (γ·x̂ + β) = (dYᵀ · x̂) · diag(γ) + (dYᵀ · 1) · βᵀ
@@ -14,7 +14,7 @@ so each ``mm(a, view(add(mul(x̂, γ), β)))`` with ``x̂`` a decode becomes
 ``mm(a, view(x̂)) * γ + sum(a, 1) * β``: a (out × in) scaling and a rank-1 update instead
 of the activation-sized buffer (``dYᵀ · 1`` is the bias gradient, which the compiler
 computes once for both). The same value up to float rounding; a ``mul`` without
-``add`` (no β) folds the same way. Each fold is counted in ``ctx.folded_affines``.
+``add`` (no β) folds the same way. The result counts the folds.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .common import PassContext, replay_chain
+from .codecs import value_decode_ops
+from .common import replay_chain
+from .context import PassContext
+from .framework import GraphPass, PassResult, Stage
 from .rewrite import Rewriter
-from .split_decodes import DECODE_OPS
 
-__all__ = ["run"]
+__all__ = ["run", "PASS"]
 
 aten = torch.ops.aten
 
@@ -49,7 +51,7 @@ def _decoded(x) -> bool:
     """``x`` is a decode's output, possibly through reshapes."""
     while isinstance(x, fx.Node) and x.op == "call_function" and x.target in _RESHAPES:
         x = x.args[0]
-    return isinstance(x, fx.Node) and x.op == "call_function" and x.target in DECODE_OPS
+    return isinstance(x, fx.Node) and x.op == "call_function" and x.target in value_decode_ops()
 
 
 def _affine(b: fx.Node):
@@ -95,9 +97,9 @@ def _call(rw: Rewriter, target, args) -> fx.Node:
     return node
 
 
-def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     folded = 0
-    with Rewriter(gm) as rw:  # on exit: the replay left unread is removed, the graph recompiled
+    with Rewriter(gm) as rw:  # on exit: the replay left unread is removed
         for mm in list(rw.graph.find_nodes(op="call_function", target=aten.mm.default)):
             a, b = mm.args
             found = _affine(b) if isinstance(b, fx.Node) else None
@@ -117,5 +119,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             mm.replace_all_uses_with(new)
             rw.graph.erase_node(mm)
             folded += 1
-    ctx.folded_affines += folded
-    return gm
+    return PassResult(folded)
+
+
+PASS = GraphPass("fold_affine", Stage.POST_PARTITION, run)

@@ -35,11 +35,13 @@ import torch.fx as fx
 from torch import nn
 
 from .blocks import BlockError, find_blocks_in_graph
-from .common import PreAutogradContext, clean_fqn
+from .common import clean_fqn
+from .context import PreAutogradContext
+from .framework import GraphPass, PassResult, Stage
 
 log = logging.getLogger("razorpass")
 
-__all__ = ["run", "plan"]
+__all__ = ["run", "plan", "PASS"]
 
 
 def plan(gm: fx.GraphModule, example_inputs: Sequence, config) -> dict[fx.Node, list[fx.Node]]:
@@ -77,10 +79,10 @@ def plan(gm: fx.GraphModule, example_inputs: Sequence, config) -> dict[fx.Node, 
     return frozen
 
 
-def run(gm: fx.GraphModule, ctx: PreAutogradContext) -> fx.GraphModule:
+def run(gm: fx.GraphModule, ctx: PreAutogradContext) -> PassResult:
     config = ctx.config
     if config.trainable_blocks is None:
-        return gm
+        return PassResult()
     frozen = plan(gm, ctx.example_inputs, config)
     graph = gm.graph
     values = dict(zip((n for n in graph.nodes if n.op == "placeholder"), ctx.example_inputs))
@@ -95,14 +97,14 @@ def run(gm: fx.GraphModule, ctx: PreAutogradContext) -> fx.GraphModule:
             detached.meta["example_value"] = example.detach()
         for use in uses:
             use.replace_input_with(param, detached)
-    if frozen:
-        graph.lint()
-        gm.recompile()
     log.info("razorpass freeze_blocks: %d parameter inputs frozen at %d uses",
              len(frozen), sum(len(u) for u in frozen.values()))
     if log.isEnabledFor(logging.DEBUG):
         log.debug("razorpass freeze_blocks: frozen %s", ", ".join(_param_name(p) for p in frozen))
-    return gm
+    return PassResult(len(frozen))
+
+
+PASS = GraphPass("freeze_blocks", Stage.PRE_AUTOGRAD, run)
 
 
 def _attr(gm: fx.GraphModule, target: str):

@@ -1,27 +1,22 @@
-"""inline-codecs: after partitioning, give the compiler the lossless bit packing as
-plain ops, so that it fuses them into the kernels around them.
+"""inline-codecs: after partitioning, give the compiler each codec op that has a plain-op
+form (``Codec.inline_encode`` / ``inline_decode`` in the registry) as those ops, so that
+it fuses them into the kernels around them.
 
 Runs on the partitioned forward and backward graphs, after ``check_saved`` and after
-the saved tensors were described, and only when the inner compiler is Inductor. Each
-``razor::pack_bits`` becomes ``fused_pack_bits`` (pointwise integer ops): Inductor
-computes the mask and its bytes in one kernel, so the one-byte-per-element boolean
-tensor is never written. Each ``razor::unpack_bits`` becomes ``fused_unpack_bits``,
-which Inductor folds into the kernel that reads the mask. Each
-``razor::dequantize_uniform`` (a GELU's 3-bit derivative) becomes
-``fused_dequantize_uniform``, which Inductor folds into the GELU backward's multiply:
-on ViT-B/16 at batch 16 that is a 36.9 MiB buffer per layer not written, at the point
-of the backward where the MLP's input gradient is live too.
+the saved tensors were described, and only when the inner compiler is Inductor. Today
+that is the lossless bit packing (``razor::pack_bits``: the mask and its bytes in one
+kernel, so the one-byte-per-element boolean tensor is never written;
+``razor::unpack_bits``: folded into the kernel that reads the mask) and the decode of a
+GELU's derivative codes (``razor::dequantize_uniform``: folded into the GELU backward's
+multiply, so the decoded derivative is never written). The per-group quantizers and
+their decode stay opaque ops with native and Triton kernels.
 
 Invariants: what crosses from forward to backward is unchanged (the partition was
-decided with the ops opaque, and the packed bytes are still the forward output); the
-bytes are the op's, bit for bit (integer ops on the same layout; the tests compare);
-every created node gets ``meta["val"]`` from tracing under the graph's own fake mode.
-A node that cannot be traced keeps its op, with a log line: slower, never different.
-
-The quantizers (``razor::quantize_group`` and friends) and the per-group decode stay
-opaque: written as plain ops, Inductor's C++ code for their per-group scalars and
-straddling 3-bit codes runs 2-3x slower than the native kernel (measured on a 38 MB
-activation).
+decided with the ops opaque, and the encoded bytes are still the forward output); the
+values are the op's, bit for bit (the same integer ops on the same layout; the tests
+compare); every created node gets ``meta["val"]`` from tracing under the graph's own
+fake mode. A node that cannot be traced keeps its op, with a log line: slower, never
+different.
 """
 
 from __future__ import annotations
@@ -29,27 +24,31 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..kernels.ops import fused_dequantize_uniform, fused_pack_bits, fused_unpack_bits
-from .common import PassContext, fake_mode_of
+from .codecs import codec_of
+from .common import fake_mode_of
+from .context import PassContext
+from .framework import GraphPass, PassResult, Stage
+from .vocab import Compiler
 
-__all__ = ["run", "inline"]
+__all__ = ["run", "inline", "PASS"]
 
 log = logging.getLogger("razorpass")
 
 
-def inline(graph: fx.Graph, node: fx.Node, fn: Callable, args: list, fake_mode) -> None:
-    """Replace ``node`` by ``fn(*args)`` traced to aten ops under ``fake_mode`` (the
-    graph's). ``args`` are graph nodes (tensors or symbolic ints) or plain ints; ``fn``
-    must return one tensor."""
-    nodes = [a for a in args if isinstance(a, fx.Node)]
+def inline(graph: fx.Graph, node: fx.Node, fn: Callable, fake_mode) -> None:
+    """Replace ``node`` by ``fn(*node.args)`` traced to aten ops under ``fake_mode`` (the
+    graph's). The arguments that are graph nodes (tensors, or symbolic ints inside a
+    shape list) become the traced function's inputs; ``fn`` must return one tensor."""
+    flat, spec = pytree.tree_flatten(node.args)
+    nodes = [a for a in flat if isinstance(a, fx.Node)]
 
     def traced(*node_vals):
         it = iter(node_vals)
-        return fn(*[next(it) if isinstance(a, fx.Node) else a for a in args])
+        return fn(*pytree.tree_unflatten([next(it) if isinstance(a, fx.Node) else a for a in flat], spec))
 
     from torch._inductor.decomposition import select_decomp_table
 
@@ -72,29 +71,28 @@ def inline(graph: fx.Graph, node: fx.Node, fn: Callable, args: list, fake_mode) 
     graph.erase_node(node)
 
 
-def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    if ctx.config.compiler != "inductor":
-        return gm
+def _inline_form(node: fx.Node) -> Callable | None:
+    codec = codec_of(node.target) if node.op == "call_function" and not node.kwargs else None
+    if codec is None:
+        return None
+    return codec.inline_encode if node.target is codec.encode else codec.inline_decode
+
+
+def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    if ctx.config.compiler is not Compiler.INDUCTOR:
+        return PassResult()
     fake_mode = fake_mode_of(gm)  # bails out on a graph without fake metadata
     done = 0
     for node in list(gm.graph.nodes):
+        fn = _inline_form(node)
+        if fn is None:
+            continue
         try:
-            if node.target is torch.ops.razor.pack_bits.default:
-                inline(gm.graph, node, fused_pack_bits, [node.args[0]], fake_mode)
-            elif node.target is torch.ops.razor.unpack_bits.default:
-                packed, shape = node.args
-                inline(gm.graph, node, lambda p, *s: fused_unpack_bits(p, list(s)), [packed, *shape], fake_mode)
-            elif node.target is torch.ops.razor.dequantize_uniform.default:
-                codes, shape, bits, lo, hi, dtype = node.args
-                inline(gm.graph, node, lambda c, *s: fused_dequantize_uniform(c, list(s), bits, lo, hi, dtype),
-                       [codes, *shape], fake_mode)
-            else:
-                continue
+            inline(gm.graph, node, fn, fake_mode)
             done += 1
         except Exception as e:  # noqa: BLE001 - the op stays: correct, only slower
             log.info("razorpass: inline_codecs kept %s as an op (%s: %s)", node.name, type(e).__name__, e)
-    if done:
-        gm.graph.lint()
-        gm.recompile()
-    ctx.inlined += done
-    return gm
+    return PassResult(done)
+
+
+PASS = GraphPass("inline_codecs", Stage.POST_PARTITION, run)

@@ -29,7 +29,8 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from .common import SAMPLE_DIM0_META, backward_nodes, dim0, order_preserving
+from .common import SAMPLE_DIM0_META, dim0, order_preserving
+from .facts import backward_nodes
 
 __all__ = ["MarkSamples", "mark"]
 

@@ -43,9 +43,11 @@ from fractions import Fraction
 
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-from ..kernels.quantize import GROUP_BITS, group_quantized_shapes
-from .common import PassContext
+from ..kernels.quantize import GROUP_BITS
+from .codecs import CODECS
+from .context import PassContext
 from .records import BudgetChoice, BudgetRecord, QuantizedRoot, SavedTensor
+from .vocab import Encoding
 
 __all__ = ["Planner", "allocate", "plan", "quantization_error", "saved_bytes"]
 
@@ -140,8 +142,8 @@ class Planner:
             return False
         cfg, ctx = self.ctx.config, self.ctx
         if self.record is None:
-            self.first = (list(saved), list(ctx.compressed))
-            before = {r.root: cfg.quant_bits for r in ctx.compressed if isinstance(r, QuantizedRoot)}
+            self.first = (list(saved), ctx.encoded_by("compress_saved"))
+            before = {r.root: cfg.quant_bits for r in self.first[1] if isinstance(r, QuantizedRoot)}
             self.record = plan(*self.first, ctx)
         else:
             held = saved_bytes(saved)
@@ -170,8 +172,7 @@ def plan(saved: Sequence[SavedTensor], encoded: Sequence, ctx: PassContext, unpl
         # dense, a norm's x̂ no longer serves the layer after it: its input is saved too
         opts = [(0, nbytes + optimization_hint(r.derived_bytes), 0.0)]
         for b in GROUP_BITS:
-            (codes,), (bounds,) = group_quantized_shapes(numel, r.group_size, b)
-            size = codes + 2 * bounds
+            size = CODECS[Encoding.GROUP].nbytes(numel, r.group_size, b)
             if size < nbytes:
                 opts.append((b, size, r.consumers * quantization_error(b)))
         table.append((r, numel, nbytes, tuple(opts)))

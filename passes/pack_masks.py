@@ -13,7 +13,7 @@ before its first backward use, replays the forward view chain from the root to e
 backward consumer on the unpacked tensor, and reroutes every backward use. Packing is
 lossless: forward and backward compute exactly what they did before.
 
-Left alone (and listed in ``ctx.pack_skipped``):
+Left alone (and listed in the result's ``skipped``):
 
 * graph inputs (the caller holds them) and roots a forward output exposes;
 * masks computed from graph inputs and constants by light ops only (no random op,
@@ -23,9 +23,8 @@ Left alone (and listed in ``ctx.pack_skipped``):
 * layers outside the config's ``include`` / ``exclude`` globs, and roots the
   pipeline's retry excluded (``ctx.excluded_roots``).
 
-Records (``records.PackedMask``) go to ``ctx.packed``, reasons to ``ctx.pack_skipped``,
-so the saved-tensor description and the post-partition check (``check_saved``) cover
-packed roots too. The graph surgery is ``rewrite.reroute`` with
+The records (``records.PackedMask``) are the result's ``encoded``, so the saved-tensor
+description and the post-partition check (``check_saved``) cover packed roots too. The graph surgery is ``rewrite.reroute`` with
 ``razor::pack_bits`` / ``razor::unpack_bits``.
 """
 
@@ -37,13 +36,17 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, statically_known_true
 
-from .common import (VIEW_OPS, BailOut, PassContext, backward_nodes, forward_outputs, light_inputs, matches,
-                     module_path, strip_views, tangent_closure)
+from .codecs import CODECS
+from .common import VIEW_OPS, BailOut, forward_outputs, matches, module_path, strip_views
 from .compress_saved import layer_label
-from .records import PackedMask
+from .context import PassContext
+from .facts import GraphFacts
+from .framework import GraphPass, Stage
+from .records import EncodeResult, PackedMask
 from .rewrite import Rewriter, Use
+from .vocab import Encoding, OpClass, Skip, SkipReason
 
-OP_CLASS = "mask"
+OP_CLASS = OpClass.MASK
 
 
 @dataclass
@@ -63,18 +66,18 @@ def _forward_output_roots(gm: fx.GraphModule, ctx: PassContext, bwd: set[fx.Node
     return {_walk_to_root(n, bwd)[0] for n in outs if isinstance(n, fx.Node)}
 
 
-def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
-    """One plan per boolean forward root that some backward op reads."""
+def analyse(gm: fx.GraphModule, ctx: PassContext) -> tuple[list[Plan], list[Skip]]:
+    """One plan per boolean forward root that some backward op reads, and the roots
+    left alone with why."""
     cfg = ctx.config
     if OP_CLASS not in cfg.target_classes:
-        return []
-    bwd = backward_nodes(gm)
-    dep = tangent_closure(gm)
+        return [], []
+    facts = ctx.facts(gm)
+    bwd, dep = facts.backward, facts.tangent_dependent
     excluded = set(ctx.excluded_roots)
     exposed = _forward_output_roots(gm, ctx, bwd)
     plans: dict[fx.Node, Plan] = {}
-    rejected: dict[fx.Node, str] = {}
-    memo: dict[fx.Node, bool] = {}
+    rejected: dict[fx.Node, Skip | None] = {}
     for node in gm.graph.nodes:
         if node not in bwd or node.op != "call_function":
             continue
@@ -92,43 +95,45 @@ def analyse(gm: fx.GraphModule, ctx: PassContext) -> list[Plan]:
                 continue
             if root in rejected:
                 continue
-            reason = _reject_reason(root, val, node, dep, exposed, excluded, memo, cfg)
-            if reason is not None:
+            reason = _reject_reason(root, val, node, facts, exposed, excluded, cfg)
+            if reason is not False:
                 rejected[root] = reason
                 continue
             plan = plans[root] = Plan(root, module_path(root) or module_path(node))
             plan.sites.append(Use(node, chain, operand=operand))
-    ctx.pack_skipped = [f"{r.name}: {why}" for r, why in rejected.items() if why]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return sorted(plans.values(), key=lambda p: order[p.root])
+    return sorted(plans.values(), key=lambda p: order[p.root]), [why for why in rejected.values() if why]
 
 
-def _reject_reason(root, val, consumer, dep, exposed, excluded, memo, cfg) -> str | None:
-    """Why ``root`` is not packed ("" when silently out of scope), or None to pack it."""
+def _reject_reason(root, val, consumer, facts: GraphFacts, exposed, excluded, cfg) -> Skip | None | bool:
+    """Why ``root`` is not packed (None when silently out of scope), or False to pack it."""
+    def skip(reason: SkipReason, detail: str = "") -> Skip:
+        return Skip(root.name, reason, detail)
+
     if root.op != "call_function":
-        return "" if root.op == "placeholder" else f"not a computed tensor ({root.op})"
+        return None if root.op == "placeholder" else skip(SkipReason.NOT_COMPUTED, root.op)
     if root.name in excluded:
-        return "saved dense by the partitioner (retry)"
+        return skip(SkipReason.RETRY_DENSE)
     path = module_path(root) or module_path(consumer)
     if not matches(path, cfg.include, cfg.exclude):
-        return ""
+        return None
     if root in exposed:
-        return "a forward output exposes it"
+        return skip(SkipReason.EXPOSED)
     if free_unbacked_symbols(val.shape):
-        return f"data-dependent shape {tuple(val.shape)}"
+        return skip(SkipReason.DATA_DEPENDENT_SHAPE, str(tuple(val.shape)))
     if statically_known_true(val.numel() == 0):
-        return "empty"
-    if light_inputs(root, dep, memo) is not None:  # the partitioner recomputes it for free
-        return "recomputable from graph inputs"
-    return None
+        return skip(SkipReason.EMPTY)
+    if facts.light_inputs(root) is not None:  # the partitioner recomputes it for free
+        return skip(SkipReason.RECOMPUTABLE_FROM_INPUTS)
+    return False
 
 
 def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[PackedMask]:
     records = []
+    codec = CODECS[Encoding.PACKED_MASK]
     with Rewriter(gm) as rw:
         for plan in plans:
-            done = rw.reroute(plan.root, plan.sites, torch.ops.razor.pack_bits.default, (),
-                              torch.ops.razor.unpack_bits.default, lambda enc, sizes: (enc[0], sizes))
+            done = rw.reroute(plan.root, plan.sites, codec, (), lambda enc, sizes: (enc[0], sizes))
             left = [s.consumer.name for s in plan.sites if s.operand in s.consumer.all_input_nodes]
             if left:
                 raise BailOut(f"pack_masks: {plan.root.name} is still read dense in backward by {left}")
@@ -137,7 +142,10 @@ def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list[Packe
     return records
 
 
-def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    plans = analyse(gm, ctx)
-    ctx.packed = apply(gm, ctx, plans) if plans else []
-    return gm
+def run(gm: fx.GraphModule, ctx: PassContext) -> EncodeResult:
+    plans, skipped = analyse(gm, ctx)
+    encoded = apply(gm, ctx, plans) if plans else []
+    return EncodeResult(count=len(encoded), encoded=encoded, skipped=skipped)
+
+
+PASS = GraphPass("pack_masks", Stage.JOINT, run)

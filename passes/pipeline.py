@@ -7,20 +7,18 @@ apply falls back.
                  --min-cut--> (fw, bw) --check_saved--> (describe saved) --fold_affine--split_decodes--hoist_decodes--drop_backward_packs--inline_codecs--center_quantize--> Inductor
                  (memory_budget: after the first check_saved, choose bits per root, back to the joint passes once)
 
-Every pass is a ``Pass(name, run)`` with ``run(gm, ctx) -> gm``: pre-autograd passes get
-a ``PreAutogradContext``, joint passes and the post-partition check a ``PassContext``
-(the check reads ``ctx.joint``, the rewritten joint graph). The post-partition passes
-run on both graphs once the partition is final and described: they change how a
-graph computes its values, never which tensors cross to backward. :func:`run_passes` runs a
-list in order, each under Inductor's ``GraphTransformObserver`` (so graph-transform
-logging sees it by name) and counted in ``torch._dynamo.utils.counters["razorpass"]``.
+Each stage lists its passes by module name, in order; each module declares its
+``PASS`` (``framework.GraphPass``: name, stage, run) and :func:`framework.run_stage`
+applies a stage. Adding a pass is its file and its name in one list below.
 
 A joint pass that raises ``BailOut`` (or fails unexpectedly) is logged and the
 *unmodified* joint graph is partitioned instead: compilation never crashes because of
 razorpass and never yields a gradient other than the dense one or the documented
 sparsified one. In strict mode (``RazorConfig.strict`` or ``RAZORPASS_STRICT=1``, which
 the test suite sets) the failure is raised instead, so a pass bug cannot pass as a
-silent fallback. Pre-autograd passes always raise: they change what is trained.
+silent fallback. Pre-autograd passes always raise: they change what is trained. The
+post-partition passes change how a graph computes its values, never which tensors
+cross to backward; if they fail, the graphs compile as the partitioner made them.
 """
 
 from __future__ import annotations
@@ -30,54 +28,47 @@ import copy
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from collections.abc import Iterator
+from typing import Any
 
 import torch.fx as fx
 from torch._dynamo.utils import counters
 from torch._ops import OpOverload
-from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
-from . import (bsr_token_check, canonicalize, center_quantize, check_saved, compress_saved, decompose_sdpa,
-               drop_backward_packs, encode_derivative, fold_affine, freeze_blocks, hoist_decodes, inline_codecs,
-               memory_budget, pack_masks, split_decodes)
-from .common import PassContext, PreAutogradContext, module_path
+from . import check_saved, memory_budget
+from .common import module_path
+from .context import PassContext, PreAutogradContext
+from .framework import Stage, load, run_stage
 from .records import PartitionRecord, SavedTensor
 
-__all__ = ["Pass", "PRE_AUTOGRAD_PASSES", "JOINT_PASSES", "POST_PARTITION_CHECKS", "POST_PARTITION_PASSES", "run_passes", "run_pre_autograd",
-           "partition", "recording", "strict_mode", "describe_saved", "MAX_ATTEMPTS", "STRICT_ENV"]
+__all__ = ["PRE_AUTOGRAD", "JOINT", "CHECK", "POST_PARTITION", "run_pre_autograd", "partition", "recording",
+           "strict_mode", "describe_saved", "MAX_ATTEMPTS", "STRICT_ENV"]
 
 log = logging.getLogger("razorpass")
 
-
-class Pass(NamedTuple):
-    name: str
-    run: Callable[[fx.GraphModule, Any], fx.GraphModule]
-
-
 # Passes on the Dynamo (pre-autograd, torch-level) graph, in order.
-PRE_AUTOGRAD_PASSES: tuple[Pass, ...] = (
-    Pass("bsr_token_check", bsr_token_check.run),  # drop_layers needs razorpass.compile
-    Pass("freeze_blocks", freeze_blocks.run),  # trainable_blocks: stop-gradient elsewhere
-    Pass("decompose_sdpa", decompose_sdpa.run),
+PRE_AUTOGRAD = (
+    "bsr_token_check",  # drop_layers needs razorpass.compile
+    "freeze_blocks",  # trainable_blocks: stop-gradient elsewhere
+    "decompose_sdpa",  # "sdpa": attention as explicit math
 )
 # Joint-graph passes, in order (mutation last).
-JOINT_PASSES: tuple[Pass, ...] = (
-    Pass("canonicalize", canonicalize.run),
-    Pass("compress_saved", compress_saved.run),
-    Pass("encode_derivative", encode_derivative.run),  # gelu_encoding="derivN": gelu'(x), quantized
-    Pass("pack_masks", pack_masks.run),
+JOINT = (
+    "canonicalize",  # CSE: the same joint graph under both compilers
+    "compress_saved",  # weight-gradient inputs, norms, softmax: top-k or per-group codes
+    "encode_derivative",  # gelu_encoding="derivN": gelu'(x), quantized
+    "pack_masks",  # boolean masks, 8 per byte
 )
 # Checks on the partitioned forward graph.
-POST_PARTITION_CHECKS: tuple[Pass, ...] = (Pass("check_saved", check_saved.run),)
+CHECK = ("check_saved",)
 # Passes on the final forward and backward graphs, in order.
-POST_PARTITION_PASSES: tuple[Pass, ...] = (
-    Pass("fold_affine", fold_affine.run),  # weight gradient from x̂: no replayed γ·x̂ + β written out
-    Pass("split_decodes", split_decodes.run),  # no decoded tensor kept across a heavy op
-    Pass("hoist_decodes", hoist_decodes.run),  # a weight gradient's decode runs right after dY
-    Pass("drop_backward_packs", drop_backward_packs.run),  # a mask recomputed in backward: no pack/unpack
-    Pass("inline_codecs", inline_codecs.run),  # Inductor: bit packing as plain ops
-    Pass("center_quantize", center_quantize.run),  # quantize x - mean without writing it out
+POST_PARTITION = (
+    "fold_affine",  # weight gradient from x̂: no replayed γ·x̂ + β written out
+    "split_decodes",  # no decoded tensor kept across a heavy op
+    "hoist_decodes",  # a weight gradient's decode runs right after dY
+    "drop_backward_packs",  # a mask recomputed in backward: no pack/unpack
+    "inline_codecs",  # Inductor: codecs with a plain-op form as plain ops
+    "center_quantize",  # quantize x - mean without writing it out
 )
 
 # Partition attempts before giving up on compression for a graph.
@@ -105,15 +96,6 @@ def strict_mode(config) -> bool:
     return bool(getattr(config, "strict", False)) or os.environ.get(STRICT_ENV, "") not in ("", "0")
 
 
-def run_passes(passes: tuple[Pass, ...], gm: fx.GraphModule, ctx) -> fx.GraphModule:
-    for p in passes:
-        log.debug("razorpass: pass %s", p.name)
-        with GraphTransformObserver(gm, p.name, subsystem="razorpass"):
-            gm = p.run(gm, ctx)
-        counters["razorpass"][p.name] += 1
-    return gm
-
-
 def run_pre_autograd(gm: fx.GraphModule, example_inputs, config) -> fx.GraphModule:
     """Run the pre-autograd passes; errors reach the caller (these passes change what is
     trained, so silently skipping one would be wrong). ``trainable_blocks`` also freezes
@@ -121,7 +103,7 @@ def run_pre_autograd(gm: fx.GraphModule, example_inputs, config) -> fx.GraphModu
     runs without razorpass (an eager fallback, a forced recompile) trains what this
     one trains."""
     ctx = PreAutogradContext(config, example_inputs)
-    gm = run_passes(PRE_AUTOGRAD_PASSES, gm, ctx)
+    run_stage(load(Stage.PRE_AUTOGRAD, PRE_AUTOGRAD), gm, ctx, {})
     frozen = [p for p in ctx.frozen_params if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -158,7 +140,7 @@ def describe_saved(fw: fx.GraphModule, ctx: PassContext) -> list[SavedTensor]:
     is a graph input, and which layer / op class it belongs to (the first output of an
     encoded root carries the root's dense size, its other outputs 0)."""
     owners: dict[str, tuple[Any, bool]] = {}
-    for r in [*ctx.compressed, *ctx.packed, *ctx.quantized]:
+    for r in ctx.encoded:
         for i, name in enumerate(r.outputs):
             owners[name] = (r, i == 0)
     entries = []
@@ -179,10 +161,12 @@ def describe_saved(fw: fx.GraphModule, ctx: PassContext) -> list[SavedTensor]:
 
 
 def _post_partition(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """The post-partition passes; a failure leaves the graph as the partitioner made it
-    (these passes change speed, not values), or raises in strict mode."""
+    """The post-partition passes on a copy of ``gm``; a failure leaves the graph as the
+    partitioner made it (these passes change speed, not values), or raises in strict mode."""
     try:
-        return run_passes(POST_PARTITION_PASSES, _copy(gm), ctx)
+        out = _copy(gm)
+        run_stage(load(Stage.POST_PARTITION, POST_PARTITION), out, ctx, ctx.results)
+        return out
     except Exception as e:  # noqa: BLE001
         if strict_mode(ctx.config):
             raise
@@ -203,11 +187,12 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_f
         planner = memory_budget.Planner(ctx) if ctx.config.memory_budget is not None else None
         while True:
             ctx.reset()
-            gm = run_passes(JOINT_PASSES, _copy(joint), ctx)
+            gm = _copy(joint)
+            run_stage(load(Stage.JOINT, JOINT), gm, ctx, ctx.results)
             ctx.joint = _copy(gm)
             fw, bw = partition_fn(gm, joint_inputs, **kwargs)
             try:
-                run_passes(POST_PARTITION_CHECKS, fw, ctx)
+                run_stage(load(Stage.CHECK, CHECK), fw, ctx, ctx.results)
             except check_saved.DenseSaved as e:
                 attempt += 1
                 if attempt == MAX_ATTEMPTS:
@@ -227,11 +212,7 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_f
         record.fallback, planner = reason, None
         ctx.reset()
         fw, bw = partition_fn(joint, joint_inputs, **kwargs)
-    record.compressed, record.packed, record.quantized = list(ctx.compressed), list(ctx.packed), list(ctx.quantized)
-    record.skipped, record.pack_skipped = list(ctx.skipped), list(ctx.pack_skipped)
-    record.quantize_skipped = list(ctx.quantize_skipped)
     record.excluded_roots = list(ctx.excluded_roots)
-    record.recomputed_in_backward, record.dense_kept = list(ctx.recomputed_in_backward), list(ctx.dense_kept)
     record.saved = describe_saved(fw, ctx)
     record.budget = planner.record if planner is not None else None
     if record.budget is not None:
@@ -241,9 +222,7 @@ def partition(joint: fx.GraphModule, joint_inputs, ctx: PassContext, partition_f
                         record.budget.budget, record.budget.saved_bytes, record.budget.target_bytes)
     if record.fallback is None:
         fw, bw = (_post_partition(g, ctx) for g in (fw, bw))
-        record.inlined, record.split_decodes = ctx.inlined, ctx.split_decodes
-        record.backward_packs_dropped, record.centered_quantizes = ctx.backward_packs_dropped, ctx.centered_quantizes
-        record.folded_affines, record.hoisted_decodes = ctx.folded_affines, ctx.hoisted_decodes
+    record.passes = dict(ctx.results)
     for rec in _recorders:
         rec.append(record)
     return fw, bw

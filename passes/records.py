@@ -11,8 +11,11 @@ from typing import Any
 
 import torch
 
+from .framework import PassConfig, PassResult
+from .vocab import Encoding, OpClass, Skip, TopkLayout
+
 __all__ = ["EncodedRoot", "CompressedRoot", "QuantizedRoot", "PackedMask", "QuantizedDerivative", "SavedTensor",
-           "BudgetChoice", "BudgetRecord", "PartitionRecord"]
+           "BudgetChoice", "BudgetRecord", "EncodeResult", "CheckResult", "PartitionRecord"]
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,8 @@ class EncodedRoot:
     root: str  # the joint-graph node that was encoded
     layer: str  # one label for the layers that read it ("a.b.{query,key,value}")
     modules: tuple[str, ...]  # module path of each backward use
-    op_classes: tuple[str, ...]  # target classes of its uses ("linear", "mask", ...)
+    op_classes: tuple[OpClass, ...]  # target classes of its uses
+    encoding: Encoding  # its codec (``passes/codecs.py``)
     consumers: int  # backward uses rerouted to the decoded copy
     shape: tuple  # the root's shape (ints or SymInts)
     dtype: torch.dtype  # the root's dtype
@@ -39,7 +43,11 @@ class CompressedRoot(EncodedRoot):
 
     group_size: int = 0
     keep: Any = 0
-    layout: str = "mask"
+
+    @property
+    def layout(self) -> TopkLayout:
+        """How the kept positions are stored: ``TopkLayout.MASK`` or ``TopkLayout.OFFSETS``."""
+        return TopkLayout.OFFSETS if self.encoding is Encoding.TOPK_OFFSETS else TopkLayout.MASK
 
 
 @dataclass(frozen=True)
@@ -147,31 +155,74 @@ class BudgetRecord:
 
 
 @dataclass
-class PartitionRecord:
-    """Everything razorpass did to one partitioned graph."""
+class EncodeResult(PassResult):
+    """What an encoding pass did: the roots it encoded (``count`` of them) and the ones
+    it left alone, with why."""
 
-    config: Any  # the RazorConfig
-    fallback: str | None = None  # why the graph compiled without compression, else None
-    compressed: list[CompressedRoot] = field(default_factory=list)
-    packed: list[PackedMask] = field(default_factory=list)
-    quantized: list[QuantizedDerivative] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # compress_saved: "root: why"
-    pack_skipped: list[str] = field(default_factory=list)  # pack_masks: "root: why"
-    quantize_skipped: list[str] = field(default_factory=list)  # encode_derivative: "node: why"
-    excluded_roots: list[str] = field(default_factory=list)  # left dense after a retry
+    encoded: list[EncodedRoot] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+
+
+@dataclass
+class CheckResult(PassResult):
+    """What the post-partition check found besides the invariant it enforces."""
+
+    # encoded roots whose encode the partitioner moved into backward (recomputed there
+    # from tensors saved anyway: correct, and free in memory)
     recomputed_in_backward: list[str] = field(default_factory=list)
     dense_kept: list[str] = field(default_factory=list)  # encoded roots an untargeted backward op still reads
+
+
+@dataclass
+class PartitionRecord:
+    """Everything razorpass did to one partitioned graph: each pass's result under its
+    name (``passes``), what the forward graph saves, and why it fell back if it did."""
+
+    config: PassConfig
+    fallback: str | None = None  # why the graph compiled without compression, else None
+    passes: dict[str, PassResult] = field(default_factory=dict)
     saved: list[SavedTensor] = field(default_factory=list)
-    inlined: int = 0  # pack / unpack ops handed to Inductor as plain ops (inline_codecs)
-    split_decodes: int = 0  # extra decodes so that no decoded tensor lives across a heavy op
-    # masks the partitioner recomputes in backward, used there unpacked (drop_backward_packs);
-    # they stay in ``packed`` (packed on the joint graph) and in ``recomputed_in_backward``
-    backward_packs_dropped: int = 0
-    centered_quantizes: int = 0  # BatchNorm inputs quantized centered in one op (center_quantize)
-    folded_affines: int = 0  # weight gradients computed from x̂, the norm's affine folded in (fold_affine)
-    hoisted_decodes: int = 0  # decodes moved, with their weight-gradient matmuls, right after dY (hoist_decodes)
+    excluded_roots: list[str] = field(default_factory=list)  # left dense after a retry
     budget: BudgetRecord | None = None  # memory_budget's choices, when one is set
+
+    def count(self, name: str) -> int:
+        """How many rewrites the pass ``name`` made (0 where it did not run)."""
+        r = self.passes.get(name)
+        return r.count if r is not None else 0
+
+    def _all(self, attr: str) -> list:
+        return [x for r in self.passes.values() for x in getattr(r, attr, ())]
 
     @property
     def encoded(self) -> list[EncodedRoot]:
-        return [*self.compressed, *self.packed, *self.quantized]
+        """Every encoded root, in the order the passes ran."""
+        return self._all("encoded")
+
+    @property
+    def skipped(self) -> list[Skip]:
+        """Every tensor a pass left alone, with why."""
+        return self._all("skipped")
+
+    def encoded_as(self, kind: type) -> list:
+        return [r for r in self.encoded if isinstance(r, kind)]
+
+    @property
+    def compressed(self) -> list[EncodedRoot]:
+        """The activations ``compress_saved`` encoded (top-k or per-group quantized)."""
+        return self.encoded_as((CompressedRoot, QuantizedRoot))
+
+    @property
+    def packed(self) -> list[PackedMask]:
+        return self.encoded_as(PackedMask)
+
+    @property
+    def quantized(self) -> list[QuantizedDerivative]:
+        return self.encoded_as(QuantizedDerivative)
+
+    @property
+    def recomputed_in_backward(self) -> list[str]:
+        return self._all("recomputed_in_backward")
+
+    @property
+    def dense_kept(self) -> list[str]:
+        return self._all("dense_kept")

@@ -2,9 +2,10 @@
 computed, decode it right before its first backward use, replay the views between
 the root and each use on the decoded tensor, and reroute those uses.
 
-An encoding is a pair of custom ops, ``encode(root, *args) -> tensor(s)`` (forward)
-and ``decode(*encoded, sizes, *args) -> dense`` (backward); :func:`reroute` does the
-graph surgery for any such pair, so a new encoding is an analysis plus one call.
+An encoding is a codec of the registry (``codecs.py``): a pair of custom ops,
+``encode(root, *args) -> tensor(s)`` (forward) and ``decode(*encoded, sizes, *args) ->
+dense`` (backward); :meth:`Rewriter.reroute` does the graph surgery for any codec, so a
+new encoding is an analysis plus one call.
 
 Decodes are contiguous. Where the root was dense in memory but not in row-major order
 (channels-last, a permuted view), the decoded tensor is copied back into the root's
@@ -30,6 +31,7 @@ from torch._prims_common import (compute_elementwise_output_logical_to_physical_
                                 is_non_overlapping_and_dense_or_false)
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from .codecs import Codec
 from .common import fake_mode_of, replay_chain, size_args
 
 __all__ = ["Use", "Rewritten", "Rewriter"]
@@ -50,6 +52,7 @@ class Use:
 @dataclass
 class Rewritten:
     root: fx.Node
+    codec: Codec
     encode: fx.Node  # the encode op's node
     encoded: list[fx.Node]  # its tensor outputs (what forward saves)
     decode: fx.Node  # the decode op's node in backward (contiguous; its uses may see a copy in the root's layout)
@@ -57,7 +60,7 @@ class Rewritten:
     def record_fields(self) -> dict:
         """The fields every ``records.EncodedRoot`` takes from the rewrite itself."""
         val = self.root.meta["val"]
-        return dict(root=self.root.name, shape=tuple(val.shape), dtype=val.dtype,
+        return dict(root=self.root.name, encoding=self.codec.encoding, shape=tuple(val.shape), dtype=val.dtype,
                     dense_bytes=val.numel() * val.element_size(), encode_node=self.encode.name,
                     outputs=tuple(n.name for n in self.encoded))
 
@@ -103,8 +106,8 @@ def _in_layout_of(graph: fx.Graph, fake_mode, dense: fx.Node, val: torch.Tensor)
 
 
 class Rewriter:
-    """One rewrite of a joint graph: ``with Rewriter(gm) as rw: rw.reroute(...)``. On a
-    clean exit, dead code is removed, the graph linted and recompiled."""
+    """One rewrite of a graph: ``with Rewriter(gm) as rw: rw.reroute(...)``. On a clean
+    exit, dead code is removed (the pass runner lints and recompiles)."""
 
     def __init__(self, gm: fx.GraphModule):
         self.gm, self.graph = gm, gm.graph
@@ -117,15 +120,14 @@ class Rewriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.graph.eliminate_dead_code()
-            self.graph.lint()
-            self.gm.recompile()
 
-    def reroute(self, root: fx.Node, uses: Sequence[Use], encode: torch._ops.OpOverload, encode_args: tuple,
-                decode: torch._ops.OpOverload, decode_args: Callable[[list[fx.Node], list], tuple]) -> Rewritten:
-        """Insert ``encode(root, *encode_args)`` after ``root`` and
-        ``decode(*decode_args(encoded, sizes))`` before the first of ``uses``; replay each
-        use's chain on the decoded tensor and reroute the use to it."""
+    def reroute(self, root: fx.Node, uses: Sequence[Use], codec: Codec, encode_args: tuple,
+                decode_args: Callable[[list[fx.Node], list], tuple]) -> Rewritten:
+        """Insert ``codec.encode(root, *encode_args)`` after ``root`` and
+        ``codec.decode(*decode_args(encoded, sizes))`` before the first of ``uses``; replay
+        each use's chain on the decoded tensor and reroute the use to it."""
         graph, fake_mode, val = self.graph, self.fake_mode, root.meta["val"]
+        encode, decode = codec.encode, codec.decode
         with graph.inserting_after(_after_inputs(graph, root)):
             enc = graph.call_function(encode, (root, *encode_args))
         with fake_mode:
@@ -163,4 +165,4 @@ class Rewriter:
                 use.consumer.update_arg(use.arg_index, cur)
             else:
                 use.consumer.replace_input_with(use.operand, cur)
-        return Rewritten(root, enc, encoded, dense)
+        return Rewritten(root, codec, enc, encoded, dense)

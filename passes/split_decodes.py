@@ -1,17 +1,17 @@
 """split-decodes: decode again rather than keep a decoded activation alive across a
 convolution backward or a batched matmul that does not read it.
 
-Runs on the partitioned backward graph. ``rewrite.reroute`` decodes a root once, before
+Runs on the partitioned backward graph. ``Rewriter.reroute`` decodes a root once, before
 its first backward use; when a code serves uses far apart (a norm's x̂ that the next
 layer's weight gradient reads through a replayed affine / ReLU6 / padding, and the
 norm's own backward much later), the dense decoded tensor stays alive across the
-convolution backward between them: on EfficientNet-Lite0 that raised the step
-peak by 32 MiB; an attention's softmax output, likewise, across the bmm of dP. Here
-the uses of each decode are grouped in graph order, a new group starting after a
-heavy op that does not read it, and every group after the first gets its own copy of
-the decode, placed right before the group. A decode is deterministic, so values are
-unchanged; the cost is one more decode per extra group. Runs after partitioning because the partitioner's CSE would
-merge the copies back.
+convolution backward between them; an attention's softmax output, likewise, across
+the bmm of dP. Here the uses of each decoded activation (``codecs.value_decode_ops``)
+are grouped in graph order, a new group starting after a heavy op that does not read
+it, and every group after the first gets its own copy of the decode, placed right
+before the group. A decode is deterministic, so values are unchanged; the cost is one
+more decode per extra group. Runs after partitioning because the partitioner's CSE
+would merge the copies back. The result counts the copies added.
 """
 
 from __future__ import annotations
@@ -19,24 +19,19 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .common import PassContext
+from .codecs import value_decode_ops
+from .context import PassContext
+from .framework import GraphPass, PassResult, Stage
 
-__all__ = ["run", "DECODE_OPS"]
+__all__ = ["run", "PASS"]
 
 aten = torch.ops.aten
 
-DECODE_OPS = frozenset({torch.ops.razor.dequantize_group.default, torch.ops.razor.decompress.default,
-                        torch.ops.razor.decompress_offsets.default,
-                        torch.ops.razor.dequantize_uniform.default})
-# A convolution backward, and a batched matmul. On MiniLM and ViT-B/16 a LayerNorm's x̂
-# decoded once lives across one matmul backward (its qkv weight gradient, then the
-# norm's backward) and splitting it there measured no lower peak (ViT-B/16: 387 and 403
-# MiB in two runs without, 394 with: run-to-run noise) for 2-6% of step time; on
-# EfficientNet-Lite0 the split across a convolution backward took the peak from 192 to
-# 159 MiB. The softmax output P of an attention serves dV = Pᵀ·dO and the softmax
-# backward, with dP = dO·Vᵀ (a bmm) between them: kept decoded across it, P and dP
-# (B·H·T² elements each) are live at once; decoded again after it, ViT-B/16's step peak
-# went from 414.3 to 407.5 MiB for one more top-k decode per layer.
+# A convolution backward, and a batched matmul (the softmax output P of an attention
+# serves dV = Pᵀ·dO and the softmax backward, with dP = dO·Vᵀ between them: kept decoded
+# across it, P and dP, B·H·T² elements each, would be live at once). A plain matmul is
+# not one: a LayerNorm's x̂ kept across its qkv weight gradient costs less than a second
+# decode (bench/README.md has the measurements behind both choices).
 _HEAVY = frozenset({aten.convolution_backward.default, aten.bmm.default})
 
 
@@ -52,14 +47,15 @@ def _groups(users: list[fx.Node], order: dict, heavy_before: list[int]) -> list[
     return groups
 
 
-def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    decodes = value_decode_ops()
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     heavy_before = [0]  # heavy_before[i]: heavy ops among nodes[:i]
     for n in nodes:
         heavy_before.append(heavy_before[-1] + (n.op == "call_function" and n.target in _HEAVY))
     split = 0
-    for d in [n for n in nodes if n.op == "call_function" and n.target in DECODE_OPS]:
+    for d in [n for n in nodes if n.op == "call_function" and n.target in decodes]:
         users = sorted(d.users, key=order.__getitem__)
         if len(users) < 2:
             continue
@@ -70,8 +66,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             for u in group:
                 u.replace_input_with(d, copy)
             split += 1
-    if split:
-        gm.graph.lint()
-        gm.recompile()
-    ctx.split_decodes += split
-    return gm
+    return PassResult(split)
+
+
+PASS = GraphPass("split_decodes", Stage.POST_PARTITION, run)

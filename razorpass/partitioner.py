@@ -46,7 +46,7 @@ class RazorPartitioner(CustomPartitionerFn):
     def __call__(self, gm: fx.GraphModule, joint_inputs, **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
         from functorch.compile import min_cut_rematerialization_partition
 
-        from .passes.common import PassContext
+        from .passes.context import PassContext
         from .passes.pipeline import partition
 
         compiler = kwargs.pop("compiler", "inductor")

@@ -233,7 +233,7 @@ def test_gradients_match_reference(name, compiler):
         ref = _grads(model, inputs, model)
     assert len(rec.quantized) == len(GELUS[name]) and rec.compressed == []
     # Inductor gets the decode as plain ops (inline_codecs), fused into the GELU backward
-    assert rec.inlined == (len(GELUS[name]) if compiler == "inductor" else 0)
+    assert rec.count("inline_codecs") == (len(GELUS[name]) if compiler == "inductor" else 0)
     # The levels are exact; what differs is fp32 rounding of the same products and
     # sums (decomposed vs fused kernels; inductor fuses further), relative to each
     # gradient's scale (floored: a key bias's gradient is zero up to rounding).
@@ -269,7 +269,7 @@ def test_saved_bytes_and_gelu_input_gone(name, targets, bits):
         assert e.shape == (math.ceil(n * bits / 8),) and e.dtype == torch.uint8 and e.op_class == "gelu"
         assert e.dense_bytes == n * 4  # stands for the fp32 GELU input
         assert r.root not in saved
-    assert rec.dense_kept == [] and rec.quantize_skipped == [] and rec.excluded_roots == []
+    assert rec.dense_kept == [] and rec.passes["encode_derivative"].skipped == [] and rec.excluded_roots == []
     dense = [e for e in rec.saved if e.op_class == "dense" and not e.input]
     big = [e.name for e in dense if math.prod(e.shape) == math.prod(shapes[0])]
     if "linear" in targets:
@@ -298,7 +298,7 @@ def test_gelu_written_as_tanh_math_is_left_alone():
         got = _grads(model, (x,), razorpass.compile(model, targets=("gelu",), gelu_encoding="deriv3",
                                                      compiler="eager", fullgraph=True))
     (rec,) = records
-    assert rec.fallback is None and rec.quantized == [] and rec.quantize_skipped == []
+    assert rec.fallback is None and rec.quantized == [] and rec.passes["encode_derivative"].skipped == []
     dense = _grads(model, (x,), model)
     for k in dense:
         torch.testing.assert_close(got[k], dense[k])

@@ -6,12 +6,15 @@ which fuses the packing into the kernels around it, up to the order of float sum
 import math
 
 import numpy as np
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import razorpass
+from razorpass.passes.vocab import SkipReason
 from razorpass import RazorConfig
 from razorpass.kernels import ops
 from torch._inductor.utils import run_and_get_code
@@ -189,10 +192,10 @@ def test_packed_masks_give_bit_identical_gradients(name, compiler, fallback_rand
     assert rec.fallback is None and rec.compressed == []
     if compiler == "inductor":
         # inline_codecs gave Inductor every pack and unpack as plain ops
-        assert rec.inlined == 2 * len(rec.packed) and len(code) == 2
+        assert rec.count("inline_codecs") == 2 * len(rec.packed) and len(code) == 2
         assert not [c for c in code if "razor.pack_bits" in c or "razor.unpack_bits" in c]
     else:
-        assert rec.inlined == 0
+        assert rec.count("inline_codecs") == 0
     dims = _dims(model, inputs)
     assert [p.shape for p in rec.packed] == dims
     assert all(p.op_classes == ("mask",) and p.dtype == torch.bool for p in rec.packed)
@@ -251,7 +254,7 @@ def test_include_exclude_globs_select_masks():
 
 
 def test_roots_excluded_by_the_retry_are_left_dense(monkeypatch):
-    from razorpass.passes import pack_masks, pipeline
+    from razorpass.passes import pack_masks
 
     def run(gm, ctx):
         ctx.excluded_roots[:] = [n.name for n in gm.graph.nodes if n.name == first]
@@ -260,8 +263,7 @@ def test_roots_excluded_by_the_retry_are_left_dense(monkeypatch):
     _, _, records, _, _ = _step("mlp", compiler="eager", targets=("mask",))
     first = records[0].packed[0].root
     torch._dynamo.reset()
-    passes = tuple(pipeline.Pass(n, run if n == "pack_masks" else f) for n, f in pipeline.JOINT_PASSES)
-    monkeypatch.setattr(pipeline, "JOINT_PASSES", passes)
+    monkeypatch.setattr(pack_masks, "PASS", dataclasses.replace(pack_masks.PASS, run=run))
     _, _, records, _, _ = _step("mlp", compiler="eager", targets=("mask",))
     (rec,) = records
     assert rec.fallback is None
@@ -288,7 +290,7 @@ def test_dynamic_batch_packs_with_symbolic_sizes(compiler, fallback_random):
     packed = [r for r in records if r.config.targets == ("mask",)]
     assert len(packed) == 1 and packed[0].fallback is None  # compiled once
     assert len(packed[0].packed) == 2
-    assert packed[0].inlined == (4 if compiler == "inductor" else 0)  # inlined with symbolic sizes too
+    assert packed[0].count("inline_codecs") == (4 if compiler == "inductor" else 0)  # with symbolic sizes too
     assert not [e for e in packed[0].saved if e.dtype == torch.bool]
 
 
@@ -308,7 +310,7 @@ def test_masks_computed_from_inputs_alone_are_left_to_the_partitioner():
         assert rec.fallback is None and rec.packed == []
         saved[targets] = [(e.shape, e.dtype) for e in rec.saved]
     assert saved[()] == saved[("mask",)]
-    assert any("recomputable from graph inputs" in s for s in rec.pack_skipped)
+    assert SkipReason.RECOMPUTABLE_FROM_INPUTS in [s.reason for s in rec.passes["pack_masks"].skipped]
 
 
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
@@ -341,7 +343,7 @@ def test_relu6_masks_are_packed_once_their_input_is_compressed(compiler):
     # without "mask" the partitioner keeps each ReLU6 mask (or its input) at >= 1 byte per element
     big = [e for e in rec0.saved if e.op_class == "dense" and math.prod(e.shape) in {math.prod(d) for d in dims}]
     assert len(big) >= len(dims)
-    assert rec1.inlined == (2 * len(dims) if compiler == "inductor" else 0)
+    assert rec1.count("inline_codecs") == (2 * len(dims) if compiler == "inductor" else 0)
     _assert_same_gradients(grads0, grads1, compiler)
 
 
@@ -369,9 +371,9 @@ def test_a_mask_recomputed_in_backward_is_used_there_unpacked(compiler):
     recomputed = [p for p in rec.packed if p.root in rec.recomputed_in_backward]
     kept = [p for p in rec.packed if p.root not in rec.recomputed_in_backward]
     assert len(recomputed) == 1 and len(kept) == 1
-    assert rec.backward_packs_dropped == len(recomputed)
+    assert rec.count("drop_backward_packs") == len(recomputed)
     assert [e.shape for e in rec.saved if e.op_class == "mask"] == [(math.ceil(math.prod(kept[0].shape) / 8),)]
     if compiler == "inductor":  # only the saved mask's pack (forward) and unpack (backward) are left
-        assert rec.inlined == 2 * len(kept) and len(code) == 2
+        assert rec.count("inline_codecs") == 2 * len(kept) and len(code) == 2
         assert not [c for c in code if "razor.pack_bits" in c or "razor.unpack_bits" in c]
     _assert_same_gradients(grads0, grads1, compiler)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import razorpass
+from razorpass.passes.vocab import SkipReason
 from razorpass import RazorConfig, reference
 from razorpass.format import compressed_nbytes
 
@@ -125,7 +126,7 @@ def test_zero_size_intermediate(granularity):
     _assert_grads_close(got, ref)
     assert (got["fc2.weight"] - dense["fc2.weight"]).abs().max() > 1e-3, "fc2's input was not sparsified"
     if granularity == "sample":
-        assert any("per-sample size 0" in s for s in records[0].skipped), records[0].skipped
+        assert [(s.reason, s.detail) for s in records[0].skipped] == [(SkipReason.NO_SAMPLE_SIZE, "per-sample size 0")]
 
 
 # ------------------------------------------------------------------ b. NaN / inf
@@ -241,7 +242,8 @@ def test_complex_linear_warns_and_stays_dense(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.name == "razorpass" and r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "cl" in warnings[0] and "complex64" in warnings[0] and "aten.mul" in warnings[0], warnings[0]
-    assert any("complex64" in s for s in records[0].skipped)
+    (skip,) = records[0].skipped
+    assert skip.reason is SkipReason.UNSUPPORTED_DTYPE and "complex64" in skip.detail
     _assert_grads_close(got, ref)
     for k in ("cl.weight", "cl.bias", "fc1.weight", "fc1.bias"):  # the complex layer and below: exact
         torch.testing.assert_close(got[k], dense[k], **TIGHT)
