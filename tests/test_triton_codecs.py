@@ -11,9 +11,10 @@ constant groups, a partial last group and a partial last word of codes (3-bit co
 straddle bytes), every ``bits``, float32 / bfloat16 / float16, non-contiguous views.
 
 The interpreter computes with numpy and so cannot show what the compiler does to the
-arithmetic (approximate division, fused multiply-add, the GPU's NaN patterns): the
-tests at the end run on a GPU only, on larger random and edge-case data, against the
-PyTorch kernel on the same device, and read the kernels' PTX.
+arithmetic (approximate division, fused multiply-add, the GPU's NaN patterns). One
+test compiles the kernels for sm_90 without a GPU and reads their PTX; the tests at
+the end run on a GPU only, on larger random and edge-case data, against the PyTorch
+kernel on the same device.
 """
 
 import importlib
@@ -490,20 +491,74 @@ def test_cuda_bf16_nan_of_torch_on_gpu():
     assert all(v & 0xFFFF == qt._BF16_NAN["cuda"] for v in got), [hex(v & 0xFFFF) for v in got]
 
 
+def _assert_ieee_ptx(ptx: dict[str, str]) -> None:
+    """IEEE division (``div.rn.f32``, never ``div.full`` / ``div.approx`` / flushed) in the
+    kernels that divide, and no fused multiply-add in any."""
+    for name, text in ptx.items():
+        assert not any(op in text for op in ("div.full", "div.approx", "div.rn.ftz", "fma.")), name
+        assert ("div.rn.f32" in text) == (name != "dequantize_uniform"), name
+        if name.startswith("dequantize"):
+            assert "mul.rn.f32" in text and "add.rn.f32" in text, name
+
+
+_COMPILE_FOR_SM90 = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from razorpass.kernels import quantize_triton as qt
+try:
+    from triton import knobs
+    have_ptxas = bool(knobs.nvidia.ptxas.path)
+except Exception:
+    have_ptxas = False
+if not have_ptxas:
+    print("null")
+    sys.exit(0)
+pointers = {"x_ptr": "*fp32", "center_ptr": "*fp32", "codes_ptr": "*u8", "bounds_ptr": "*i16", "out_ptr": "*fp32",
+            "lo": "fp32", "step": "fp32"}
+consts = dict(GROUP=256, BITS=3, ROWS=8, BLOCK=256, CONTIGUOUS=True, CENTERED=False, DIFF=0, NAN_BF16=0x7FFF, WORDS=256)
+def ptx(kernel, options):
+    sig = {n: "constexpr" if p.is_constexpr else pointers.get(n, "i32") for n, p in zip(kernel.arg_names, kernel.params)}
+    src = ASTSource(kernel, sig, {n: consts[n] for n, t in sig.items() if t == "constexpr"})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+out = {name: ptx(getattr(qt, f"_{name}_kernel"), qt.LAUNCH_OPTIONS)
+       for name in ("quantize_group", "dequantize_group", "quantize_uniform", "dequantize_uniform")}
+out["dequantize_group, fp fusion on"] = ptx(qt._dequantize_group_kernel, {"enable_fp_fusion": True})
+print(json.dumps(out))
+"""
+
+
+def test_compiled_kernels_divide_exactly_and_never_fuse():
+    """What the interpreter cannot show, read from the PTX the kernels compile to for
+    sm_90 (no GPU needed; skipped without Triton's CUDA toolchain): IEEE division, no
+    fused multiply-add. The control compiles the decoder with fp fusion on, which does
+    contract ``q * step + lo`` into an fma."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ptx = json.loads(done.stdout.strip().splitlines()[-1])
+    if ptx is None:
+        pytest.skip("Triton's CUDA toolchain (ptxas) is not installed")
+    control = ptx.pop("dequantize_group, fp fusion on")
+    assert "fma.rn.f32" in control
+    _assert_ieee_ptx(ptx)
+
+
 @_cuda
 def test_cuda_kernels_divide_exactly_and_never_fuse(monkeypatch):
-    """The compiled quantization kernels: IEEE division (``div.rn.f32``, never
-    ``div.full`` / ``div.approx``), and no fused multiply-add anywhere."""
+    """The same, on the kernels the ops launch on this GPU."""
     compiled = []
     launch = qt._launch
-    monkeypatch.setattr(qt, "_launch", lambda *a, **kw: compiled.append(launch(*a, **kw)))
+    monkeypatch.setattr(qt, "_launch", lambda kernel, *a, **kw: compiled.append((kernel, launch(kernel, *a, **kw))))
     x = torch.randn(4096, device="cuda")
     codes, bounds = ops.quantize_group(x, 256, 3, "triton")
     ops.dequantize_group(codes, bounds, [4096], 256, 3, torch.float32, "triton")
     ucodes = ops.quantize_uniform(x, 3, -1.0, 1.0, "triton")
     ops.dequantize_uniform(ucodes, [4096], 3, -1.0, 1.0, torch.float32, "triton")
-    assert len(compiled) == 4 and all(k is not None for k in compiled)
-    for kernel in compiled:
-        ptx = kernel.asm["ptx"]
-        assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
-        assert "fma.rn.f32" not in ptx and "fma.rn.ftz.f32" not in ptx
+    names = {qt._quantize_group_kernel: "quantize_group", qt._dequantize_group_kernel: "dequantize_group",
+             qt._quantize_uniform_kernel: "quantize_uniform", qt._dequantize_uniform_kernel: "dequantize_uniform"}
+    _assert_ieee_ptx({names[kernel]: k.asm["ptx"] for kernel, k in compiled})

@@ -23,10 +23,10 @@ other. Compiled, five things could part from the PyTorch kernel; each is pinned:
 
 (a) Division. ``a / b`` on float32 compiles to ``div.full.f32`` (approximate, 2 ulp).
     Every quotient here is ``tl.div_rn`` (``div.rn.f32``: IEEE, no flush to zero).
-(b) Fused multiply-add. ``q * step + lo`` may be contracted into one fma (one
-    rounding where PyTorch rounds twice). Every launch goes through ``_launch``,
-    which passes ``enable_fp_fusion=False``: LLVM may not contract and ptxas runs
-    with ``--fmad=false``. (libdevice ``mul_rn`` / ``add_rn`` and inline PTX would do
+(b) Fused multiply-add. ``q * step + lo`` is contracted into one ``fma.rn.f32`` by
+    default (one rounding where PyTorch rounds twice). Every launch goes through
+    ``_launch``, which passes ``LAUNCH_OPTIONS`` (``enable_fp_fusion=False``): LLVM
+    emits ``mul.rn.f32`` and ``add.rn.f32`` and ptxas runs with ``--fmad=false``. (libdevice ``mul_rn`` / ``add_rn`` and inline PTX would do
     too, but neither runs under the interpreter; the option does, as a no-op.)
 (c) Round half to even. Done in integers on the clamped quotient ``t`` in
     ``[0, 2**bits - 1]``: ``f = int(t)`` (truncation), ``r = t - f`` (exact, since
@@ -49,12 +49,14 @@ Under the interpreter the tests check (c), (d) and (e) bit for bit: the same int
 code runs there. They cannot check (a) and (b) (numpy divides exactly and never
 fuses), nor the CUDA NaN pattern of (e) or what CUDA's float16 conversion does with a
 NaN: the CUDA tests of ``tests/test_triton_codecs.py`` do, against the PyTorch kernel
-on the device (whose own divisions are true divisions there too: ``quantize._divisor``),
-and read the PTX for ``div.rn.f32`` and no ``fma``.
+on the device (whose own divisions are true divisions there too: ``quantize._divisor``).
+(a) and (b) are also checked without a GPU where Triton's CUDA toolchain is installed:
+a test compiles the kernels for sm_90 with ``LAUNCH_OPTIONS`` and reads their PTX.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -66,7 +68,7 @@ from .quantize import (_step, check_args, check_group_args, check_group_shapes, 
 from .topk_compress_triton import bf16_rounded, bf16_to_f32, check_device, check_dtype, on_device_of
 
 __all__ = ["triton_quantize_group", "triton_quantize_group_centered", "triton_dequantize_group",
-           "triton_quantize_uniform", "triton_dequantize_uniform", "MAX_BLOCK"]
+           "triton_quantize_uniform", "triton_dequantize_uniform", "MAX_BLOCK", "LAUNCH_OPTIONS"]
 
 # Elements of one group a program holds in registers at a time (a power of two);
 # larger groups loop over chunks of this many.
@@ -80,6 +82,16 @@ _BF16_NAN = {"cpu": 0xFFFF, "cuda": 0x7FFF}
 # The dtype ``x - center`` is rounded to before it is quantized (the promoted dtype).
 _DIFF_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Integer arguments that follow the tensor's size: Triton does not specialize on them
+# (divisible by 16, equal to 1), so a new size reuses the compiled kernel.
+_SIZE_ARGS = ("numel", "num_groups", "nbytes", "size1", "size2", "size3", "stride0", "stride1", "stride2", "stride3",
+              "inner", "channels")
+
+
+def _jit_kernel(fn):
+    """``triton.jit`` for a kernel, without specializing on its ``_SIZE_ARGS``."""
+    params = inspect.signature(fn).parameters
+    return triton.jit(fn, do_not_specialize=[a for a in _SIZE_ARGS if a in params])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -246,7 +258,7 @@ def _encode_chunk(x, valid, lo, step, codes_ptr, nbytes, rows, row_ok, c0, GROUP
                  nbytes, BITS)
 
 
-@triton.jit
+@_jit_kernel
 def _quantize_group_kernel(
     x_ptr,  # input (fp32 / bf16 / fp16), read through the 4-d view below
     center_ptr,  # (channels,) fp32 / bf16 / fp16, subtracted per index of dim 1 (CENTERED)
@@ -300,7 +312,7 @@ def _quantize_group_kernel(
     tl.store(bounds_ptr + 2 * rows + 1, hi_b.to(tl.int16), mask=row_ok)
 
 
-@triton.jit
+@_jit_kernel
 def _dequantize_group_kernel(
     codes_ptr,  # (num_groups * GROUP * BITS / 8,) uint8
     bounds_ptr,  # (2 * num_groups,) int16: the bfloat16 patterns lo, hi of every group
@@ -338,7 +350,7 @@ def _dequantize_group_kernel(
 
 
 # ------------------------------------------------------------------- fixed range
-@triton.jit
+@_jit_kernel
 def _quantize_uniform_kernel(
     x_ptr,  # input (fp32 / bf16 / fp16), read through the 4-d view below
     codes_ptr,  # (ceil(numel * BITS / 8),) uint8 out
@@ -362,7 +374,7 @@ def _quantize_uniform_kernel(
     _store_words(codes_ptr, q, word * BITS, word * 8 < numel, nbytes, BITS)
 
 
-@triton.jit
+@_jit_kernel
 def _dequantize_uniform_kernel(
     codes_ptr,  # (ceil(numel * BITS / 8),) uint8
     out_ptr,  # (numel,) fp32 / bf16 / fp16 out
@@ -383,10 +395,13 @@ def _dequantize_uniform_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
+# The compile options of every launch: no multiply and add contracted into an fma (the
+# PyTorch kernel rounds both; the interpreter ignores the option).
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
 def _launch(kernel, grid, *args, **meta):
-    """Launch ``kernel``; never contracts a multiply and an add into an fma (the
-    PyTorch kernel rounds both; the interpreter ignores the option)."""
-    return kernel[grid](*args, enable_fp_fusion=False, **meta)
+    return kernel[grid](*args, **LAUNCH_OPTIONS, **meta)
 
 
 def _num_warps(elems: int) -> int:
@@ -413,10 +428,11 @@ def _view4(x: torch.Tensor) -> tuple[torch.Tensor, tuple, tuple, bool]:
     return x, tuple(s for s, _ in dims[1:]), tuple(t for _, t in dims), False
 
 
-def _group_config(group_size: int, groups: int) -> tuple[int, int]:
-    """(ROWS, BLOCK) of the per-group kernels."""
+def _group_config(group_size: int) -> tuple[int, int]:
+    """(ROWS, BLOCK) of the per-group kernels: a function of the group size alone, so
+    that a new tensor size never compiles a kernel again."""
     block = min(triton.next_power_of_2(group_size), MAX_BLOCK)
-    return max(1, min(_PROGRAM_ELEMS // block, triton.next_power_of_2(groups))), block
+    return max(1, _PROGRAM_ELEMS // block), block
 
 
 def _f32(v: float) -> float:
@@ -464,7 +480,7 @@ def _quantize_group(x: torch.Tensor, center: torch.Tensor | None, group_size: in
         center = center.detach().reshape(-1).contiguous()
         channels = x.shape[1]
         inner, diff = n // (x.shape[0] * channels), _DIFF_CODES[torch.promote_types(x.dtype, center.dtype)]
-    rows, block = _group_config(group_size, groups)
+    rows, block = _group_config(group_size)
     with on_device_of(x):
         _launch(_quantize_group_kernel, (triton.cdiv(groups, rows), ), view, center, codes, bounds.view(torch.int16),
                 n, groups, nbytes, *sizes, *strides, inner, channels, GROUP=group_size, BITS=bits, ROWS=rows,
@@ -483,7 +499,7 @@ def triton_dequantize_group(codes: torch.Tensor, bounds: torch.Tensor, shape: li
     groups = bounds.numel() // 2
     if n == 0:
         return out.view(shape)
-    rows, block = _group_config(group_size, groups)
+    rows, block = _group_config(group_size)
     with on_device_of(codes):
         _launch(_dequantize_group_kernel, (triton.cdiv(groups, rows), ), codes.contiguous(),
                 bounds.contiguous().view(torch.int16), out, n, groups, codes.numel(), GROUP=group_size, BITS=bits, ROWS=rows,
