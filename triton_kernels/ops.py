@@ -26,7 +26,8 @@ kernel (``*_triton.py``). Its last argument ``backend`` picks one (``BACKENDS``)
 
 ``pack_bits`` / ``unpack_bits`` and ``rank_tokens`` are plain PyTorch on every device,
 as are the ``fused_*`` forms, which a compiler inlines into the kernels around them.
-Importing this module imports neither Triton nor a kernel module.
+Importing this module imports no Triton and builds nothing: a native kernel is built on
+its first use, a Triton module imported when one of its kernels first runs.
 """
 
 from __future__ import annotations
