@@ -214,8 +214,8 @@ def test_razorpass_backend_triton_matches_torch(granularity, value_dtype):
 
 
 def test_offsets_layout_on_the_triton_kernel_matches_torch():
-    """``razor::compress_offsets`` runs the Triton top-k, then the (device-agnostic)
-    conversion of its mask; both layouts decode to the same tensor."""
+    """``razor::compress_offsets`` runs the Triton top-k, then the Triton conversion of
+    its mask; both layouts decode to the same tensor."""
     from razorpass.kernels import ops
 
     x = make("special", 3 * 700).view(3, 700).to(DEVICE)

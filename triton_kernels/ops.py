@@ -1,16 +1,40 @@
-"""The ``razor::compress`` / ``razor::decompress``, ``razor::pack_bits`` /
-``razor::unpack_bits`` and ``razor::quantize_uniform`` / ``razor::dequantize_uniform``
-custom ops.
+"""The custom ops of razorpass, ``razor::*``:
+
+* top-k: ``compress`` / ``decompress`` (packed-mask layout) and ``compress_offsets`` /
+  ``decompress_offsets`` (offsets layout);
+* per-group quantization: ``quantize_group``, ``quantize_group_centered`` and
+  ``dequantize_group``; on one fixed range: ``quantize_uniform`` / ``dequantize_uniform``;
+* lossless masks: ``pack_bits`` / ``unpack_bits``;
+* ``rank_tokens`` (BSR's token order).
 
 All have static output shapes (no host sync): a fake kernel computes them from sizes
-with ceil-division only, so they trace under dynamic shapes. CPU runs the chunked
-PyTorch kernel; CUDA runs the Triton kernels where Triton is installed. The bit
-packing of boolean masks is lossless and plain PyTorch on every device; so is the
-uniform quantization (``quantize.py``: rule, rounding and byte layout), which is
-exactly its PyTorch reference on every device.
+with ceil-division only, so they trace under dynamic shapes.
+
+Every codec op (top-k and quantization) has three kernels, bit-identical to each other:
+the PyTorch kernel (``topk_compress.py``, ``quantize.py``: the definition; chunked, any
+device), the native CPU kernel (C++, ``*_cpu.py``, built on first use) and the Triton
+kernel (``*_triton.py``). Its last argument ``backend`` picks one (``BACKENDS``):
+
+* ``"auto"`` (the default): a CUDA tensor runs the Triton kernel where Triton is
+  installed, else the PyTorch kernel; a CPU tensor runs the native kernel where it
+  builds, else the PyTorch kernel; any other device the PyTorch kernel;
+* ``"torch"``: the PyTorch kernel;
+* ``"native"``: the native kernel (CPU tensors only; a dtype it does not handle takes
+  the PyTorch kernel; a kernel that cannot be built is an error);
+* ``"triton"``: the Triton kernel, on CUDA, or on CPU tensors under Triton's
+  interpreter (``TRITON_INTERPRET=1`` before Triton is imported: the tests).
+
+``pack_bits`` / ``unpack_bits`` and ``rank_tokens`` are plain PyTorch on every device,
+as are the ``fused_*`` forms, which a compiler inlines into the kernels around them.
+Importing this module imports no Triton and builds nothing: a native kernel is built on
+its first use, a Triton module imported when one of its kernels first runs.
 """
 
 from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
@@ -19,7 +43,7 @@ from .quantize import (check_args, check_uniform_codes, check_group_args, check_
                        torch_dequantize_uniform, torch_quantize_group, torch_quantize_uniform)
 from .topk_compress import offsets_dtype, torch_compress, torch_decompress, torch_decompress_offsets, torch_mask_to_offsets
 
-__all__ = ["compress", "decompress", "compressed_shapes", "compress_offsets", "decompress_offsets", "offsets_dtype", "pack_bits", "unpack_bits", "packed_numel", "fused_pack_bits", "fused_dequantize_uniform",
+__all__ = ["BACKENDS", "compress", "decompress", "compressed_shapes", "compress_offsets", "decompress_offsets", "offsets_dtype", "pack_bits", "unpack_bits", "packed_numel", "fused_pack_bits", "fused_dequantize_uniform",
            "fused_unpack_bits", "rank_tokens",
            "RANK_TOKENS_OP", "VALUE_DTYPES", "value_dtype_of", "quantize_uniform", "dequantize_uniform", "quantized_numel",
            "quantize_group", "quantize_group_centered", "dequantize_group", "group_quantized_shapes"]
@@ -32,8 +56,6 @@ def value_dtype_of(config, activation_dtype: torch.dtype) -> torch.dtype:
     """The dtype kept values are stored in for an activation of ``activation_dtype``
     under ``config`` (anything with a ``value_dtype`` field: a RazorConfig)."""
     return activation_dtype if config.value_dtype == "same" else VALUE_DTYPES[config.value_dtype]
-
-_TRITON_BACKEND: dict[str, str] = {"default": "auto"}
 
 
 def compressed_shapes(numel, group_size, k):
@@ -48,12 +70,22 @@ def _check_group(group_size: int, k: int) -> None:
         raise ValueError(f"razor::compress needs group_size > 0 and 0 <= k <= group_size, got {group_size}, {k}")
 
 
-def _use_triton(x: torch.Tensor, backend: str) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    return x.is_cuda and _triton_available()
+BACKENDS = ("auto", "torch", "native", "triton")
+
+
+def _kernel(op: str, device: torch.device, backend: str) -> str:
+    """The kernel ``backend`` picks for a tensor on ``device``: "torch", "native" or
+    "triton" (the module docstring has the rule); a clear error for a bad choice."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "native" and device.type != "cpu":
+        raise ValueError(f"{op}: backend='native' is the CPU kernel, got a tensor on {device}; "
+                         "use 'auto', 'triton' or 'torch'")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        return "triton" if _triton_available() else "torch"
+    return "native" if device.type == "cpu" else "torch"
 
 
 def _triton_available() -> bool:
@@ -64,25 +96,49 @@ def _triton_available() -> bool:
     return True
 
 
+class _Kernels(NamedTuple):
+    """The native and Triton kernel modules of one codec family."""
+
+    native: ModuleType  # a ``*_cpu`` module; ``load()`` builds its kernel (None if it cannot)
+    triton: str  # the Triton module's name, imported only when a Triton kernel runs
+
+
+_TOPK = _Kernels(topk_compress_cpu, "topk_compress_triton")
+_QUANT = _Kernels(quantize_cpu, "quantize_triton")
+
+
+def _run(op: str, device: torch.device, backend: str, kernels: _Kernels, *, torch_kernel, native, triton):
+    """Run the kernel ``backend`` picks: ``torch_kernel()``, ``native(cpu_module)`` (None
+    where the native kernel does not handle the case: the PyTorch kernel then runs) or
+    ``triton(triton_module)``."""
+    kind = _kernel(op, device, backend)
+    if kind == "triton":
+        return triton(importlib.import_module(f".{kernels.triton}", __package__))
+    if kind == "native":
+        if backend == "native" and kernels.native.load() is None:
+            raise RuntimeError(f"{op}: the native CPU kernel is not available (no C++ compiler, or "
+                               "RAZORPASS_CPU_KERNEL=torch); use backend='auto' or 'torch'")
+        out = native(kernels.native)
+        if out is not None:
+            return out
+    return torch_kernel()
+
+
 @torch.library.custom_op("razor::compress", mutates_args=())
 def compress(
     x: torch.Tensor, group_size: int, k: int, value_dtype: torch.dtype, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the k largest |x| of every group of ``group_size`` elements (see the format doc)."""
     _check_group(group_size, k)
-    if _use_triton(x, backend):
-        from . import topk_compress_triton as tk
-
-        return tk.triton_compress(x, group_size, k, value_dtype)
-    if x.device.type == "cpu" and backend != "torch":
-        out = topk_compress_cpu.cpu_compress(x, group_size, k, value_dtype)
-        if out is not None:
-            return out
-    return torch_compress(x, group_size, k, value_dtype)
+    return _run("razor::compress", x.device, backend, _TOPK,
+                torch_kernel=lambda: torch_compress(x, group_size, k, value_dtype),
+                native=lambda cpu: cpu.cpu_compress(x, group_size, k, value_dtype),
+                triton=lambda tk: tk.triton_compress(x, group_size, k, value_dtype))
 
 
 @compress.register_fake
 def _(x, group_size, k, value_dtype, backend="auto"):
+    _kernel("razor::compress", x.device, backend)
     mshape, vshape = compressed_shapes(x.numel(), group_size, k)
     return x.new_empty(mshape, dtype=torch.uint8), x.new_empty(vshape, dtype=value_dtype)
 
@@ -98,19 +154,15 @@ def decompress(
 ) -> torch.Tensor:
     """Dense tensor with the kept values at their positions and exact zeros elsewhere."""
     _check_group(group_size, values.shape[-1] if values.dim() == 2 else 0)
-    if _use_triton(values, backend):
-        from . import topk_compress_triton as tk
-
-        return tk.triton_decompress(mask, values, shape, group_size, dtype)
-    if values.device.type == "cpu" and backend != "torch":
-        out = topk_compress_cpu.cpu_decompress(mask, values, shape, group_size, dtype)
-        if out is not None:
-            return out
-    return torch_decompress(mask, values, shape, group_size, dtype)
+    return _run("razor::decompress", values.device, backend, _TOPK,
+                torch_kernel=lambda: torch_decompress(mask, values, shape, group_size, dtype),
+                native=lambda cpu: cpu.cpu_decompress(mask, values, shape, group_size, dtype),
+                triton=lambda tk: tk.triton_decompress(mask, values, shape, group_size, dtype))
 
 
 @decompress.register_fake
 def _(mask, values, shape, group_size, dtype, backend="auto"):
+    _kernel("razor::decompress", values.device, backend)
     return values.new_empty(shape, dtype=dtype)
 
 
@@ -121,18 +173,20 @@ def compress_offsets(
     """``razor::compress`` in the offsets layout: ``(offsets, values)``, the positions of
     the kept elements in their group instead of the packed mask (the same selection
     and values; ``topk_compress.py`` documents the layout). Cheaper than the mask when
-    ``k < group_size / 16``."""
+    ``k < group_size / 16``. ``backend`` picks the kernels of both steps (the top-k,
+    then the mask's conversion)."""
     _check_group(group_size, k)
     mask, values = compress(x, group_size, k, value_dtype, backend)
-    if mask.device.type == "cpu" and backend != "torch":
-        offsets = topk_compress_cpu.cpu_mask_to_offsets(mask, group_size, k, offsets_dtype(group_size))
-        if offsets is not None:
-            return offsets, values
-    return torch_mask_to_offsets(mask, group_size, k), values
+    offsets = _run("razor::compress_offsets", x.device, backend, _TOPK,
+                   torch_kernel=lambda: torch_mask_to_offsets(mask, group_size, k),
+                   native=lambda cpu: cpu.cpu_mask_to_offsets(mask, group_size, k, offsets_dtype(group_size)),
+                   triton=lambda tk: tk.triton_mask_to_offsets(mask, group_size, k))
+    return offsets, values
 
 
 @compress_offsets.register_fake
 def _(x, group_size, k, value_dtype, backend="auto"):
+    _kernel("razor::compress_offsets", x.device, backend)
     (groups, _), vshape = compressed_shapes(x.numel(), group_size, k)
     return x.new_empty((groups, k), dtype=offsets_dtype(group_size)), x.new_empty(vshape, dtype=value_dtype)
 
@@ -146,8 +200,7 @@ def decompress_offsets(
     dtype: torch.dtype,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """The dense tensor ``razor::decompress`` gives from the mask layout, bit for bit.
-    CPU tensors use the native kernel unless ``backend="torch"``."""
+    """The dense tensor ``razor::decompress`` gives from the mask layout, bit for bit."""
     k = values.shape[-1] if values.dim() == 2 else -1
     _check_group(group_size, k)
     if offsets.shape != values.shape or offsets.dtype != offsets_dtype(group_size):
@@ -155,15 +208,15 @@ def decompress_offsets(
             f"razor::decompress_offsets expects {offsets_dtype(group_size)} offsets of the values' shape "
             f"{tuple(values.shape)}, got {offsets.dtype} of shape {tuple(offsets.shape)}"
         )
-    if values.device.type == "cpu" and backend != "torch":
-        out = topk_compress_cpu.cpu_decompress_offsets(offsets, values, shape, group_size, dtype)
-        if out is not None:
-            return out
-    return torch_decompress_offsets(offsets, values, shape, group_size, dtype)
+    return _run("razor::decompress_offsets", values.device, backend, _TOPK,
+                torch_kernel=lambda: torch_decompress_offsets(offsets, values, shape, group_size, dtype),
+                native=lambda cpu: cpu.cpu_decompress_offsets(offsets, values, shape, group_size, dtype),
+                triton=lambda tk: tk.triton_decompress_offsets(offsets, values, shape, group_size, dtype))
 
 
 @decompress_offsets.register_fake
 def _(offsets, values, shape, group_size, dtype, backend="auto"):
+    _kernel("razor::decompress_offsets", values.device, backend)
     return values.new_empty(shape, dtype=dtype)
 
 
@@ -305,66 +358,68 @@ def fused_dequantize_uniform(codes: torch.Tensor, shape: list, bits: int, lo: fl
 
 
 @torch.library.custom_op("razor::quantize_uniform", mutates_args=())
-def quantize_uniform(x: torch.Tensor, bits: int, lo: float, hi: float) -> torch.Tensor:
+def quantize_uniform(x: torch.Tensor, bits: int, lo: float, hi: float, backend: str = "auto") -> torch.Tensor:
     """Round every element of ``x`` to the nearest of ``2**bits`` uniform levels on
     ``[lo, hi]`` (half to even, clamped) and pack the codes, ``bits`` bits each, into
     ``ceil(numel * bits / 8)`` uint8 bytes (``quantize.py`` documents rule and layout)."""
-    if x.device.type == "cpu":
-        check_args("razor::quantize_uniform", bits, lo, hi)
-        out = quantize_cpu.cpu_quantize_uniform(x, bits, lo, hi)
-        if out is not None:
-            return out
-    return torch_quantize_uniform(x, bits, lo, hi)
+    check_args("razor::quantize_uniform", bits, lo, hi)
+    return _run("razor::quantize_uniform", x.device, backend, _QUANT,
+                torch_kernel=lambda: torch_quantize_uniform(x, bits, lo, hi),
+                native=lambda cpu: cpu.cpu_quantize_uniform(x, bits, lo, hi),
+                triton=lambda tq: tq.triton_quantize_uniform(x, bits, lo, hi))
 
 
 @quantize_uniform.register_fake
-def _(x, bits, lo, hi):
+def _(x, bits, lo, hi, backend="auto"):
     check_args("razor::quantize_uniform", bits, lo, hi)
+    _kernel("razor::quantize_uniform", x.device, backend)
     return x.new_empty((quantized_numel(x.numel(), bits),), dtype=torch.uint8)
 
 
 @torch.library.custom_op("razor::dequantize_uniform", mutates_args=())
 def dequantize_uniform(codes: torch.Tensor, shape: list[int], bits: int, lo: float, hi: float,
-                       dtype: torch.dtype) -> torch.Tensor:
+                       dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
     """The tensor of ``shape`` / ``dtype`` (contiguous) whose levels ``codes`` store."""
-    if codes.device.type == "cpu":
-        check_uniform_codes("razor::dequantize_uniform", codes, shape, bits, lo, hi)
-        out = quantize_cpu.cpu_dequantize_uniform(codes, shape, bits, lo, hi, dtype)
-        if out is not None:
-            return out
-    return torch_dequantize_uniform(codes, shape, bits, lo, hi, dtype)
+    check_uniform_codes("razor::dequantize_uniform", codes, shape, bits, lo, hi)
+    return _run("razor::dequantize_uniform", codes.device, backend, _QUANT,
+                torch_kernel=lambda: torch_dequantize_uniform(codes, shape, bits, lo, hi, dtype),
+                native=lambda cpu: cpu.cpu_dequantize_uniform(codes, shape, bits, lo, hi, dtype),
+                triton=lambda tq: tq.triton_dequantize_uniform(codes, shape, bits, lo, hi, dtype))
 
 
 @dequantize_uniform.register_fake
-def _(codes, shape, bits, lo, hi, dtype):
+def _(codes, shape, bits, lo, hi, dtype, backend="auto"):
     check_args("razor::dequantize_uniform", bits, lo, hi)
+    _kernel("razor::dequantize_uniform", codes.device, backend)
     return codes.new_empty(shape, dtype=dtype)
 
 
 @torch.library.custom_op("razor::quantize_group", mutates_args=())
-def quantize_group(x: torch.Tensor, group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_group(x: torch.Tensor, group_size: int, bits: int,
+                   backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize every ``group_size`` consecutive elements of ``x`` to ``2**bits`` uniform
     levels on the group's own [min, max] (bfloat16 bounds, rounded outwards): ``(codes,
     bounds)``, ``bits`` bits per element plus 4 bytes per group (``quantize.py``
-    documents rule and layout). CPU tensors use the native kernel when it builds."""
-    if x.device.type == "cpu":
-        check_group_args("razor::quantize_group", group_size, bits)
-        out = quantize_cpu.cpu_quantize_group(x, group_size, bits)
-        if out is not None:
-            return out
-    return torch_quantize_group(x, group_size, bits)
+    documents rule and layout)."""
+    check_group_args("razor::quantize_group", group_size, bits)
+    return _run("razor::quantize_group", x.device, backend, _QUANT,
+                torch_kernel=lambda: torch_quantize_group(x, group_size, bits),
+                native=lambda cpu: cpu.cpu_quantize_group(x, group_size, bits),
+                triton=lambda tq: tq.triton_quantize_group(x, group_size, bits))
 
 
-def _fake_group_codes(op: str, x: torch.Tensor, group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fake_group_codes(op: str, x: torch.Tensor, group_size: int, bits: int,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty (codes, bounds) of the shapes a per-group quantization of ``x`` gives."""
     check_group_args(op, group_size, bits)
+    _kernel(op, x.device, backend)
     codes, bounds = group_quantized_shapes(x.numel(), group_size, bits)
     return x.new_empty(codes, dtype=torch.uint8), x.new_empty(bounds, dtype=torch.bfloat16)
 
 
 @quantize_group.register_fake
-def _(x, group_size, bits):
-    return _fake_group_codes("razor::quantize_group", x, group_size, bits)
+def _(x, group_size, bits, backend="auto"):
+    return _fake_group_codes("razor::quantize_group", x, group_size, bits, backend)
 
 
 def _channel_view(center: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -378,42 +433,47 @@ def _check_center(x: torch.Tensor, center: torch.Tensor) -> None:
 
 
 @torch.library.custom_op("razor::quantize_group_centered", mutates_args=())
-def quantize_group_centered(x: torch.Tensor, center: torch.Tensor, group_size: int,
-                            bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_group_centered(x: torch.Tensor, center: torch.Tensor, group_size: int, bits: int,
+                            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_group(x - center)`` for a center per index of dim 1 (``center.numel() ==
-    x.shape[1]``, a BatchNorm's per-channel mean): the same codes and bounds, bit for bit,
-    without materializing the difference. The native CPU kernel centers each group as it
-    reads it (float32 x and center); anything else subtracts first."""
+    x.shape[1]``, a BatchNorm's per-channel mean): the same codes and bounds, bit for bit.
+    The Triton kernel centers each element as it reads it (any of the three float
+    dtypes, the difference rounded to the promoted dtype); the native kernel does for
+    float32 x and center; otherwise the difference is materialized and quantized."""
     _check_center(x, center)
-    if x.device.type == "cpu" and x.dtype == center.dtype == torch.float32:
-        check_group_args("razor::quantize_group_centered", group_size, bits)
-        out = quantize_cpu.cpu_quantize_group_centered(x, center, group_size, bits)
-        if out is not None:
-            return out
-    return quantize_group(x - _channel_view(center, x), group_size, bits)
+    check_group_args("razor::quantize_group_centered", group_size, bits)
+
+    def subtract_first(kernel: str):
+        return quantize_group(x - _channel_view(center, x), group_size, bits, kernel)
+
+    return _run("razor::quantize_group_centered", x.device, backend, _QUANT,
+                torch_kernel=lambda: subtract_first("torch"),
+                native=lambda cpu: (cpu.cpu_quantize_group_centered(x, center, group_size, bits)
+                                    if x.dtype == center.dtype == torch.float32 else subtract_first("native")),
+                triton=lambda tq: tq.triton_quantize_group_centered(x, center, group_size, bits))
 
 
 @quantize_group_centered.register_fake
-def _(x, center, group_size, bits):
+def _(x, center, group_size, bits, backend="auto"):
     _check_center(x, center)
-    return _fake_group_codes("razor::quantize_group_centered", x, group_size, bits)
+    return _fake_group_codes("razor::quantize_group_centered", x, group_size, bits, backend)
 
 
 @torch.library.custom_op("razor::dequantize_group", mutates_args=())
 def dequantize_group(codes: torch.Tensor, bounds: torch.Tensor, shape: list[int], group_size: int, bits: int,
-                     dtype: torch.dtype) -> torch.Tensor:
+                     dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
     """The tensor of ``shape`` / ``dtype`` (contiguous) that ``(codes, bounds)`` encode."""
-    if codes.device.type == "cpu":
-        check_group_shapes("razor::dequantize_group", codes, bounds, shape, group_size, bits)
-        out = quantize_cpu.cpu_dequantize_group(codes, bounds, shape, group_size, bits, dtype)
-        if out is not None:
-            return out
-    return torch_dequantize_group(codes, bounds, shape, group_size, bits, dtype)
+    check_group_shapes("razor::dequantize_group", codes, bounds, shape, group_size, bits)
+    return _run("razor::dequantize_group", codes.device, backend, _QUANT,
+                torch_kernel=lambda: torch_dequantize_group(codes, bounds, shape, group_size, bits, dtype),
+                native=lambda cpu: cpu.cpu_dequantize_group(codes, bounds, shape, group_size, bits, dtype),
+                triton=lambda tq: tq.triton_dequantize_group(codes, bounds, shape, group_size, bits, dtype))
 
 
 @dequantize_group.register_fake
-def _(codes, bounds, shape, group_size, bits, dtype):
+def _(codes, bounds, shape, group_size, bits, dtype, backend="auto"):
     check_group_args("razor::dequantize_group", group_size, bits)
+    _kernel("razor::dequantize_group", codes.device, backend)
     return codes.new_empty(shape, dtype=dtype)
 
 

@@ -9,6 +9,11 @@ Rule (``bits`` in {2, 3, 4, 8}, ``L = 2**bits`` levels on ``[lo, hi]``):
   outside ``[lo, hi]`` clamp to the end levels, NaN gives code 0;
 * decoded value ``float32(q) * step + lo``, cast to the requested dtype.
 
+All arithmetic is float32 on ``float32(lo)`` and ``float32(step)``, one IEEE rounding
+per operation: a true division (never a multiply by the reciprocal), the product and
+the sum rounded separately (no fused multiply-add). The native and Triton kernels
+compute the same operations.
+
 Layout: one little-endian bit stream over the flattened (logical, row-major) order:
 element ``i``'s code occupies stream bits ``[bits*i, bits*i + bits)``, stream bit
 ``8*j + b`` is bit ``b`` of byte ``j``. The codes take ``ceil(numel * bits / 8)`` uint8
@@ -75,9 +80,16 @@ def _step(bits: int, lo: float, hi: float) -> float:
     return (hi - lo) / ((1 << bits) - 1)
 
 
+def _divisor(value: float, device) -> torch.Tensor:
+    """``value`` as a float32 0-dim tensor on ``device``, to divide by. aten's CUDA kernel
+    multiplies by the reciprocal of a Python-number divisor (one rounding more than the
+    division it stands for); a device tensor divides, on every device."""
+    return torch.full((), value, dtype=torch.float32, device=device)
+
+
 def _codes(x: torch.Tensor, bits: int, lo: float, hi: float) -> torch.Tensor:
     """The int64 code of every element of a flat tensor (the rule above)."""
-    t = (x.to(torch.float32) - lo) / _step(bits, lo, hi)
+    t = (x.to(torch.float32) - lo) / _divisor(_step(bits, lo, hi), x.device)
     t = torch.where(torch.isnan(t), torch.zeros((), dtype=t.dtype, device=t.device), t)
     return torch.round(t).clamp_(0, (1 << bits) - 1).to(torch.int64)
 
@@ -212,7 +224,7 @@ def _group_step(bounds: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     """(lo, step) as float32 columns (m, 1) of the bfloat16 bounds."""
     b = bounds.to(torch.float32)
     lo, hi = b[:, :1], b[:, 1:]
-    return lo, (hi - lo) / ((1 << bits) - 1)
+    return lo, (hi - lo) / _divisor((1 << bits) - 1, b.device)
 
 
 def torch_quantize_group(x: torch.Tensor, group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

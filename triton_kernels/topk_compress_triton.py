@@ -1,4 +1,4 @@
-"""Top-k compress / decompress: the Triton kernels (CUDA path).
+"""Top-k compress / decompress, both layouts: the Triton kernels (CUDA path).
 
 Bit-identical to the PyTorch reference ``triton_kernels.topk_compress`` (whose module
 docstring defines the format): same packed mask, same kept values in the same slots.
@@ -42,17 +42,29 @@ Two paths, chosen per call from the group size:
 
 Decompress is the inverse prefix sum: slot of a set mask bit = number of set bits
 before it. The tiled path first counts the set bits of every tile.
+
+The offsets layout (``topk_compress.py``) converts the same way: ``triton_mask_to_offsets``
+writes the position of every set bit to its slot and ``group_size`` to the slots past
+the last one (one launch; two on the tiled path, whose first counts the bits of every
+tile). ``triton_decompress_offsets`` is one launch: every program writes +0 to its own
+positions, then (after a barrier, since a kept value may go where another thread
+wrote a zero) the kept values of its groups at their offsets; on the tiled path a
+tile finds its range of slots by binary search, the offsets of a group ascending.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["triton_compress", "triton_decompress", "FUSED_MAX_GROUP", "TILE"]
+from .topk_compress import offsets_dtype
+
+__all__ = ["triton_compress", "triton_decompress", "triton_mask_to_offsets", "triton_decompress_offsets",
+           "FUSED_MAX_GROUP", "TILE"]
 
 # Groups of up to this many elements are selected in registers by one program
 # (fused path); larger groups go through the tiled multi-pass radix select.
@@ -86,21 +98,40 @@ def _magnitude_key(x, valid):
 
 
 @triton.jit
+def bf16_to_f32(bits):
+    """float32 of bfloat16 bit patterns (any integer type, the pattern in the low 16
+    bits): the pattern is the float32's upper half. Exact, subnormals included, where
+    the interpreter's own conversion flushes bfloat16 subnormals."""
+    return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def bf16_rounded(f):
+    """uint32 holding the bfloat16 pattern nearest float32 ``f``: ties to the even
+    mantissa, overflow to infinity. Not for NaN (the callers choose the NaN)."""
+    b = f.to(tl.uint32, bitcast=True)
+    return (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+
+
+@triton.jit
 def _cast(x, dtype: tl.constexpr):
-    """``x.to(dtype)``, rounding to nearest even; conversions to bf16 in integer arithmetic.
+    """``x.to(dtype)``, rounding to nearest even; conversions from and to bf16 in integer
+    arithmetic.
 
     The GPU's fp32 -> bf16 conversion rounds to nearest even, as torch does, but
-    Triton's CPU interpreter truncates it; rounding the bits by hand gives the same
-    bits on both, so the code the interpreter tests is the code the GPU runs. A NaN
-    stays a (quiet, same-sign) NaN; its payload is not preserved.
+    Triton's CPU interpreter truncates it (and flushes bf16 subnormals when widening);
+    converting the bits by hand gives the same bits on both, so the code the
+    interpreter tests is the code the GPU runs. A NaN stays a (quiet, same-sign) NaN;
+    its payload is not preserved.
     """
-    if dtype == tl.bfloat16 and x.dtype != tl.bfloat16:
+    if x.dtype == tl.bfloat16 and dtype != tl.bfloat16:
+        return bf16_to_f32(x.to(tl.int16, bitcast=True)).to(dtype)  # exact, then rounded once
+    elif dtype == tl.bfloat16 and x.dtype != tl.bfloat16:
         f = x.to(tl.float32)  # exact from fp16
-        b = f.to(tl.uint32, bitcast=True)
-        rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16  # ties to the even bf16 mantissa
-        rounded = tl.where(f != f, (b >> 16) | 0x40, rounded)
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(dtype)
+        quiet_nan = (f.to(tl.uint32, bitcast=True) >> 16) | 0x40
+        return tl.where(f != f, quiet_nan, bf16_rounded(f)).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -426,6 +457,56 @@ def _mask_popcount_kernel(
 
 
 @triton.jit
+def _earlier_tiles(counts_ptr, row_off, row_ok, tiles_per_group, tile, ROWS: tl.constexpr,
+                   SCAN_BLOCK: tl.constexpr):
+    """(ROWS,) int32: the counts of tiles 0 .. tile - 1 of every row's group, summed."""
+    total = tl.zeros((ROWS,), dtype=tl.int32)
+    for t0 in range(0, tile, SCAN_BLOCK):
+        t = t0 + tl.arange(0, SCAN_BLOCK)[None, :]
+        c = tl.load(counts_ptr + row_off * tiles_per_group + t, mask=row_ok[:, None] & (t < tile), other=0)
+        total += tl.sum(c, axis=1)
+    return total
+
+
+@triton.jit
+def _mask_tile(mask_ptr, row_off, row_ok, tile, group_size, stride_mask_row, ROWS: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """The mask bits of positions ``tile * BLOCK ..`` of ROWS groups (False past the group)
+    and those positions, (1, BLOCK)."""
+    byte = tile * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    packed = tl.load(
+        mask_ptr + row_off * stride_mask_row + byte[None, :],
+        mask=row_ok[:, None] & (byte[None, :] < (group_size + 7) // 8),
+        other=0,
+    )
+    pos = tile * BLOCK + tl.arange(0, BLOCK)[None, :]
+    return _unpack_bits(packed, ROWS, BLOCK) & (pos < group_size), pos
+
+
+@triton.jit
+def _program_rows(num_groups, tiles_per_group, ROWS: tl.constexpr):
+    """This program's (group block, tile, rows, rows in range, row offsets (ROWS, 1))."""
+    pid = tl.program_id(0)
+    row_block = pid // tiles_per_group
+    rows = row_block * ROWS + tl.arange(0, ROWS)
+    return row_block, pid % tiles_per_group, rows, rows < num_groups, rows.to(tl.int64)[:, None]
+
+
+@triton.jit
+def _mask_slots(mask_ptr, counts_ptr, num_groups, tiles_per_group, group_size, stride_mask_row, ROWS: tl.constexpr,
+                BLOCK: tl.constexpr, TILED: tl.constexpr, SCAN_BLOCK: tl.constexpr):
+    """This program's tile of the mask: ``(tile, row_ok, row_off, bits, pos, slot)``, the
+    slot of a set bit being the number of set bits before it in its group (the counts
+    of the earlier tiles included when TILED)."""
+    _, tile, rows, row_ok, row_off = _program_rows(num_groups, tiles_per_group, ROWS)
+    slot0 = tl.zeros((ROWS,), dtype=tl.int32)
+    if TILED:
+        slot0 = _earlier_tiles(counts_ptr, row_off, row_ok, tiles_per_group, tile, ROWS, SCAN_BLOCK)
+    bits, pos = _mask_tile(mask_ptr, row_off, row_ok, tile, group_size, stride_mask_row, ROWS, BLOCK)
+    return tile, row_ok, row_off, bits, pos, slot0[:, None] + tl.cumsum(bits.to(tl.int32), axis=1) - 1
+
+
+@triton.jit
 def _decompress_kernel(
     mask_ptr,  # (num_groups, ceil(group_size / 8)) uint8
     values_ptr,  # (num_groups, k) value dtype
@@ -444,29 +525,8 @@ def _decompress_kernel(
     SCAN_BLOCK: tl.constexpr,  # earlier-tile counts summed per step
 ):
     """Scatter the kept values back to their positions; exact +0 elsewhere."""
-    pid = tl.program_id(0)
-    row_block = pid // tiles_per_group
-    tile = pid % tiles_per_group
-    rows = row_block * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < num_groups
-    row_off = rows.to(tl.int64)[:, None]
-
-    slot0 = tl.zeros((ROWS,), dtype=tl.int32)
-    if TILED:  # values of the earlier tiles of the group come first
-        for t0 in range(0, tile, SCAN_BLOCK):
-            t = t0 + tl.arange(0, SCAN_BLOCK)[None, :]
-            c = tl.load(counts_ptr + row_off * tiles_per_group + t, mask=row_ok[:, None] & (t < tile), other=0)
-            slot0 += tl.sum(c, axis=1)
-
-    byte = tile * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
-    packed = tl.load(
-        mask_ptr + row_off * stride_mask_row + byte[None, :],
-        mask=row_ok[:, None] & (byte[None, :] < (group_size + 7) // 8),
-        other=0,
-    )
-    pos = tile * BLOCK + tl.arange(0, BLOCK)[None, :]
-    bits = _unpack_bits(packed, ROWS, BLOCK) & (pos < group_size)
-    slot = slot0[:, None] + tl.cumsum(bits.to(tl.int32), axis=1) - 1
+    _, row_ok, row_off, bits, pos, slot = _mask_slots(mask_ptr, counts_ptr, num_groups, tiles_per_group, group_size,
+                                                      stride_mask_row, ROWS, BLOCK, TILED, SCAN_BLOCK)
     # ``slot < k`` only guards against a malformed mask (more bits than values).
     take = bits & (slot < k)
     vals = tl.load(values_ptr + row_off * stride_values_row + slot, mask=take, other=0.0)
@@ -475,20 +535,119 @@ def _decompress_kernel(
     tl.store(out_ptr + offs, out, mask=row_ok[:, None] & (pos < group_size) & (offs < numel))
 
 
+# --------------------------------------------------------------------- offsets layout
+@triton.jit
+def _mask_to_offsets_kernel(
+    mask_ptr,  # (num_groups, ceil(group_size / 8)) uint8
+    offsets_ptr,  # (num_groups, k) int16 / int32 out
+    counts_ptr,  # (num_groups, tiles_per_group) int32 set bits per tile (if TILED)
+    group_size,
+    k,
+    num_groups,
+    tiles_per_group,
+    stride_mask_row,
+    stride_offsets_row,
+    ROWS: tl.constexpr,  # groups per program (1 when TILED)
+    BLOCK: tl.constexpr,  # positions per program (power of two, >= 8)
+    TILED: tl.constexpr,  # groups span several tiles: start slots come from counts_ptr
+    SCAN_BLOCK: tl.constexpr,  # earlier-tile counts summed per step
+    FILL_BLOCK: tl.constexpr,  # slots filled per step (power of two)
+):
+    """The positions of the set bits, in order, to their slots (the n-th set bit to slot
+    n - 1 while n <= k); ``group_size`` in the slots past the last set bit."""
+    tile, row_ok, row_off, bits, pos, slot = _mask_slots(mask_ptr, counts_ptr, num_groups, tiles_per_group,
+                                                         group_size, stride_mask_row, ROWS, BLOCK, TILED, SCAN_BLOCK)
+    row_ptr = offsets_ptr + row_off * stride_offsets_row
+    tl.store(row_ptr + slot, pos.to(offsets_ptr.dtype.element_ty), mask=row_ok[:, None] & bits & (slot < k))
+
+    # The group's first tile fills the slots past its set bits (the other tiles: from k).
+    if TILED:
+        total = _earlier_tiles(counts_ptr, row_off, row_ok, tiles_per_group, tiles_per_group, ROWS, SCAN_BLOCK)
+        fill_from = tl.where(tile == 0, total, k)
+    else:
+        fill_from = tl.sum(bits.to(tl.int32), axis=1)
+    fill_from = tl.where(row_ok, fill_from, k)
+    filler = (tl.zeros((ROWS, FILL_BLOCK), dtype=tl.int32) + group_size).to(offsets_ptr.dtype.element_ty)
+    for s0 in range(tl.min(fill_from, axis=0) // FILL_BLOCK * FILL_BLOCK, k, FILL_BLOCK):
+        s = s0 + tl.arange(0, FILL_BLOCK)[None, :]
+        tl.store(row_ptr + s, filler, mask=(s >= fill_from[:, None]) & (s < k))
+
+
+@triton.jit
+def _count_below(row_ptr, k, bound, steps):
+    """How many of the ``k`` ascending values at ``row_ptr`` are below ``bound``: a binary
+    search of ``steps`` >= log2(k + 1) rounds."""
+    lo = tl.full((), 0, tl.int32)
+    hi = lo + k
+    for _ in range(steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(row_ptr + mid, mask=active, other=0)
+        lo = tl.where(active & (v < bound), mid + 1, lo)
+        hi = tl.where(active & (v >= bound), mid, hi)
+    return lo
+
+
+@triton.jit
+def _decompress_offsets_kernel(
+    offsets_ptr,  # (num_groups, k) int16 / int32: positions ascending, group_size in unused slots
+    values_ptr,  # (num_groups, k) value dtype
+    out_ptr,  # flat output, fp32 / bf16 / fp16
+    numel,
+    group_size,
+    k,
+    num_groups,
+    tiles_per_group,
+    stride_offsets_row,
+    stride_values_row,
+    search_steps,  # rounds of the binary search for a tile's slots (TILED): log2(k + 1) rounded up
+    ROWS: tl.constexpr,  # groups per program (1 when TILED)
+    BLOCK: tl.constexpr,  # positions per program (power of two, >= 8)
+    TILED: tl.constexpr,  # groups span several tiles: a tile takes the slots whose offsets fall in it
+    K_BLOCK: tl.constexpr,  # slots scattered per step (power of two)
+):
+    """Exact +0 at this program's positions, then the kept values at their offsets."""
+    row_block, tile, _, row_ok, row_off = _program_rows(num_groups, tiles_per_group, ROWS)
+    pos0 = tile * BLOCK
+    pos = pos0 + tl.arange(0, BLOCK)[None, :]
+    offs = row_off * group_size + pos
+    zeros = tl.zeros((ROWS, BLOCK), dtype=out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, zeros, mask=row_ok[:, None] & (pos < group_size) & (offs < numel))
+    # A kept value may land where another thread of this program wrote a zero: the
+    # barrier orders the two stores (programs own disjoint positions).
+    tl.debug_barrier()
+
+    first = 0
+    last = k
+    if TILED:  # offsets ascend: the slots of this tile are a range, found by binary search
+        group_ptr = offsets_ptr + row_block.to(tl.int64) * stride_offsets_row  # ROWS == 1
+        first = _count_below(group_ptr, k, pos0, search_steps)
+        last = _count_below(group_ptr, k, pos0 + BLOCK, search_steps)
+    for s0 in range(first, last, K_BLOCK):
+        s = s0 + tl.arange(0, K_BLOCK)[None, :]
+        in_row = row_ok[:, None] & (s < last)
+        off = tl.load(offsets_ptr + row_off * stride_offsets_row + s, mask=in_row, other=0).to(tl.int64)
+        vals = tl.load(values_ptr + row_off * stride_values_row + s, mask=in_row, other=0.0)
+        dst = row_off * group_size + off
+        keep = in_row & (off >= pos0) & (off < pos0 + BLOCK) & (off < group_size) & (dst < numel)
+        tl.store(out_ptr + dst, _cast(vals, out_ptr.dtype.element_ty), mask=keep)
+
+
 # --------------------------------------------------------------------------- launchers
-def _check_dtype(dtype: torch.dtype, allowed, what: str) -> None:
+# The three checks below serve every Triton kernel of razorpass (quantize_triton too).
+def check_dtype(dtype: torch.dtype, allowed, what: str) -> None:
     if dtype not in allowed:
         raise NotImplementedError(
-            f"the Triton top-k kernels take {what} in {[str(d) for d in allowed]}, got {dtype}; "
+            f"the Triton kernels take {what} in {[str(d) for d in allowed]}, got {dtype}; "
             "use backend='torch' (the PyTorch kernel handles every floating dtype)"
         )
 
 
-def _check_device(t: torch.Tensor) -> None:
+def check_device(t: torch.Tensor) -> None:
     if not t.is_cuda and not _interpreted():
         raise ValueError(
-            f"the Triton top-k kernels need a CUDA tensor, got one on {t.device}; "
-            "use backend='torch' on CPU (or set TRITON_INTERPRET=1 before importing this module)"
+            f"the Triton kernels need a CUDA tensor, got one on {t.device}; use backend='torch' or "
+            "'native' on CPU (or set TRITON_INTERPRET=1 before Triton is first imported)"
         )
 
 
@@ -497,7 +656,7 @@ def _interpreted() -> bool:
     return not isinstance(_compress_kernel, triton.runtime.JITFunction)
 
 
-def _on_device_of(t: torch.Tensor):
+def on_device_of(t: torch.Tensor):
     """Launch on ``t``'s GPU (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -511,11 +670,18 @@ def _fused_config(group_size: int, num_groups: int) -> tuple[int, int, int]:
     return rows, block, num_warps
 
 
+def _tiled_config(group_size: int, tile: int | None) -> tuple[int, int, int]:
+    """(TILE, tiles per group, num_warps) of the tiled path; ``tile`` None: the library's."""
+    tile = TILE if tile is None else tile
+    assert tile >= 8 and tile & (tile - 1) == 0, "tile must be a power of two >= 8"
+    return tile, triton.cdiv(group_size, tile), 8 if tile >= 4096 else 4
+
+
 def triton_compress(
     x: torch.Tensor, group_size: int, k: int, value_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compress ``x`` into (packed mask, kept values); same contract as ``torch_compress``."""
-    with _on_device_of(x):
+    with on_device_of(x):
         return _compress(x, group_size, k, value_dtype, tile=None)
 
 
@@ -525,9 +691,9 @@ def _compress(
     """``triton_compress``; ``tile`` forces the tiled path with that tile (tests)."""
     if group_size < 1 or k < 0:
         raise ValueError(f"need group_size >= 1 and k >= 0, got group_size={group_size}, k={k}")
-    _check_dtype(x.dtype, _INPUT_DTYPES, "inputs")
-    _check_dtype(value_dtype, _VALUE_DTYPES, "value dtypes")
-    _check_device(x)
+    check_dtype(x.dtype, _INPUT_DTYPES, "inputs")
+    check_dtype(value_dtype, _VALUE_DTYPES, "value dtypes")
+    check_device(x)
     flat = x.detach().contiguous().reshape(-1)
     n = flat.numel()
     groups = -(-n // group_size)
@@ -547,15 +713,12 @@ def _compress(
         )
         return mask, values
 
-    tile = TILE if tile is None else tile
-    assert tile >= 8 and tile & (tile - 1) == 0, "tile must be a power of two >= 8"
-    tiles = triton.cdiv(group_size, tile)
+    tile, tiles, num_warps = _tiled_config(group_size, tile)
     passes = triton.cdiv(key_bits, _RADIX_BITS)
     hist = torch.zeros((passes, groups, 1 << _RADIX_BITS), dtype=torch.int32, device=x.device)
     state = torch.empty((passes + 1, groups, 2), dtype=torch.int32, device=x.device)
     counts = torch.empty((2, groups, tiles), dtype=torch.int32, device=x.device)
     grid = (groups * tiles,)
-    num_warps = 8 if tile >= 4096 else 4
     for p in range(passes):
         _compress_histogram_kernel[grid](
             flat, hist, state, n, group_size, k, groups, tiles,
@@ -581,7 +744,7 @@ def triton_decompress(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Dense tensor of ``shape``/``dtype``; same contract as ``torch_decompress``."""
-    with _on_device_of(values):
+    with on_device_of(values):
         return _decompress(mask, values, shape, group_size, dtype, tile=None)
 
 
@@ -594,18 +757,12 @@ def _decompress(
     tile: int | None,
 ) -> torch.Tensor:
     """``triton_decompress``; ``tile`` forces the tiled path with that tile (tests)."""
-    _check_dtype(dtype, _INPUT_DTYPES, "output dtypes")
-    _check_dtype(values.dtype, _VALUE_DTYPES, "value dtypes")
-    _check_device(values)
-    n = 1
-    for s in shape:
-        n *= s
-    groups, k = values.shape
-    if n == 0 or k == 0:
+    out = _dense_output(values, shape, dtype)
+    if out is None:
         return torch.zeros(shape, dtype=dtype, device=values.device)
+    n, (groups, k) = out.numel(), values.shape
     mask = mask.contiguous()
     values = values.contiguous()
-    out = torch.empty(n, dtype=dtype, device=values.device)
 
     if tile is None and group_size <= FUSED_MAX_GROUP:
         rows, block, num_warps = _fused_config(group_size, groups)
@@ -616,15 +773,78 @@ def _decompress(
         )
         return out.view(shape)
 
-    tile = TILE if tile is None else tile
-    assert tile >= 8 and tile & (tile - 1) == 0, "tile must be a power of two >= 8"
-    tiles = triton.cdiv(group_size, tile)
+    tile, tiles, num_warps = _tiled_config(group_size, tile)
     counts = torch.empty((groups, tiles), dtype=torch.int32, device=values.device)
     grid = (groups * tiles,)
-    num_warps = 8 if tile >= 4096 else 4
     _mask_popcount_kernel[grid](mask, counts, group_size, tiles, mask.stride(0), TILE=tile, num_warps=num_warps)
     _decompress_kernel[grid](
         mask, values, out, counts, n, group_size, k, groups, tiles, mask.stride(0), values.stride(0),
         ROWS=1, BLOCK=tile, TILED=True, SCAN_BLOCK=_SCAN_BLOCK, num_warps=num_warps,
     )
+    return out.view(shape)
+
+
+def _dense_output(values: torch.Tensor, shape: list[int], dtype: torch.dtype) -> torch.Tensor | None:
+    """The flat output of a top-k decode after its checks; None when it is all zeros
+    (no element, or k = 0)."""
+    check_dtype(dtype, _INPUT_DTYPES, "output dtypes")
+    check_dtype(values.dtype, _VALUE_DTYPES, "value dtypes")
+    check_device(values)
+    n = math.prod(shape)
+    if n == 0 or values.shape[1] == 0:
+        return None
+    return torch.empty(n, dtype=dtype, device=values.device)
+
+
+def triton_mask_to_offsets(mask: torch.Tensor, group_size: int, k: int, tile: int | None = None) -> torch.Tensor:
+    """The offsets layout of ``mask``; same contract as ``torch_mask_to_offsets``.
+    ``tile`` forces the tiled path with that tile (tests)."""
+    check_device(mask)
+    groups = mask.shape[0]
+    out = torch.empty((groups, k), dtype=offsets_dtype(group_size), device=mask.device)
+    if groups == 0 or k == 0:
+        return out
+    mask = mask.contiguous()
+    fused = tile is None and group_size <= FUSED_MAX_GROUP
+    if fused:
+        rows, block, num_warps = _fused_config(group_size, groups)
+        grid, tiles, counts = (triton.cdiv(groups, rows),), 1, out  # counts_ptr unused: any pointer
+    else:
+        block, tiles, num_warps = _tiled_config(group_size, tile)
+        rows, grid = 1, (groups * tiles,)
+        counts = torch.empty((groups, tiles), dtype=torch.int32, device=mask.device)
+    with on_device_of(mask):
+        if not fused:
+            _mask_popcount_kernel[grid](mask, counts, group_size, tiles, mask.stride(0), TILE=block,
+                                        num_warps=num_warps)
+        _mask_to_offsets_kernel[grid](
+            mask, out, counts, group_size, k, groups, tiles, mask.stride(0), out.stride(0),
+            ROWS=rows, BLOCK=block, TILED=not fused, SCAN_BLOCK=_SCAN_BLOCK,
+            FILL_BLOCK=min(triton.next_power_of_2(k), block), num_warps=num_warps,
+        )
+    return out
+
+
+def triton_decompress_offsets(offsets: torch.Tensor, values: torch.Tensor, shape: list[int], group_size: int,
+                              dtype: torch.dtype, tile: int | None = None) -> torch.Tensor:
+    """Dense tensor of ``shape``/``dtype`` from the offsets layout; same contract as
+    ``torch_decompress_offsets`` (offsets ascending in each group, as
+    ``razor::compress_offsets`` writes them). ``tile`` forces the tiled path with that
+    tile (tests)."""
+    out = _dense_output(values, shape, dtype)
+    if out is None:
+        return torch.zeros(shape, dtype=dtype, device=values.device)
+    (groups, k), offsets, values = values.shape, offsets.contiguous(), values.contiguous()
+    if tile is None and group_size <= FUSED_MAX_GROUP:
+        rows, block, num_warps = _fused_config(group_size, groups)
+        grid, tiles, tiled = (triton.cdiv(groups, rows),), 1, False
+    else:
+        block, tiles, num_warps = _tiled_config(group_size, tile)
+        rows, grid, tiled = 1, (groups * tiles,), True
+    with on_device_of(values):
+        _decompress_offsets_kernel[grid](
+            offsets, values, out, out.numel(), group_size, k, groups, tiles, offsets.stride(0), values.stride(0),
+            k.bit_length(), ROWS=rows, BLOCK=block, TILED=tiled, K_BLOCK=min(triton.next_power_of_2(k), block),
+            num_warps=num_warps,
+        )
     return out.view(shape)
