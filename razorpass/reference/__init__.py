@@ -28,7 +28,9 @@ instead of a code of its own, as the compiled path does.
 Modules: ``rules`` (group, keep and size rules), ``codecs`` (what backward reads of a
 saved tensor), ``casts`` (autocast and gradient dtypes), the Functions by op class
 (``layers``, ``norms``, ``gelu``, ``attention``, ``sdpa``), ``ops`` (which torch
-functions are what) and ``mode`` (the TorchFunctionMode and ``apply``).
+functions are what), ``handlers`` (the table: one handler per torch function the
+reference runs differently, registered with ``@implements([...])``) and ``mode`` (the
+TorchFunctionMode that looks each call up in that table, and ``apply``).
 """
 
 from __future__ import annotations

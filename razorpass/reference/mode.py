@@ -11,16 +11,11 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..config import RazorConfig
-from .attention import _Matmul, _Softmax
-from .casts import _op_dtype
+from .attention import _Softmax
 from .codecs import _Derived, _Quantized
-from .gelu import _Gelu, _GeluDerivative
-from .layers import _Conv, _Linear, _WeightMatmul
-from .norms import _BatchNorm, _LayerNorm
-from .ops import (_ADDMM, _DERIVING, _DROPOUT, _HEAVY, _MATMUL, _MM, _ORDER_KEEPING, _PARAM_VIEWS, _SOFTMAX,
-                  _is_basic_index, _is_constant_pad, _is_identity_dropout)
+from .handlers import DECLINED, HANDLERS
+from .ops import _DROPOUT, _HEAVY, _ORDER_KEEPING, _PARAM_VIEWS, _is_basic_index, _is_identity_dropout
 from .rules import not_smaller, not_smaller_quantized
-from .sdpa import _sdpa
 
 
 def _version(t: torch.Tensor) -> int:
@@ -32,6 +27,13 @@ def _version(t: torch.Tensor) -> int:
 
 
 class _ReferenceMode(TorchFunctionMode):
+    """Runs every torch function called inside ``apply`` as the reference does. In order:
+    a light function of free tensors runs plain and its outputs are free too
+    (``_light_of_free``); a view of a parameter or of a top-k-stored output is tracked
+    like its source (``_same_memory``); else the function's handler in ``HANDLERS``
+    (``handlers.py``) runs, and where there is none or it declines, the plain call.
+    Handlers read the methods without a leading underscore."""
+
     def __init__(self, config: RazorConfig, paths: list[str], inputs: set[int], state: set[int],
                  choices: dict[tuple[str, int], int] | None = None):
         super().__init__()
@@ -45,64 +47,6 @@ class _ReferenceMode(TorchFunctionMode):
         # one reads the second, while the output is unchanged
         self.from_norm: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
-    def _free(self, t: torch.Tensor) -> bool:
-        """Held by the caller (a model input, parameter or buffer that needs no gradient)
-        or computed from such tensors (and parameters) by light functions alone: the
-        compiled path recomputes those instead of saving them, so they are never
-        sparsified."""
-        if self.derived.get(id(t)) is t:
-            return True
-        return (id(t) in self.inputs or id(t) in self.state) and not t.requires_grad
-
-    def _caller_memory(self, t: torch.Tensor) -> bool:
-        """A parameter, or one seen through ``_PARAM_VIEWS``: the compiled path never saves
-        a copy of it, so it stays exact. (Not "free": a light function of a trainable
-        parameter, ``W * 2``, is an activation, compressed on both sides.)"""
-        return isinstance(t, torch.nn.Parameter) or self.param_views.get(id(t)) is t
-
-    def _cfg(self, x: torch.Tensor, dtype: torch.dtype | None = None, *, cls: str,
-             exact_if_free: bool = True):
-        """How ``x`` (seen as ``dtype``: the autocast copy an op saves) is stored for
-        backward by class ``cls``: None (exact: a free tensor when ``exact_if_free``, or
-        one whose encoded copy is not smaller than itself, the size rule), the config
-        (top-k) or a ``_Quantized``. A tensor a top-k class also stores (the softmax
-        output read by P·V) is top-k for every class."""
-        if exact_if_free and (self._free(x) or self._caller_memory(x)):
-            return None
-        cfg, dt = self.config, dtype or x.dtype
-        if cfg.encoding_of(cls) == "quant" and not (dt == x.dtype and self.topk_stored.get(id(x)) is x):
-            bits = cfg.quant_bits
-            if self.choices is not None:  # a tensor memory_budget did not choose bits for stays exact
-                bits = self.choices.get((self.paths[-1] if self.paths else "", x.numel()), 0)
-                if not bits:
-                    return None
-            q = _Quantized(cfg.quant_group(cls), bits)
-            return None if not_smaller_quantized(tuple(x.shape), dt, q.group, q.bits) else q
-        return None if not_smaller(tuple(x.shape), dt, cfg) else cfg
-
-    def _softmax(self, x: torch.Tensor, dim) -> torch.Tensor:
-        enc = self._cfg(x, cls="softmax", exact_if_free=False)
-        y = _Softmax.apply(x, dim, enc)
-        if isinstance(enc, RazorConfig):
-            self.topk_stored[id(y)] = y
-        return y
-
-    def _light_of_free(self, func, args, kwargs) -> bool:
-        if func in _HEAVY:
-            return False
-        ts = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        free = [self._free(t) for t in ts]
-        return any(free) and all(f or id(t) in self.state for f, t in zip(free, ts))
-
-    def _selected(self, *needs_grad) -> bool:
-        path = self.paths[-1] if self.paths else ""
-        cfg = self.config
-        return (
-            any(isinstance(t, torch.Tensor) and t.requires_grad for t in needs_grad) and torch.is_grad_enabled()
-            and any(fnmatch.fnmatchcase(path, p) for p in cfg.include)
-            and not any(fnmatch.fnmatchcase(path, p) for p in cfg.exclude)
-        )
-
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self._light_of_free(func, args, kwargs):
@@ -114,75 +58,16 @@ class _ReferenceMode(TorchFunctionMode):
         same = self._same_memory(func, args, kwargs)
         if same is not None:
             return same
-        targets = self.config.target_classes
-        if func is F.layer_norm and "layernorm" in targets:
-            a = {"weight": None, "bias": None, "eps": 1e-5, **dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), args)), **kwargs}
-            if self._selected(a["input"], a["weight"], a["bias"]):
-                enc, sink = self._cfg(a["input"], cls="layernorm", exact_if_free=False), []
-                out = _LayerNorm.apply(a["input"], tuple(a["normalized_shape"]), a["weight"], a["bias"], a["eps"],
-                                       enc, sink if isinstance(enc, _Quantized) else None)
-                return self._track(out, sink)
-        if func is F.batch_norm and "batchnorm" in targets:
-            names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-            a = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5,
-                 **dict(zip(names, args)), **kwargs}
-            if a["training"] or a["running_mean"] is not None:  # eval mode needs running statistics
-                x = a["input"]
-                if self._selected(x, a["weight"], a["bias"]):
-                    enc, sink = self._cfg(x, cls="batchnorm"), []
-                    out = _BatchNorm.apply(x, a["running_mean"], a["running_var"], a["weight"], a["bias"],
-                                           a["training"], a["momentum"], a["eps"], enc,
-                                           sink if isinstance(enc, _Quantized) else None)
-                    return self._track(out, sink)
-        if func is F.gelu and "gelu" in targets and self._selected(args[0]):
-            approximate = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
-            if self.config.gelu_mode != "topk":
-                return _GeluDerivative.apply(args[0], approximate, self.config.gelu_derivative_bits)
-            return _Gelu.apply(args[0], approximate, self._cfg(args[0], cls="gelu", exact_if_free=False))
-        if func in _SOFTMAX and "softmax" in targets and self._selected(args[0]):
-            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            extra = {k: v for k, v in kwargs.items() if k not in ("dim", "dtype", "_stacklevel")}
-            if not extra and len(args) <= 2:
-                # softmax(x, dim, dtype=d) is softmax(x.to(d), dim): it saves its output in d
-                x = args[0] if kwargs.get("dtype") is None else args[0].to(kwargs["dtype"])
-                return self._softmax(x, dim)
-        if "linear" in targets and (func in _ADDMM or (func in _MM and len(args) == 2 and not kwargs)):
-            # a matmul with a weight (a 2-D parameter that gets a gradient) as the right
-            # operand is a linear layer whatever the function: torch.addmm(b, x, W)
-            if func in _ADDMM:
-                a = {"beta": 1, "alpha": 1, **dict(zip(("input", "mat1", "mat2"), args)), **kwargs}
-                bias, x, w, beta, alpha = a["input"], a["mat1"], a["mat2"], a["beta"], a["alpha"]
-            else:
-                (x, w), bias, beta, alpha = args, None, 1, 1
-            if (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and w.dim() == 2 and id(w) in self.state
-                    and id(x) not in self.state and w.requires_grad and self._selected(w)):
-                return _WeightMatmul.apply(x, w, bias, beta, alpha, self._layer_cfg(x, _op_dtype(x, w), "linear"))
-        if func in _MATMUL and "matmul" in targets and len(args) == 2 and self._selected(*args):
-            a, b = args
-            if not isinstance(a, torch.nn.Parameter) and not isinstance(b, torch.nn.Parameter):
-                dt = _op_dtype(a, b)
-                return _Matmul.apply(a, b, self._cfg(a, dt, cls="matmul"), self._cfg(b, dt, cls="matmul"))
-        if func is F.scaled_dot_product_attention and "sdpa" in targets and self._selected(*args[:3]):
-            dt = _op_dtype(*args[:3])
-            return _sdpa(*args, **kwargs, cfg=lambda t: self._cfg(t, dt, cls="matmul"), softmax=self._softmax)
-        if func is F.linear and "linear" in self.config.target_classes:
-            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            b = args[2] if len(args) > 2 else kwargs.get("bias")
-            if self._selected(w) and w.requires_grad:
-                return _Linear.apply(x, w, b, self._layer_cfg(x, _op_dtype(x, w), "linear"))
-        if func in (F.conv1d, F.conv2d, F.conv3d) and "conv" in self.config.target_classes:
-            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-            defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-            a = {**defaults, **dict(zip(names, args)), **kwargs}
-            if self._selected(a["weight"]) and a["weight"].requires_grad and not isinstance(a["padding"], str):
-                return _Conv.apply(a["input"], a["weight"], a["bias"], a["stride"], a["padding"],
-                                   a["dilation"], a["groups"],
-                                   self._layer_cfg(a["input"], _op_dtype(a["input"], a["weight"]), "conv"))
-        if self.from_norm and (func in _DERIVING or (func in _DROPOUT and _is_identity_dropout(args, kwargs))
-                               or (func is torch.Tensor.__getitem__ and _is_basic_index(args))
-                               or (func is F.pad and _is_constant_pad(args, kwargs))):
-            return self._derive(func, args, kwargs)
-        return func(*args, **kwargs)
+        handler = HANDLERS.get(func)
+        out = DECLINED if handler is None else handler(self, func, args, kwargs)
+        return func(*args, **kwargs) if out is DECLINED else out
+
+    def _light_of_free(self, func, args, kwargs) -> bool:
+        if func in _HEAVY:
+            return False
+        ts = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        free = [self._free(t) for t in ts]
+        return any(free) and all(f or id(t) in self.state for f, t in zip(free, ts))
 
     def _same_memory(self, func, args, kwargs):
         """A view of a parameter, or an order-keeping reshape of a top-k-stored softmax
@@ -206,7 +91,58 @@ class _ReferenceMode(TorchFunctionMode):
                 return out
         return None
 
-    def _track(self, out: torch.Tensor, sink: list) -> torch.Tensor:
+    def _free(self, t: torch.Tensor) -> bool:
+        """Held by the caller (a model input, parameter or buffer that needs no gradient)
+        or computed from such tensors (and parameters) by light functions alone: the
+        compiled path recomputes those instead of saving them, so they are never
+        sparsified."""
+        if self.derived.get(id(t)) is t:
+            return True
+        return (id(t) in self.inputs or id(t) in self.state) and not t.requires_grad
+
+    def _caller_memory(self, t: torch.Tensor) -> bool:
+        """A parameter, or one seen through ``_PARAM_VIEWS``: the compiled path never saves
+        a copy of it, so it stays exact. (Not "free": a light function of a trainable
+        parameter, ``W * 2``, is an activation, compressed on both sides.)"""
+        return isinstance(t, torch.nn.Parameter) or self.param_views.get(id(t)) is t
+
+    def encoding(self, x: torch.Tensor, dtype: torch.dtype | None = None, *, cls: str,
+                 exact_if_free: bool = True):
+        """How ``x`` (seen as ``dtype``: the autocast copy an op saves) is stored for
+        backward by class ``cls``: None (exact: a free tensor when ``exact_if_free``, or
+        one whose encoded copy is not smaller than itself, the size rule), the config
+        (top-k) or a ``_Quantized``. A tensor a top-k class also stores (the softmax
+        output read by P·V) is top-k for every class."""
+        if exact_if_free and (self._free(x) or self._caller_memory(x)):
+            return None
+        cfg, dt = self.config, dtype or x.dtype
+        if cfg.encoding_of(cls) == "quant" and not (dt == x.dtype and self.topk_stored.get(id(x)) is x):
+            bits = cfg.quant_bits
+            if self.choices is not None:  # a tensor memory_budget did not choose bits for stays exact
+                bits = self.choices.get((self.paths[-1] if self.paths else "", x.numel()), 0)
+                if not bits:
+                    return None
+            q = _Quantized(cfg.quant_group(cls), bits)
+            return None if not_smaller_quantized(tuple(x.shape), dt, q.group, q.bits) else q
+        return None if not_smaller(tuple(x.shape), dt, cfg) else cfg
+
+    def softmax(self, x: torch.Tensor, dim) -> torch.Tensor:
+        enc = self.encoding(x, cls="softmax", exact_if_free=False)
+        y = _Softmax.apply(x, dim, enc)
+        if isinstance(enc, RazorConfig):
+            self.topk_stored[id(y)] = y
+        return y
+
+    def selected(self, *needs_grad) -> bool:
+        path = self.paths[-1] if self.paths else ""
+        cfg = self.config
+        return (
+            any(isinstance(t, torch.Tensor) and t.requires_grad for t in needs_grad) and torch.is_grad_enabled()
+            and any(fnmatch.fnmatchcase(path, p) for p in cfg.include)
+            and not any(fnmatch.fnmatchcase(path, p) for p in cfg.exclude)
+        )
+
+    def track(self, out: torch.Tensor, sink: list) -> torch.Tensor:
         if sink:
             self.from_norm[id(out)] = (out, sink[0].detach().to(out.dtype), _version(out))
         return out
@@ -218,7 +154,7 @@ class _ReferenceMode(TorchFunctionMode):
         hit = self.from_norm.get(id(t)) if isinstance(t, torch.Tensor) else None
         return hit[1] if hit is not None and hit[0] is t and hit[2] == _version(t) else None
 
-    def _derive(self, func, args, kwargs):
+    def derive(self, func, args, kwargs):
         """A pointwise function of one tracked tensor (the others smaller, broadcast):
         the result is tracked too, as the same function of the stored value."""
         leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -234,13 +170,13 @@ class _ReferenceMode(TorchFunctionMode):
             self.from_norm[id(out)] = (out, value.detach(), _version(out))
         return out
 
-    def _layer_cfg(self, x: torch.Tensor, dtype, cls: str):
+    def layer_encoding(self, x: torch.Tensor, dtype, cls: str):
         """A linear / conv input's encoding: derived from a normalization's stored x̂
-        when it is computed from it pointwise, else its own (``_cfg``)."""
+        when it is computed from it pointwise, else its own (``encoding``)."""
         stored = self._stored(x)
         if stored is not None and self.config.encoding_of(cls) == "quant" and not self._free(x):
             return _Derived(stored)
-        return self._cfg(x, dtype, cls=cls)
+        return self.encoding(x, dtype, cls=cls)
 
 
 @contextlib.contextmanager

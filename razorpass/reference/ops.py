@@ -21,9 +21,11 @@ _HEAVY = frozenset({
     torch.Tensor.normal_,
 })
 _SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
-_MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
+# Matmuls: of two matrices, with a bias, batched, of any ranks.
+_MM = (torch.mm, torch.Tensor.mm)
 _ADDMM = (torch.addmm, torch.Tensor.addmm)
-_MM = (torch.mm, torch.Tensor.mm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+_BMM = (torch.bmm, torch.Tensor.bmm)
+_MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 # Reshapes that keep the flattened element order: a top-k copy of the result is the
 # top-k copy of the source (the same blocks), as the compiled path replays them on the
 # decoded root.
