@@ -1,0 +1,107 @@
+"""What backward reads of a saved tensor, as dense tensors (no custom op, no packing):
+top-k sparsification, per-group quantization, the GELU derivative's levels, and the
+encodings a saved tensor can take."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import RazorConfig
+from .rules import _VALUE_DTYPES, _group, _keep
+
+
+def sparsify(x: torch.Tensor, config: RazorConfig | None) -> torch.Tensor:
+    """The dense tensor razorpass's compress + decompress produce for ``x``
+    (``config=None``: ``x`` itself, for tensors that are not compressed)."""
+    if config is None:
+        return x.detach()
+    flat = x.detach().contiguous().reshape(-1)
+    n = flat.numel()
+    group = _group(tuple(x.shape), config)
+    groups = -(-n // group)
+    k = _keep(group, config.sparsity)
+    vdtype = x.dtype if config.value_dtype == "same" else _VALUE_DTYPES[config.value_dtype]
+    out = torch.zeros(groups * group, dtype=x.dtype)
+    for g in range(groups):
+        seg = flat[g * group : (g + 1) * group]
+        # torch.sort orders NaN above every number; stable keeps lower indices first.
+        order = torch.sort(seg.abs().to(torch.float64), descending=True, stable=True).indices[:k]
+        out[g * group + order] = seg[order].to(vdtype).to(x.dtype)
+    return out[:n].view(x.shape)
+
+
+class _Quantized:
+    """The "accurate" policy's per-group quantization of one tensor (its own code: no
+    custom op, no packing)."""
+
+    def __init__(self, group: int, bits: int):
+        self.group, self.bits = group, bits
+
+
+def quantize_group(x: torch.Tensor, group: int, bits: int) -> torch.Tensor:
+    """The dense tensor razorpass's quantize_group + dequantize_group produce for ``x``:
+    per group of ``group`` consecutive elements (flattened), ``2**bits`` uniform levels
+    from the group's min to its max, both rounded outwards to bfloat16; level
+    ``round((x - lo) / step)`` in float32 (half to even, clamped; 0 when the step is 0 or
+    the quotient NaN); a group whose bounds are not finite decodes to NaN."""
+    flat = x.detach().contiguous().reshape(-1).to(torch.float32)
+    n = flat.numel()
+    if n == 0:
+        return x.detach().clone()
+    rows = -(-n // group)
+    padded = torch.full((rows * group,), math.nan)
+    padded[:n] = flat
+    g = padded.view(rows, group)
+    real = ~torch.isnan(g)
+    real[:-1] = True  # only the last row has padding; a NaN element elsewhere is an element
+    real.view(-1)[:n] = True
+    lo = torch.where(real, g, torch.tensor(math.inf)).min(1).values
+    hi = torch.where(real, g, torch.tensor(-math.inf)).max(1).values
+    has_nan = (torch.isnan(g) & real).any(1)
+    lo_b, hi_b = lo.to(torch.bfloat16), hi.to(torch.bfloat16)
+    lo_b = torch.where(lo_b.float() > lo, torch.nextafter(lo_b, torch.tensor(-math.inf, dtype=torch.bfloat16)), lo_b)
+    hi_b = torch.where(hi_b.float() < hi, torch.nextafter(hi_b, torch.tensor(math.inf, dtype=torch.bfloat16)), hi_b)
+    lo32, hi32 = lo_b.float().unsqueeze(1), hi_b.float().unsqueeze(1)
+    step = (hi32 - lo32) / (2**bits - 1)
+    t = (g - lo32) / step
+    t = torch.where(t.isnan() | (step == 0), torch.zeros_like(t), t)
+    out = torch.round(t).clamp(0, 2**bits - 1) * step + lo32
+    bad = has_nan | ~torch.isfinite(lo32.squeeze(1)) | ~torch.isfinite(hi32.squeeze(1))
+    out[bad] = math.nan
+    return out.reshape(-1)[:n].to(x.dtype).view(x.shape)
+
+
+def quantize_levels(d: torch.Tensor, bits: int, lo: float, hi: float) -> torch.Tensor:
+    """Level index of every element of ``d``: ``round((d - lo) / step)`` with
+    ``step = (hi - lo) / (2**bits - 1)``, in float32, half to even, clamped to the
+    levels, NaN to level 0; one uint8 per element (no packing)."""
+    top = 2**bits - 1
+    t = (d.to(torch.float32) - lo) / ((hi - lo) / top)
+    t = torch.where(t.isnan(), torch.zeros_like(t), t)
+    return torch.round(t).clamp(0, top).to(torch.uint8)
+
+
+def dequantize_levels(q: torch.Tensor, bits: int, lo: float, hi: float, dtype: torch.dtype) -> torch.Tensor:
+    """The level values ``q * step + lo`` (float32), cast to ``dtype``."""
+    return (q.to(torch.float32) * ((hi - lo) / (2**bits - 1)) + lo).to(dtype)
+
+
+class _Derived:
+    """A layer input computed pointwise from a normalization's quantized x̂ (its affine
+    part, a ReLU / ReLU6, a cast): backward reads that computation on the decoded x̂,
+    ``value``, rather than a code of its own."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+
+def _encode(x: torch.Tensor, enc) -> torch.Tensor:
+    """``x`` as backward reads it: exact (None), top-k (a RazorConfig), quantized, or
+    derived from a normalization's quantized x̂."""
+    if isinstance(enc, _Derived):
+        return enc.value.to(x.dtype)
+    if isinstance(enc, _Quantized):
+        return quantize_group(x, enc.group, enc.bits)
+    return sparsify(x, enc)
