@@ -417,7 +417,9 @@ def _tests(run: Run, sec: Section) -> None:
         return
     xml = run.out / "gpu_tests.xml"
     xml.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={xml}"]
+    # a module that cannot be collected (a package this machine lacks) must not stop the tier
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={xml}",
+           "--continue-on-collection-errors"]
     if importlib.util.find_spec("pytest_timeout"):
         cmd += ["--timeout", str(run.args.test_timeout_s)]
     if run.args.test_workers > 1 and importlib.util.find_spec("xdist"):
@@ -425,8 +427,11 @@ def _tests(run: Run, sec: Section) -> None:
     cmd.append(str(target.relative_to(REPO)))
     limit = max(10.0, min(run.left("tests"), run.left()))
     sec.note(f"{' '.join(cmd[1:])} (limit {limit:.0f} s)")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if run.device.type == "cuda":  # the tests' conftest interprets Triton where it sees no /dev/nvidia0
+        env["TRITON_INTERPRET"] = "0"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
     output, stopped = "", None
     try:
         output, _ = proc.communicate(timeout=limit)
