@@ -11,8 +11,12 @@ import os
 import subprocess
 import sys
 
-import pytest
+from types import SimpleNamespace
 
+import pytest
+import torch
+
+from razorpass.bench import gpu
 from razorpass.bench.gpu import largest_fitting, parse_junit, parse_verbose
 
 CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
@@ -103,3 +107,37 @@ def test_reports_of_pytest_are_read(tmp_path):
             "collecting ... collected 3 items\n")
     assert [(r["test"], r["outcome"]) for r in parse_verbose(text)] == [
         ("tests/test_cuda.py::test_a", "passed"), ("tests/test_cuda.py::test_b[x]", "failed")]
+
+
+def test_the_cuda_only_lines_run_with_torch_cuda_stood_in_for(monkeypatch):
+    """The lines of the proof that only a GPU runs (event timing, the memory cap, the
+    machine's description), with torch.cuda's calls replaced: a mistake in them would
+    otherwise first show on the GPU."""
+    class Event:
+        def __init__(self, enable_timing: bool):
+            assert enable_timing
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end) -> float:
+            return 2.0
+
+    fractions = []
+    props = SimpleNamespace(total_memory=80 * 2**30, multi_processor_count=132, major=9, minor=0)
+    for name, value in {"Event": Event, "synchronize": lambda device=None: None, "empty_cache": lambda: None,
+                        "get_device_properties": lambda device=None: props, "get_device_name": lambda device=None: "GPU",
+                        "set_per_process_memory_fraction": lambda f, device=None: fractions.append(f)}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    cuda = torch.device("cuda")
+    assert gpu.median_ms(lambda: None, cuda, target_s=0.01) == 2.0
+    with gpu._Cap(16 * 2**30, cuda):
+        assert fractions == [0.2]
+    assert fractions == [0.2, 1.0]
+    meta = gpu._machine(cuda)
+    assert (meta["device"], meta["gpu_memory_bytes"], meta["gpu_sms"], meta["gpu_capability"]) == (
+        "GPU", 80 * 2**30, 132, "9.0")
+    assert gpu._is_oom(torch.OutOfMemoryError("CUDA out of memory")) and not gpu._is_oom(RuntimeError("shape"))
