@@ -76,6 +76,7 @@ SMOKE_OUT = pathlib.Path("razorpass-results/gpu-smoke")  # ignored by git: smoke
 MiB, GiB = 2**20, 2**30
 
 # Share of the time budget each section may use; what one leaves is the next one's.
+# ``--sections`` picks some and their order (the shares of the chosen ones scaled to 1).
 SHARES = {"tests": 0.22, "codecs": 0.12, "models": 0.66}
 
 
@@ -279,9 +280,10 @@ class Run:
         self.budget_s: float = args.budget_s
         self.sections: dict[str, Section] = {}
         self.meta: dict[str, Any] = {}
+        self.order = args.sections.split(",")
         cum, self.ends = 0.0, {}
-        for name, share in SHARES.items():
-            cum += share
+        for name in self.order:
+            cum += SHARES[name] / sum(SHARES[n] for n in self.order)
             self.ends[name] = self.started + cum * self.budget_s
 
     def left(self, section: str | None = None) -> float:
@@ -307,14 +309,14 @@ class Run:
             except Exception as e:  # noqa: BLE001 - a figure must not sink the numbers
                 print(f"gpu.png not written: {type(e).__name__}: {e}", flush=True)
 
-    def section(self, name: str, body: Callable[[Section], None], skip: str | None = None) -> None:
+    def section(self, name: str, body: Callable[[Section], None]) -> None:
+        """Run ``body`` as section ``name``: its status, time and error recorded whatever
+        happens, every file written after it."""
         sec = self.sections[name] = Section(name)
         t0 = time.monotonic()
         print(f"== {name} ({max(0.0, self.left(name)):.0f} s of the budget)", flush=True)
         try:
-            if skip:
-                sec.status = f"skipped ({skip})"
-            elif self.left(name) <= 0:
+            if self.left(name) <= 0:
                 sec.status = "skipped (no time left in the budget)"
             else:
                 body(sec)
@@ -422,12 +424,14 @@ def _tests(run: Run, sec: Section) -> None:
            "--continue-on-collection-errors"]
     if importlib.util.find_spec("pytest_timeout"):
         cmd += ["--timeout", str(run.args.test_timeout_s)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if run.args.test_workers > 1 and importlib.util.find_spec("xdist"):
         cmd += ["-n", str(run.args.test_workers)]
+        # each worker's Inductor starts a pool of compile processes: share the cores
+        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 1) // run.args.test_workers)))
     cmd.append(str(target.relative_to(REPO)))
     limit = max(10.0, min(run.left("tests"), run.left()))
     sec.note(f"{' '.join(cmd[1:])} (limit {limit:.0f} s)")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if run.device.type == "cuda":  # the tests' conftest interprets Triton where it sees no /dev/nvidia0
         env["TRITON_INTERPRET"] = "0"
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -765,9 +769,10 @@ def _models(run: Run, sec: Section) -> None:
         if run.smoke:  # compiled steps run eagerly: razorpass says so once per model
             warnings.filterwarnings("ignore", category=RuntimeWarning, message="razorpass:.*")
         for i, spec in enumerate(specs):
-            # ViT-B/16 may take what the models after it leave; each of those its share
-            end = run.ends["models"] - sum(0.3 * run.budget_s * SHARES["models"] for _ in specs[i + 1:])
-            _run_model(run, sec, spec, steps, searches, end)
+            # of what is left of the section, ViT-B/16 (first) may start methods in the
+            # first 70%, the last model in all of it
+            left = run.ends["models"] - time.monotonic()
+            _run_model(run, sec, spec, steps, searches, time.monotonic() + left * (0.7 if i < len(specs) - 1 else 1.0))
 
 
 def _stance(smoke: bool):
@@ -790,6 +795,8 @@ def _run_model(run: Run, sec: Section, spec: ModelSpec, steps: list[dict], searc
     for name in METHOD_NAMES:
         if time.monotonic() >= end or run.left("models") <= 0:
             steps.append({"model": spec.name, "method": name, "status": "skipped (time budget)"})
+            if sec.status == "not run":
+                sec.status = "stopped (time budget)"
             continue
         t0, trainee = time.monotonic(), None
         try:
@@ -901,7 +908,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (or GPU): checks the script in seconds")
     p.add_argument("--out", type=pathlib.Path, help=f"output folder (default {DEFAULT_OUT}; --smoke: {SMOKE_OUT})")
     p.add_argument("--budget-s", type=float, default=450.0, help="time budget of the whole run, seconds (default 450)")
-    p.add_argument("--sections", default="tests,codecs,models", help="comma-separated subset of tests,codecs,models")
+    p.add_argument("--sections", default=",".join(SHARES),
+                   help=f"the sections to run, in this order (default {','.join(SHARES)})")
     p.add_argument("--models", default=",".join(m.name for m in MODELS),
                    help="comma-separated models of the models section (default: all of them)")
     p.add_argument("--cap-gib", type=float, help="memory cap of the batch search (default 16; --smoke 0.0012)")
@@ -917,9 +925,9 @@ def _alarm(signum, frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    unknown = set(args.sections.split(",")) - set(SHARES)
-    if unknown:
-        _parser().error(f"unknown sections {sorted(unknown)}; choose from {','.join(SHARES)}")
+    chosen = args.sections.split(",")
+    if set(chosen) - set(SHARES) or len(set(chosen)) != len(chosen):
+        _parser().error(f"--sections takes each of {','.join(SHARES)} at most once, got {args.sections}")
     if not args.smoke and not torch.cuda.is_available():
         print("razorpass.bench.gpu: no CUDA device (torch.cuda.is_available() is False); "
               "--smoke runs the tiny CPU check instead", file=sys.stderr)
@@ -950,10 +958,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"razorpass GPU proof on {run.meta['device']}: torch {torch.__version__}, Triton {run.meta['triton']}, "
               f"CUDA {run.meta['cuda']}, commit {run.meta['commit'][:12]}, code {run.meta['code_hash']}; "
               f"budget {args.budget_s:.0f} s -> {args.out}", flush=True)
-        chosen = set(args.sections.split(","))
         bodies = {"tests": _tests, "codecs": _codecs, "models": _models}
-        for name, body in bodies.items():
-            run.section(name, lambda sec, b=body: b(run, sec), skip=None if name in chosen else "not chosen")
+        for name in run.order:
+            run.section(name, lambda sec, b=bodies[name]: b(run, sec))
     except OutOfTime:
         print("time budget spent", flush=True)
     finally:
@@ -963,7 +970,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{time.monotonic() - run.started:.0f} s", flush=True)
     summary = {n: s.status for n, s in run.sections.items()}
     print("sections: " + ", ".join(f"{n} {s}" for n, s in summary.items()), flush=True)
-    return 0 if all(s.startswith(("ok", "skipped (not chosen)")) for s in summary.values()) else 1
+    return 0 if all(s == "ok" for s in summary.values()) else 1
 
 
 if __name__ == "__main__":
