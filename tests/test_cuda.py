@@ -7,7 +7,8 @@ that a mistake in them shows in ``make test`` before a GPU is lent.
   (Triton on CUDA) and with ``backend="triton"``, the bits ``backend="torch"`` (the
   PyTorch kernel, the definition) gives, on random and edge data (ties, signed zeros,
   NaN / inf, values equal to the last bits), in a shape of whole groups and a padded
-  one. An op without ``backend=`` skips, named.
+  one; the top-k also in groups of one ViT-B/16 sample (the Triton kernel's tiled
+  path). An op without ``backend=`` skips, named.
 * Gradients: ``razorpass.compile`` (the ``razor`` backend, Inductor) on a tiny ViT, a
   tiny BERT (both SDPA, as Hugging Face picks on a GPU) and a small CNN, in float32
   and under bf16 autocast, with the "accurate" and "backrazor" policies, against
@@ -33,7 +34,7 @@ import torch
 
 import razorpass
 from razorpass import RazorConfig, reference
-from razorpass.bench.gpu import CODECS, accepts_backend, codec_outputs
+from razorpass.bench.gpu import CODECS, Codec, accepts_backend, codec_outputs
 
 from .test_matrix import MODELS
 from .test_matrix import _run as _run_hf
@@ -54,11 +55,12 @@ def _same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
         assert torch.equal(got, want), f"{what}: codes differ"
 
 
-def check_codec(op: str, pattern: str, dtype: torch.dtype, shape: tuple[int, int], device: str) -> None:
+def check_codec(op: str, pattern: str, dtype: torch.dtype, shape: tuple[int, int], device: str,
+                codecs: tuple[Codec, ...] = CODECS) -> None:
     """``razor::<op>`` with each of the device's backends equals ``backend="torch"``."""
     if not accepts_backend(op):
         pytest.skip(f"razor::{op} takes no backend= argument")
-    codec = next(c for c in CODECS if c.op == op)
+    codec = next(c for c in codecs if c.op == op)
     x = make(pattern, math.prod(shape), dtype).view(shape).to(device)
     args = codec.args(x)
     fn = getattr(torch.ops.razor, op)
@@ -83,6 +85,27 @@ KERNEL_CASES = [
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_codec_backends_agree_on_cuda(op, pattern, dtype, shape):
     check_codec(op, pattern, dtype, SHAPES[shape], "cuda")
+
+
+def _sample_topk(x):  # top-k per sample (granularity="sample"): one group per row
+    return x, x.shape[1], RazorConfig(granularity="sample").keep_count(x.shape[1]), torch.bfloat16
+
+
+# Groups of one ViT-B/16 sample (197 x 768): the Triton top-k's tiled path (radix
+# select over several programs per group), which the default block groups never take.
+SAMPLE_CODECS = (
+    Codec("compress", _sample_topk),
+    Codec("decompress", lambda x: (*torch.ops.razor.compress(*_sample_topk(x)), list(x.shape), x.shape[1], x.dtype)),
+)
+
+
+@pytest.mark.parametrize("op", [c.op for c in SAMPLE_CODECS])
+@pytest.mark.parametrize("pattern", ["random", "ties", "special", "close"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sample_groups_agree_on_cuda(op, pattern, dtype):
+    check_codec(op, pattern, dtype, (3, 197 * 768), "cuda", SAMPLE_CODECS)
 
 
 # ------------------------------------------------------------------ gradients and records
@@ -172,6 +195,8 @@ def test_codec_check_runs_on_cpu():
     for codec in CODECS:
         if accepts_backend(codec.op):
             check_codec(codec.op, "special", torch.float32, SHAPES["padded"], "cpu")
+    for codec in SAMPLE_CODECS:
+        check_codec(codec.op, "ties", torch.bfloat16, (2, 300), "cpu", SAMPLE_CODECS)
 
 
 @pytest.mark.parametrize(("model_name", "policy", "path"), [("bert-sdpa", "accurate", "fp32"),
