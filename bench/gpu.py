@@ -970,7 +970,14 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{time.monotonic() - run.started:.0f} s", flush=True)
     summary = {n: s.status for n, s in run.sections.items()}
     print("sections: " + ", ".join(f"{n} {s}" for n, s in summary.items()), flush=True)
-    return 0 if all(s == "ok" for s in summary.values()) else 1
+    code = 0 if all(s == "ok" for s in summary.values()) else 1
+    if any(s.startswith("stopped") for s in summary.values()):
+        # stopped inside a compile, maybe: Inductor's compile workers may still be busy, and
+        # the interpreter's exit would wait for them; every file is written
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
