@@ -1,9 +1,9 @@
 """The GPU proof: ``python -m razorpass.bench.gpu`` (``make gpu``), one command on one
 CUDA GPU, within a time budget (default 7.5 minutes).
 
-Sections, in this order; each writes its files as soon as it ends (the models section
-after every method), and a section that fails is recorded with its error while the
-next one runs:
+Sections, in this order unless ``--sections`` picks others; each writes its files as
+soon as it ends (the models section after every method), and a section that fails is
+recorded with its error while the next one runs:
 
 =======  ==========================================================================
 tests    the CUDA test tier, ``pytest -m cuda tests/`` in a subprocess with a time
@@ -24,8 +24,8 @@ models   ViT-B/16 (224 px) and a MiniLM-shaped BERT (seq 128), random init, bf16
 
 ``gpu.json`` holds the machine (device, torch / Triton / CUDA versions, commit, date),
 each section's status, time and error, and every row; ``gpu.png`` plots codec GB/s
-against the copy, and peak, step time and largest batch per method. Seven files: the
-device machine returns at most eight from its output folder (``--out``).
+against the copy, and peak, step time and largest batch per method. Seven files in
+``--out``: a folder that keeps eight holds the log too.
 
 Every method of a model is compiled once, with the batch marked dynamic, and that one
 compiled step serves both batches and the batch search. Plain compile stays compiled
