@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.razorpass-installed
 # compiled models; more only adds memory on a 2-core CI machine).
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu
 
 install: $(STAMP)
 
@@ -28,3 +28,14 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The GPU proof (bench/README.md, "GPU proof"), on a CUDA machine whose python already
+# has torch, Triton, transformers and pytest: no venv, razorpass installed without its
+# dependencies and without the network, then every section within the time budget.
+# `make gpu GPU_ARGS="--out DIR"` writes there instead of bench/results/gpu.
+GPU_PYTHON ?= python3
+GPU_ARGS   ?=
+
+gpu:
+	$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation --no-index -e .
+	$(GPU_PYTHON) -m razorpass.bench.gpu $(GPU_ARGS)

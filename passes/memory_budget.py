@@ -41,7 +41,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+try:
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+except ImportError:  # torch < 2.13 has no optimization_hint; its size_hint gives the same hint for the
+    # backed sizes the planner reads (the GPU image runs torch 2.11)
+    from torch.fx.experimental.symbolic_shapes import size_hint as optimization_hint
 
 from ..kernels.quantize import GROUP_BITS
 from .codecs import CODECS
