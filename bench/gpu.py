@@ -114,7 +114,7 @@ def _centered(x):  # a BatchNorm input: x - mean of each channel (dim 1), in gro
 
 
 def _gelu_deriv(x):  # the GELU derivative's 3-bit code on its fixed range
-    from razorpass.kernels.quantize import GELU_DERIVATIVE_RANGE
+    from razorpass.config import GELU_DERIVATIVE_RANGE
 
     lo, hi = GELU_DERIVATIVE_RANGE["none"]
     return x, _defaults().gelu_derivative_bits, lo, hi

@@ -69,16 +69,17 @@ def compress(
 ) -> Compressed:
     """Compress ``x`` by razorpass's rule (top-k magnitudes per group, packed bitmask).
 
-    ``backend`` picks the kernel: "auto" (Triton on CUDA, PyTorch elsewhere), "torch"
+    ``backend`` picks the kernel as the ``razor::`` ops do (``razorpass.kernels.ops``):
+    "auto" (the native kernel on CPU, Triton on CUDA, else PyTorch), "torch", "native"
     or "triton".
     """
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    from .kernels import ops
+
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
     if not x.is_floating_point():
         raise ValueError(f"razorpass.compress takes a floating-point tensor, got {x.dtype}")
     cfg = RazorConfig(sparsity=sparsity, granularity=granularity, block_size=block_size, value_dtype=value_dtype)
-    from .kernels import ops
-
     # A "sample" of a zero-size tensor ((3, 0) and the like) has 0 elements; the
     # kernels divide by the group size (the native one dies of SIGFPE). With no
     # elements there are no groups whatever the size, so take groups of 1.

@@ -74,3 +74,19 @@ def test_inline_forms_are_the_ops_bit_for_bit():
     assert torch.equal(a.view(torch.int32), b.view(torch.int32))
     assert [c.encoding for c in CODECS.values() if c.inline_encode or c.inline_decode] == [Encoding.UNIFORM,
                                                                                         Encoding.PACKED_MASK]
+
+
+def test_the_registry_names_the_kernels_the_ops_run():
+    from razorpass.kernels import ops
+
+    for codec in CODECS.values():
+        for op in (codec.encode, codec.decode):
+            takes_backend = any(a.name == "backend" for a in op._schema.arguments)
+            for device, kernels in codec.kernels.items():
+                if not takes_backend:
+                    assert kernels == ("torch",), op
+                    continue
+                assert kernels[-1] == "torch" and set(kernels) <= set(ops.BACKENDS)
+                if device == "cuda":
+                    pytest.importorskip("triton")
+                assert ops._kernel(str(op), torch.device(device), "auto") == kernels[0], (op, device)

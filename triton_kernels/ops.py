@@ -235,9 +235,8 @@ def _bit_weights(device) -> torch.Tensor:
 # Why planar and not 8 consecutive elements per byte: a compiled kernel that reads
 # (or writes) the mask beside a dense tensor then loads contiguous bytes with one
 # shift per plane, and vectorizes. With consecutive bits every element needs its own
-# shift and byte index i // 8, and Inductor's C++ kernels around a ReLU6 mask ran as
-# scalar loops (EfficientNet-Lite0: 15-18 ms for one (32, 96, 56, 56) BatchNorm
-# backward).
+# shift and byte index i // 8, and Inductor's C++ kernels around a ReLU6 mask run as
+# scalar loops.
 @torch.library.custom_op("razor::pack_bits", mutates_args=())
 def pack_bits(x: torch.Tensor) -> torch.Tensor:
     """Pack a boolean tensor 8 elements per byte, bit-planar: with ``n`` elements in
