@@ -319,11 +319,13 @@ NORM_CLASSES = frozenset({OpClass.LAYERNORM, OpClass.BATCHNORM})
 
 
 def _operand_key(a):
-    """An operand up to order-preserving reshapes that broadcast alike: (1, C, 1, 1) and
-    (C, 1, 1) views of one per-channel tensor are the same operand."""
+    """An operand up to order-preserving reshapes that broadcast alike and dtype casts:
+    (1, C, 1, 1) and (C, 1, 1) views of one per-channel tensor are the same operand, and
+    so are two float32 casts of one bfloat16 tensor (under autocast a BatchNorm's forward
+    and backward each cast its input)."""
     if not isinstance(a, fx.Node):
         return repr(a)
-    base = strip_views(a, ORDER_PRESERVING)[0]
+    base = strip_views(a, through=lambda n: n.target in ORDER_PRESERVING or n.target in _CASTS)[0]
     shape = tuple(getattr(a.meta.get("val"), "shape", ()))
     while shape and shape[0] == 1:
         shape = shape[1:]

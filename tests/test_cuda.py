@@ -173,11 +173,12 @@ def assert_near_reference(got: dict, ref: dict, dense: dict, tol: float) -> None
     assert gap > 2 * tol, f"the rule's effect ({gap:.3g} over all parameters) is not above the tolerance"
 
 
-# Under CPU bf16 autocast too, the compiled CNN gives conv2 (after a BatchNorm) a code of
-# its own bf16 input where the reference replays the norm's code through the cast
-# (conv2.weight 0.25 apart, the policy's effect 0.17).
-_CNN_AUTOCAST = pytest.mark.xfail(reason="accurate policy, BatchNorm -> conv under autocast: compiled and reference "
-                                         "store different codes (seen on the CPU as well)", strict=False)
+# Under bf16 autocast (on the CPU too) the CNN's first conv and BatchNorm, whose gradients
+# come through the BatchNorm backward, differ from the reference by about 60% of the
+# rule's effect (conv1.bias: 0.016 apart, effect 0.025); the weight gradients of the
+# layers after a norm agree. Cause not established.
+_CNN_AUTOCAST = pytest.mark.xfail(reason="accurate policy, BatchNorm backward under autocast: the gradients before "
+                                         "the norm differ from the reference beyond the tolerance", strict=False)
 GRAD_CASES = [pytest.param(m, p, a, id=f"{m}-{p}-{a}",
                            marks=[_CNN_AUTOCAST] if (m, p, a) == ("cnn", "accurate", "autocast") else [])
               for m in GRAD_MODELS for p in POLICIES for a in PATHS]

@@ -567,3 +567,24 @@ def test_shared_code_under_bf16_autocast_matches_the_reference():
     for k in ref:
         err = ((got[k].float() - ref[k].float()).norm() / ref[k].float().norm()).item()
         assert err < 4e-3, f"{k}: relative error {err:.3g}"
+
+
+def test_a_conv_after_a_batchnorm_under_bf16_autocast_reads_the_norms_code():
+    """Under autocast a BatchNorm normalizes a conv's bfloat16 output in float32, and its
+    backward recomputes x - mean from another float32 cast of that output: the next
+    conv's input is still γ·x̂+β (then ReLU6, a bfloat16 cast) of the norm's code, so it
+    stores no code of its own, as the reference does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(8, 4, 3))
+    with torch.no_grad():
+        model[1].weight.normal_()
+        model[1].bias.normal_()
+    inputs = (3 * torch.randn(2, 3, 20, 20),)
+    cfg = RazorConfig(compiler="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, _ = _grads_of(model, inputs, cfg, compiled=False)
+        got, (rec,) = _grads_of(model, inputs, cfg, compiled=True)
+    assert [set(c.op_classes) for c in rec.compressed] == [{"batchnorm", "conv"}]
+    err = ((got["3.weight"].float() - ref["3.weight"].float()).norm() / ref["3.weight"].float().norm()).item()
+    assert err < 1e-2, err
