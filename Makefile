@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench]"
+	# build the native CPU kernels now (C++, a minute or two), not inside the first test
+	$(PY) -c "from razorpass.kernels import quantize_cpu, topk_compress_cpu; quantize_cpu.load(); topk_compress_cpu.load()"
 	touch $(STAMP)
 
 demo: $(STAMP)

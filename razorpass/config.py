@@ -150,8 +150,8 @@ class RazorConfig:
     quant_group_size: int = 256
     # Group size of the batchnorm class: it stores x - mean, not divided by the channel's
     # deviation, and where a channel's map is smaller than a group, one group spans
-    # channels of different scales (EfficientNet-Lite0: gradient cosine 0.24 at 256,
-    # 0.87 at 64). A positive multiple of 8.
+    # channels of different scales (bench/README.md, "Gradient fidelity", measures the
+    # difference). A positive multiple of 8.
     batchnorm_group_size: int = 64
     # Fraction of the dense saved-for-backward bytes each compiled graph may keep, in
     # (0, 1]; None: no budget (every quantized class at ``quant_bits``). With a budget,

@@ -157,8 +157,10 @@ def test_record_compiles_records_a_graph_that_the_compile_caches_hold(tmp_path):
     # A second compile of the same graph with the caches on (what a second run of a
     # script gets) is an AOTAutograd cache hit, which skips the partitioner and with it
     # the record; inside record_compiles that cache is off, so the record is there.
-    # A fresh process: the tests' environment turns every cache off for good.
-    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_FORCE_DISABLE_CACHES"}
+    # A fresh process: the tests' environment turns the graph caches off for good.
+    off = ("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE",
+           "TORCH_DYNAMO_AUTOMATIC_DYNAMIC_LOCAL_PGO")
+    env = {k: v for k, v in os.environ.items() if k not in off}
     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-c", _CACHED_TWICE], env=env, capture_output=True, text=True,
                          cwd=pathlib.Path(__file__).parents[1], check=True).stdout.split("\n")

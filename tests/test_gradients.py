@@ -97,7 +97,9 @@ def test_eager_compiler_matches_reference(name, granularity):
     check(name, "eager", granularity)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# Inductor on three of the models: nanoGPT and ViT run under Inductor in test_policy,
+# test_targets and test_matrix (the passes themselves: test_passes.py).
+@pytest.mark.parametrize("name", ["mlp", "bert", "cnn"])
 def test_inductor_matches_reference(name):
     check(name, "inductor", "block")
 

@@ -33,8 +33,8 @@ def test_sdpa_target_compresses_attention():
     check("bert", "eager", "block", targets=("sdpa",), n_roots=8)
 
 
-@pytest.mark.parametrize("compiler", ["eager", "inductor"])
-@pytest.mark.parametrize("name", ["nanogpt", "vit", "bert"])
+@pytest.mark.parametrize(("name", "compiler"), [("nanogpt", "eager"), ("vit", "eager"), ("bert", "eager"),
+                                              ("bert", "inductor")])  # one model compiled by Inductor
 def test_all_targets_match_reference(name, compiler):
     check(name, compiler, "block", targets=("all",), n_roots=None)
 
