@@ -395,6 +395,18 @@ def test_native_backend_falls_back_only_where_the_kernel_declines(monkeypatch):
     assert calls == [torch.float32]  # the stub declines nothing; a real unbuilt kernel returns None
 
 
+def test_centered_bfloat16_under_auto_runs_without_a_native_kernel(monkeypatch):
+    """A bfloat16 BatchNorm input is centered first and quantized with the backend asked
+    for: under "auto" with no native kernel, the PyTorch one (it used to ask for the
+    native kernel by name, an error)."""
+    monkeypatch.setattr(quantize_cpu, "load", lambda: None)
+    x = torch.randn(2, 4, 6, 6, generator=_gen(12)).to(torch.bfloat16)
+    center = torch.randn(4, generator=_gen(13)).to(torch.bfloat16)
+    want = quantize.torch_quantize_group(x - center.view(1, -1, 1, 1), 64, 3)
+    for a, b in zip(ops.quantize_group_centered(x, center, 64, 3, "auto"), want):
+        assert_same(a, b)
+
+
 def test_importing_the_ops_does_not_import_triton():
     code = "import sys, razorpass.kernels.ops; assert 'triton' not in sys.modules, 'triton imported'"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -25,7 +25,8 @@ kernel (``*_triton.py``). Its last argument ``backend`` picks one (``BACKENDS``)
   interpreter (``TRITON_INTERPRET=1`` before Triton is imported: the tests).
 
 ``pack_bits`` / ``unpack_bits`` and ``rank_tokens`` are plain PyTorch on every device,
-as are the ``fused_*`` forms, which a compiler inlines into the kernels around them.
+as are the ``fused_*`` forms here and in ``fused_quantize.py`` (the quantizers), which a
+compiler inlines into the kernels around them (``RazorConfig.codec_form``).
 Importing this module imports no Triton and builds nothing: a native kernel is built on
 its first use, a Triton module imported when one of its kernels first runs.
 """
@@ -448,7 +449,7 @@ def quantize_group_centered(x: torch.Tensor, center: torch.Tensor, group_size: i
     return _run("razor::quantize_group_centered", x.device, backend, _QUANT,
                 torch_kernel=lambda: subtract_first("torch"),
                 native=lambda cpu: (cpu.cpu_quantize_group_centered(x, center, group_size, bits)
-                                    if x.dtype == center.dtype == torch.float32 else subtract_first("native")),
+                                    if x.dtype == center.dtype == torch.float32 else subtract_first(backend)),
                 triton=lambda tq: tq.triton_quantize_group_centered(x, center, group_size, bits))
 
 
