@@ -13,9 +13,12 @@ declares:
   ``hoist_decodes``, ``fold_affine``) work on decoded values only;
 * ``nbytes``: the byte rule, the bytes of the encoded form of ``numel`` elements
   (ceil-division only, so it holds for symbolic sizes);
-* ``inline_encode`` / ``inline_decode``: the op as plain tensor ops, which the compiler
-  fuses into the kernels around it (``inline_codecs`` swaps them in under Inductor);
-  None where the op stays opaque;
+* ``inline_encode`` / ``inline_decode``: the op as plain tensor ops (its *generated
+  form*), which the compiler fuses into the kernels around it (``inline_codecs`` swaps
+  them in under Inductor); None where the op stays opaque;
+* ``generated_on``: per device type, which of ``"encode"`` / ``"decode"``
+  ``codec_form="auto"`` gives in the generated form (the others run their kernel); the
+  module's last section says why for each;
 * ``kernels``: per device type, the kernels the op's ``backend="auto"`` runs, in order of
   preference (the op falls back to the next where one declines a case).
 
@@ -27,15 +30,17 @@ The passes and the post-partition check ask the registry (``encode_ops``,
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 from torch._ops import OpOverload
 
+from ..kernels import fused_quantize as fq
 from ..kernels import ops
 from ..kernels.ops import compressed_shapes, group_quantized_shapes, offsets_dtype, packed_numel, quantized_numel
 from .records import CompressedRoot, PackedMask, QuantizedDerivative, QuantizedRoot
-from .vocab import Encoding
+from .vocab import CodecForm, Encoding
 
 __all__ = ["Codec", "register", "CODECS", "codec_of", "encode_ops", "value_decode_ops"]
 
@@ -54,6 +59,18 @@ class Codec:
     kernels: Mapping[str, tuple[str, ...]]
     inline_encode: Callable | None = None
     inline_decode: Callable | None = None
+    generated_on: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
+
+    def generated(self, direction: str, device_type: str, form: CodecForm) -> Callable | None:
+        """The plain-op form of the encode (``direction`` "encode") or decode that
+        ``inline_codecs`` swaps in under ``form`` for a tensor on ``device_type``; None:
+        the op stays."""
+        fn = self.inline_encode if direction == "encode" else self.inline_decode
+        if fn is None or form is CodecForm.KERNEL:
+            return None
+        if form is CodecForm.AUTO and direction not in self.generated_on.get(device_type, ()):
+            return None
+        return fn
 
 
 CODECS: dict[Encoding, Codec] = {}
@@ -119,17 +136,34 @@ def packed_mask_bytes(numel):
 _NATIVE_FIRST = {"cpu": ("native", "torch"), "cuda": ("triton", "torch")}
 _PLAIN = {"cpu": ("torch",), "cuda": ("torch",)}
 
+# Where ``codec_form="auto"`` generates a codec. The lossless bit packing and the GELU
+# derivative's decode are integer ops and one multiply-add: generated on every device.
+# The quantizers' generated form is bit-identical to their kernels on Inductor's C++
+# backend (tested), and on CPU it loses: on ViT-B/16 it raised the step peak and the step
+# time against the native kernels (``bench/README.md``, "Codec forms"), so "auto" keeps
+# their kernels there. On CUDA too: Inductor's CUDA lowering turns a division by a
+# constant into a product by its reciprocal and its Triton code may contract the
+# decode's multiply-add, so the generated form need not be the kernels' rule bit for bit,
+# and neither form has been timed on a GPU (the GPU proof's codecs section times both
+# and says whether they agree).
+_BOTH = frozenset({"encode", "decode"})
+_EVERYWHERE = MappingProxyType({"cpu": _BOTH, "cuda": _BOTH})
+_DECODE_EVERYWHERE = MappingProxyType({"cpu": frozenset({"decode"}), "cuda": frozenset({"decode"})})
+
 register(Codec(Encoding.TOPK_MASK, razor.compress.default, razor.decompress.default, CompressedRoot,
                lossless=False, values=True, nbytes=topk_mask_bytes, kernels=_NATIVE_FIRST))
 register(Codec(Encoding.TOPK_OFFSETS, razor.compress_offsets.default, razor.decompress_offsets.default,
                CompressedRoot, lossless=False, values=True, nbytes=topk_offsets_bytes, kernels=_NATIVE_FIRST))
 register(Codec(Encoding.GROUP, razor.quantize_group.default, razor.dequantize_group.default, QuantizedRoot,
-               lossless=False, values=True, nbytes=group_bytes, kernels=_NATIVE_FIRST))
+               lossless=False, values=True, nbytes=group_bytes, kernels=_NATIVE_FIRST,
+               inline_encode=fq.fused_quantize_group, inline_decode=fq.fused_dequantize_group))
 register(Codec(Encoding.GROUP_CENTERED, razor.quantize_group_centered.default, razor.dequantize_group.default,
-               QuantizedRoot, lossless=False, values=True, nbytes=group_bytes, kernels=_NATIVE_FIRST))
+               QuantizedRoot, lossless=False, values=True, nbytes=group_bytes, kernels=_NATIVE_FIRST,
+               inline_encode=fq.fused_quantize_group_centered, inline_decode=fq.fused_dequantize_group))
 register(Codec(Encoding.UNIFORM, razor.quantize_uniform.default, razor.dequantize_uniform.default,
                QuantizedDerivative, lossless=False, values=True, nbytes=uniform_bytes, kernels=_NATIVE_FIRST,
-               inline_decode=ops.fused_dequantize_uniform))
+               inline_encode=fq.fused_quantize_uniform, inline_decode=ops.fused_dequantize_uniform,
+               generated_on=_DECODE_EVERYWHERE))
 register(Codec(Encoding.PACKED_MASK, razor.pack_bits.default, razor.unpack_bits.default, PackedMask,
                lossless=True, values=False, nbytes=packed_mask_bytes, kernels=_PLAIN,
-               inline_encode=ops.fused_pack_bits, inline_decode=ops.fused_unpack_bits))
+               inline_encode=ops.fused_pack_bits, inline_decode=ops.fused_unpack_bits, generated_on=_EVERYWHERE))

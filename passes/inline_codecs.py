@@ -3,13 +3,18 @@ form (``Codec.inline_encode`` / ``inline_decode`` in the registry) as those ops,
 it fuses them into the kernels around them.
 
 Runs on the partitioned forward and backward graphs, after ``check_saved`` and after
-the saved tensors were described, and only when the inner compiler is Inductor. Today
-that is the lossless bit packing (``razor::pack_bits``: the mask and its bytes in one
-kernel, so the one-byte-per-element boolean tensor is never written;
-``razor::unpack_bits``: folded into the kernel that reads the mask) and the decode of a
-GELU's derivative codes (``razor::dequantize_uniform``: folded into the GELU backward's
-multiply, so the decoded derivative is never written). The per-group quantizers and
-their decode stay opaque ops with native and Triton kernels.
+the saved tensors were described, and only when the inner compiler is Inductor. Which
+ops it swaps is the config's ``codec_form`` and, under "auto", the registry's
+``Codec.generated_on`` for the op's device: the lossless bit packing
+(``razor::pack_bits``: the mask and its bytes in one kernel, so the one-byte-per-element
+boolean tensor is never written; ``razor::unpack_bits``: folded into the kernel that
+reads the mask), the GELU derivative's codes (``razor::quantize_uniform`` written by the
+kernel that computes the derivative, ``razor::dequantize_uniform`` folded into the GELU
+backward's multiply), and the per-group quantizers (``razor::quantize_group`` /
+``_centered`` written by the kernel that computes the activation,
+``razor::dequantize_group`` read by the kernels that use it). Top-k stays an op: a
+selection is no pointwise code. Only float32 codecs are generated: a bfloat16 / float16
+activation or decoded tensor keeps the op, whose values are the rounded ones.
 
 Invariants: what crosses from forward to backward is unchanged (the partition was
 decided with the ops opaque, and the encoded bytes are still the forward output); the
@@ -22,8 +27,10 @@ different.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable
 
+import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -32,7 +39,7 @@ from .codecs import codec_of
 from .common import fake_mode_of
 from .context import PassContext
 from .framework import GraphPass, PassResult, Stage
-from .vocab import Compiler
+from .vocab import CodecForm, Compiler
 
 __all__ = ["run", "inline", "PASS"]
 
@@ -42,7 +49,9 @@ log = logging.getLogger("razorpass")
 def inline(graph: fx.Graph, node: fx.Node, fn: Callable, fake_mode) -> None:
     """Replace ``node`` by ``fn(*node.args)`` traced to aten ops under ``fake_mode`` (the
     graph's). The arguments that are graph nodes (tensors, or symbolic ints inside a
-    shape list) become the traced function's inputs; ``fn`` must return one tensor."""
+    shape list) become the traced function's inputs; ``fn`` returns one tensor, or a
+    tuple where the op has several outputs (its users, ``getitem`` nodes, then read the
+    traced outputs directly)."""
     flat, spec = pytree.tree_flatten(node.args)
     nodes = [a for a in flat if isinstance(a, fx.Node)]
 
@@ -64,18 +73,43 @@ def inline(graph: fx.Graph, node: fx.Node, fn: Callable, fake_mode) -> None:
             if n.op == "placeholder":
                 continue
             if n.op == "output":
-                out = env[n.args[0]]
+                out = n.args[0]
                 break
             env[n] = graph.node_copy(n, lambda a: env[a])
-    node.replace_all_uses_with(out)
+    if isinstance(out, (tuple, list)):  # an op of several outputs: its users are getitems
+        for user in list(node.users):
+            if user.op != "call_function" or user.target is not operator.getitem:
+                raise RuntimeError(f"{node.name} of {len(out)} outputs has a user that is no getitem")
+            user.replace_all_uses_with(env[out[user.args[1]]])
+            graph.erase_node(user)
+    else:
+        node.replace_all_uses_with(env[out])
     graph.erase_node(node)
 
 
-def _inline_form(node: fx.Node) -> Callable | None:
+def _float32_values(node: fx.Node, direction: str) -> bool:
+    """The values the codec turns into codes (an encode's inputs) or gives back (a
+    decode's output) are float32, or not floating at all (masks). bfloat16 / float16
+    values keep the op: fused with its producer or consumer, Inductor keeps a 16-bit
+    value in float32 and elides its rounding, so the generated codes (or the values a
+    consumer reads) would part from the op's. (The bfloat16 bounds are storage, exact.)"""
+    if direction == "encode":
+        vals = [a.meta.get("val") for a in node.all_input_nodes]
+    else:
+        vals = [node.meta.get("val")]
+    return all(v.dtype == torch.float32 for v in vals if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+
+def _inline_form(node: fx.Node, form: CodecForm) -> Callable | None:
     codec = codec_of(node.target) if node.op == "call_function" and not node.kwargs else None
     if codec is None:
         return None
-    return codec.inline_encode if node.target is codec.encode else codec.inline_decode
+    direction = "encode" if node.target is codec.encode else "decode"
+    vals = [a.meta.get("val") for a in node.all_input_nodes]
+    devices = {v.device.type for v in vals if isinstance(v, torch.Tensor)}
+    if len(devices) != 1 or not _float32_values(node, direction):
+        return None
+    return codec.generated(direction, devices.pop(), form)
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -84,7 +118,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     fake_mode = fake_mode_of(gm)  # bails out on a graph without fake metadata
     done = 0
     for node in list(gm.graph.nodes):
-        fn = _inline_form(node)
+        fn = _inline_form(node, ctx.config.codec_form)
         if fn is None:
             continue
         try:

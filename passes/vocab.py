@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["OpClass", "Policy", "Granularity", "TopkLayout", "Encoding", "Storage", "Compiler", "GeluEncoding", "SkipReason",
+__all__ = ["OpClass", "Policy", "Granularity", "TopkLayout", "Encoding", "Storage", "Compiler", "CodecForm", "GeluEncoding", "SkipReason",
            "Skip", "parse"]
 
 
@@ -78,6 +78,14 @@ class Compiler(_Named):
 
     INDUCTOR = "inductor"
     EAGER = "eager"
+
+
+class CodecForm(_Named):
+    """Which form of a codec runs under Inductor (``RazorConfig.codec_form``)."""
+
+    AUTO = "auto"  # per codec and device: the registry's measured choice (``Codec.generated_on``)
+    KERNEL = "kernel"  # the op and its native / Triton kernel, opaque to the compiler
+    GENERATED = "generated"  # the plain-op form wherever a codec has one: fused by the compiler
 
 
 class GeluEncoding(_Named):

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from .passes.vocab import Compiler, GeluEncoding, Granularity, OpClass, Policy, Storage, TopkLayout, parse
+from .passes.vocab import CodecForm, Compiler, GeluEncoding, Granularity, OpClass, Policy, Storage, TopkLayout, parse
 
 __all__ = ["RazorConfig", "TARGETS", "DEFAULT_TARGETS", "BACKRAZOR_TARGETS", "VALUE_DTYPES", "GRANULARITIES",
-           "COMPILERS", "GELU_ENCODINGS", "TOPK_LAYOUTS", "GELU_DERIVATIVE_RANGE", "POLICIES", "QUANT_BITS", "TOPK_CLASSES",
-           "OpClass", "Policy", "Granularity", "TopkLayout", "Compiler", "GeluEncoding", "Storage"]
+           "COMPILERS", "CODEC_FORMS", "GELU_ENCODINGS", "TOPK_LAYOUTS", "GELU_DERIVATIVE_RANGE", "POLICIES", "QUANT_BITS", "TOPK_CLASSES",
+           "OpClass", "Policy", "Granularity", "TopkLayout", "Compiler", "CodecForm", "GeluEncoding", "Storage"]
 
 # The names a config's fields take are the members of the enums in
 # ``razorpass.passes.vocab`` (strings are accepted and converted); the tuples below list
@@ -55,6 +55,7 @@ GRANULARITIES: tuple[str, ...] = tuple(g.value for g in Granularity)
 # the decoded tensor is the same either way.
 TOPK_LAYOUTS: tuple[str, ...] = tuple(t.value for t in TopkLayout)
 COMPILERS: tuple[str, ...] = tuple(c.value for c in Compiler)
+CODEC_FORMS: tuple[str, ...] = tuple(f.value for f in CodecForm)
 # How the "gelu" target stores what the GELU backward reads:
 #   topk:   the GELU input x, top-k sparsified like every other class;
 #   derivN: the derivative gelu'(x) (all the backward needs: grad_in = grad * gelu'(x)),
@@ -137,6 +138,13 @@ class RazorConfig:
     exclude: tuple[str, ...] = ()
     # Inner compiler: "inductor" (default) or "eager" (AOTAutograd, no codegen).
     compiler: Compiler = Compiler.INDUCTOR
+    # Under Inductor, which form of each codec runs (``CODEC_FORMS``): "kernel" keeps the
+    # encode and decode ops (their native / Triton kernels); "generated" gives Inductor
+    # their plain-op form, which it writes into the kernels that produce and read the
+    # activation; "auto" takes, per codec and device, the form the registry names
+    # (``passes/codecs.py``). The codes are the same bit for bit on CPU; gradients then
+    # agree to float rounding (Inductor may sum around a fused decode in another order).
+    codec_form: CodecForm = CodecForm.AUTO
     # What the "gelu" target saves (names from ``GELU_ENCODINGS``): "topk" sparsifies
     # the GELU input; "deriv2" / "deriv3" / "deriv4" save gelu'(x) quantized to 2 / 3 / 4
     # bits instead (the GELU input is then not saved for the GELU backward at all).
@@ -219,6 +227,7 @@ class RazorConfig:
         object.__setattr__(self, "include", _as_patterns("include", self.include))
         object.__setattr__(self, "exclude", _as_patterns("exclude", self.exclude))
         object.__setattr__(self, "compiler", parse(Compiler, self.compiler, "compiler"))
+        object.__setattr__(self, "codec_form", parse(CodecForm, self.codec_form, "codec_form"))
         if self.gelu_encoding is not None:
             object.__setattr__(self, "gelu_encoding", parse(GeluEncoding, self.gelu_encoding, "gelu_encoding"))
         object.__setattr__(self, "trainable_blocks", _as_indices("trainable_blocks", self.trainable_blocks, none_ok=True))

@@ -10,7 +10,7 @@ import torch
 
 from razorpass.passes import codecs
 from razorpass.passes.codecs import CODECS, Codec, codec_of, encode_ops, register, value_decode_ops
-from razorpass.passes.vocab import Encoding
+from razorpass.passes.vocab import CodecForm, Encoding
 
 
 def _encode_args(codec: Codec, x: torch.Tensor):
@@ -72,8 +72,30 @@ def test_inline_forms_are_the_ops_bit_for_bit():
     a = uniform.decode(codes, [7, 9], 3, 0.0, 1.0, torch.float32)
     b = uniform.inline_decode(codes, [7, 9], 3, 0.0, 1.0, torch.float32)
     assert torch.equal(a.view(torch.int32), b.view(torch.int32))
-    assert [c.encoding for c in CODECS.values() if c.inline_encode or c.inline_decode] == [Encoding.UNIFORM,
-                                                                                        Encoding.PACKED_MASK]
+    assert [c.encoding for c in CODECS.values() if c.inline_encode or c.inline_decode] == [
+        Encoding.GROUP, Encoding.GROUP_CENTERED, Encoding.UNIFORM, Encoding.PACKED_MASK]
+
+
+def test_codec_form_picks_the_generated_form_per_device_and_direction():
+    """"auto" follows ``generated_on`` (the masks everywhere, the GELU derivative's decode
+    everywhere, the quantizers nowhere: measured slower on CPU, unmeasured on CUDA);
+    "kernel" never, "generated" wherever a form exists; top-k has none."""
+    group, uniform, packed = CODECS[Encoding.GROUP], CODECS[Encoding.UNIFORM], CODECS[Encoding.PACKED_MASK]
+    auto = CodecForm.AUTO
+    for device in ("cpu", "cuda"):
+        assert group.generated("encode", device, auto) is None and group.generated("decode", device, auto) is None
+        assert uniform.generated("encode", device, auto) is None
+        assert uniform.generated("decode", device, auto) is uniform.inline_decode is not None
+        assert packed.generated("encode", device, auto) is packed.inline_encode is not None
+        assert packed.generated("decode", device, auto) is packed.inline_decode is not None
+    assert group.generated("encode", "cpu", CodecForm.GENERATED) is group.inline_encode is not None
+    for codec in CODECS.values():
+        for direction in ("encode", "decode"):
+            form = codec.inline_encode if direction == "encode" else codec.inline_decode
+            for device in ("cpu", "cuda", "mps"):
+                assert codec.generated(direction, device, CodecForm.KERNEL) is None
+                assert codec.generated(direction, device, CodecForm.GENERATED) is form
+    assert CODECS[Encoding.TOPK_MASK].inline_encode is None and CODECS[Encoding.TOPK_OFFSETS].inline_decode is None
 
 
 def test_the_registry_names_the_kernels_the_ops_run():
@@ -90,3 +112,11 @@ def test_the_registry_names_the_kernels_the_ops_run():
                 if device == "cuda":
                     pytest.importorskip("triton")
                 assert ops._kernel(str(op), torch.device(device), "auto") == kernels[0], (op, device)
+
+
+def test_the_gpu_proof_times_the_registrys_generated_forms():
+    from razorpass.bench.gpu import generated_form
+
+    for codec in CODECS.values():
+        for op, form in ((codec.encode, codec.inline_encode), (codec.decode, codec.inline_decode)):
+            assert generated_form(op._schema.name.removeprefix("razor::")) is form, op

@@ -27,6 +27,7 @@ def test_defaults_are_the_documented_contract():
         ("value_dtype", "int8", "bfloat16"),
         ("targets", ("linear", "lstm"), "valid names are"),
         ("compiler", "tvm", "inductor"),
+        ("codec_form", "fused", "('auto', 'kernel', 'generated')"),
         ("keep_rate", 0.0, "(0, 1]"),
         ("keep_rate", 1.5, "(0, 1]"),
         ("trainable_blocks", ["a"], "block indices"),

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from razorpass.kernels import ops  # noqa: F401  (registers the razor:: ops named below)
 from razorpass.kernels.quantize import GELU_DERIVATIVE_RANGE
 from razorpass.passes.records import PackedMask, QuantizedDerivative, QuantizedRoot
 from razorpass.passes.vocab import Encoding, OpClass
@@ -171,21 +172,41 @@ def test_drop_backward_packs_uses_a_mask_recomputed_in_backward_as_it_is():
     _assert_same(p.grads, off.grads)
 
 
-def test_inline_codecs_hands_the_plain_op_forms_to_the_compiler():
+_CODECS = [razor.pack_bits.default, razor.unpack_bits.default, razor.quantize_uniform.default,
+           razor.dequantize_uniform.default, razor.quantize_group.default, razor.dequantize_group.default]
+
+
+@pytest.mark.parametrize("form,dtype,inlined", [
+    ("kernel", torch.float32, 0),
+    ("generated", torch.float32, 6),
+    ("auto", torch.float32, 3),  # the masks and the GELU derivative's decode (passes/codecs.py)
+    # the masks and the GELU derivative (the decomposition computes it in float32); the
+    # bfloat16 ReLU output keeps its quantizer ops
+    ("generated", torch.bfloat16, 4),
+])
+def test_inline_codecs_hands_the_plain_op_forms_to_the_compiler(form, dtype, inlined):
     params, inputs = _mlp_params()
+    params, inputs = [p.to(dtype) for p in params], [x.to(dtype) for x in inputs]
 
     def fn(w1, w2, x):
         return F.linear(torch.relu(F.gelu(F.linear(x, w1))), w2)
 
     # the pass acts under Inductor only; AOTAutograd's graphs still run eagerly here. The
-    # ReLU output is quantized for w2's gradient, so the mask is packed and unpacked.
-    p = partition(fn, params, inputs, {})
+    # ReLU output is quantized for w2's gradient, so the mask is packed and unpacked; the
+    # GELU derivative encoded and decoded.
+    p = partition(fn, params, inputs, {"codec_form": form})
     off = partition(fn, params, inputs, {}, off="inline_codecs")
-    inlined = [razor.pack_bits.default, razor.unpack_bits.default, razor.dequantize_uniform.default]
-    assert sum(len(off.calls(g, op)) for g in ("fw", "bw") for op in inlined) == 3
-    assert p.record.count("inline_codecs") == 3
-    assert not [op for g in ("fw", "bw") for op in inlined if p.calls(g, op)]
+    assert [len(off.calls(g, op)) for g in ("fw", "bw") for op in _CODECS] == [1, 0, 1, 0, 1, 0, 0, 1, 0, 1, 0, 1]
+    assert p.record.count("inline_codecs") == inlined
+    left = sum(len(p.calls(g, op)) for g in ("fw", "bw") for op in _CODECS)
+    assert left == 6 - inlined
+    if dtype == torch.bfloat16:
+        assert p.calls("fw", razor.quantize_group.default) and p.calls("bw", razor.dequantize_group.default)
     _assert_same(p.grads, off.grads)
+    # what crosses to backward is unchanged: the same saved tensors, shapes and dtypes
+    saved = [[(v.shape, v.dtype) for n in g.fw.graph.output_node().args[0]
+              if isinstance(v := n.meta.get("val"), torch.Tensor)] for g in (p, off)]
+    assert saved[0] == saved[1]
 
 
 def test_center_quantize_quantizes_a_batchnorm_input_centered_in_one_op():
