@@ -12,7 +12,10 @@ codecs   every ``razor::`` codec op on 64 MiB, 256 MiB and 1 GiB activations (fp
          bf16): median time (CUDA events), GB/s of the bytes it reads and writes,
          beside ``Tensor.copy_`` of the same input (the memory-bound limit):
          ``gpu_codecs.csv``. Ops that take ``backend=`` are timed with their default
-         and with ``backend="torch"`` (the PyTorch kernel)
+         and with ``backend="torch"`` (the PyTorch kernel); a codec with a generated
+         form (``codec_form="generated"``) also in that form, compiled alone by
+         Inductor, float32 only (what razorpass generates), with ``exact``: whether it
+         equals the kernel's output bit for bit
 models   ViT-B/16 (224 px) and a MiniLM-shaped BERT (seq 128), random init, bf16
          autocast, at batches 64 and 128, for plain compile, per-block
          checkpointing, ``activation_memory_budget=0.5`` and razorpass's defaults:
@@ -513,7 +516,52 @@ def _codecs_at(size: float, dtype: torch.dtype, with_backend: dict[str, bool], d
             rows.append({"op": codec.op, "backend": backend or "default",
                          **{**case, "dtype": "bool" if codec.reads_mask else case["dtype"]},
                          **_time_codec(codec, x, backend, copy_gbps, device, target_s)})
+        if generated_form(codec.op) is not None and dtype == torch.float32:  # razorpass generates float32 only
+            rows.append({"op": codec.op, "backend": "generated",
+                         **{**case, "dtype": "bool" if codec.reads_mask else case["dtype"]},
+                         **_time_generated(codec, x, copy_gbps, device, target_s)})
     return rows
+
+
+def generated_form(op: str) -> Callable | None:
+    """The plain-op form of ``razor::<op>`` that ``codec_form="generated"`` gives Inductor
+    (the codec registry's ``inline_encode`` / ``inline_decode``; a test holds this table
+    to it), or None: top-k has none."""
+    from razorpass.kernels import fused_quantize as fq
+    from razorpass.kernels import ops
+
+    return {"quantize_group": fq.fused_quantize_group, "quantize_group_centered": fq.fused_quantize_group_centered,
+            "dequantize_group": fq.fused_dequantize_group, "quantize_uniform": fq.fused_quantize_uniform,
+            "dequantize_uniform": ops.fused_dequantize_uniform, "pack_bits": ops.fused_pack_bits,
+            "unpack_bits": ops.fused_unpack_bits}.get(op)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _time_generated(codec: Codec, x: torch.Tensor, copy_gbps: float, device: torch.device, target_s: float) -> dict:
+    """The generated form alone, compiled by Inductor (one compile per op, the sizes
+    marked dynamic), timed like the op and compared with the op's default kernel bit
+    for bit: ``exact`` says whether the generated form is the kernel's rule on this
+    device (on CPU it is, by test; the default per device follows from this column)."""
+    try:
+        args = codec.args(x)
+        fn = _COMPILED.setdefault(codec.op, torch.compile(generated_form(codec.op), dynamic=True))
+        got, want = codec_outputs(fn(*args)), codec_outputs(_razor(codec.op)(*args))
+        exact = len(got) == len(want) and all(
+            a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                      b.reshape(-1).view(torch.uint8))
+            for a, b in zip(got, want))
+        io = _nbytes(args) + _nbytes(got)
+        del got, want
+        ms = median_ms(lambda: fn(*args), device, target_s)
+        gbps = io / (ms * 1e6)
+        return {"io_bytes": io, "ms": ms, "gbps": gbps, "copy_gbps": copy_gbps,
+                "pct_of_copy": 100 * gbps / copy_gbps, "status": "ok", "exact": exact}
+    except Exception as e:  # noqa: BLE001 - one form failing must not hide the others
+        return {"status": f"error: {_reason(e)}"}
+    finally:
+        _free(device, collect=False)
 
 
 def _time_codec(codec: Codec, x: torch.Tensor, backend: str | None, copy_gbps: float, device: torch.device,

@@ -51,6 +51,11 @@ def test_smoke_writes_every_file_with_real_rows(tmp_path):
     assert ops == {"copy", "quantize_group", "quantize_group_centered", "dequantize_group", "quantize_uniform",
                    "dequantize_uniform", "compress", "decompress", "compress_offsets", "decompress_offsets",
                    "pack_bits", "unpack_bits"}
+    # the generated forms beside the kernels (float32 values, and the masks), equal to them bit for bit
+    generated = {(r["op"], r["dtype"]): r["exact"] for r in codecs if r["backend"] == "generated"}
+    assert {op for op, _ in generated} == {"quantize_group", "quantize_group_centered", "dequantize_group",
+                                          "quantize_uniform", "dequantize_uniform", "pack_bits", "unpack_bits"}
+    assert {dtype for _, dtype in generated} == {"float32", "bool"} and set(generated.values()) == {"True"}
 
     steps = _rows(tmp_path / "gpu_steps.csv")
     assert {(r["model"], r["method"]) for r in steps if r["status"] == "ok"} == {
