@@ -24,6 +24,11 @@ native kernels' edge cases). What keeps them identical:
   contraction). On CUDA neither is promised, which is why the generated form is not
   the CUDA default (``passes/codecs.py``).
 
+A bfloat16 / float16 input is the exception: fused with the op that computes it, Inductor
+keeps it in float32 and drops the rounding to its dtype (a cast there and back, or a bit
+cast, alike), so the codes would be those of the unrounded values; ``inline_codecs``
+generates float32 values only.
+
 The functions take the ops' arguments without ``backend`` and trace under fake tensors
 and symbolic sizes (no data-dependent control flow).
 """
@@ -92,20 +97,9 @@ def _group_rows(flat32: torch.Tensor, group_size: int):
     return rows, _bfloat16_outward(lo, up=False), _bfloat16_outward(hi, up=True)
 
 
-def _as_float32(x: torch.Tensor) -> torch.Tensor:
-    """The flattened ``x`` in float32, as stored in its own dtype. A compiler that fuses
-    the op computing a bfloat16 / float16 ``x`` with this code keeps ``x`` in float32 and
-    drops a cast to its dtype and back; a bit cast of the 16-bit pattern it cannot drop,
-    so the codes are those of the rounded values the kernel form reads."""
-    flat = x.reshape(-1)
-    if flat.dtype in (torch.bfloat16, torch.float16):
-        flat = flat.view(torch.int16).view(flat.dtype)
-    return flat.to(torch.float32)
-
-
 def fused_quantize_group(x: torch.Tensor, group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``razor::quantize_group`` as plain ops: ``(codes, bounds)``, bit-identical."""
-    flat = _as_float32(x)
+    flat = x.reshape(-1).to(torch.float32)
     n = flat.numel()
     rows, lo_b, hi_b = _group_rows(flat, group_size)
     lo, hi = lo_b.to(torch.float32).unsqueeze(1), hi_b.to(torch.float32).unsqueeze(1)
@@ -148,7 +142,7 @@ def fused_dequantize_group(codes: torch.Tensor, bounds: torch.Tensor, shape: lis
 def fused_quantize_uniform(x: torch.Tensor, bits: int, lo: float, hi: float) -> torch.Tensor:
     """``razor::quantize_uniform`` as plain ops (a GELU's derivative codes written by the
     kernel that computes the derivative). Bit-identical."""
-    flat = _as_float32(x)
+    flat = x.reshape(-1).to(torch.float32)
     n = flat.numel()
     words = (n + 7) // 8
     t = (flat - lo) / ((hi - lo) / ((1 << bits) - 1))
