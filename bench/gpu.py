@@ -532,7 +532,7 @@ def generated_form(op: str) -> Callable | None:
 
     return {"quantize_group": fq.fused_quantize_group, "quantize_group_centered": fq.fused_quantize_group_centered,
             "dequantize_group": fq.fused_dequantize_group, "quantize_uniform": fq.fused_quantize_uniform,
-            "dequantize_uniform": ops.fused_dequantize_uniform, "pack_bits": ops.fused_pack_bits,
+            "dequantize_uniform": fq.fused_dequantize_uniform, "pack_bits": ops.fused_pack_bits,
             "unpack_bits": ops.fused_unpack_bits}.get(op)
 
 

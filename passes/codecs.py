@@ -162,7 +162,7 @@ register(Codec(Encoding.GROUP_CENTERED, razor.quantize_group_centered.default, r
                inline_encode=fq.fused_quantize_group_centered, inline_decode=fq.fused_dequantize_group))
 register(Codec(Encoding.UNIFORM, razor.quantize_uniform.default, razor.dequantize_uniform.default,
                QuantizedDerivative, lossless=False, values=True, nbytes=uniform_bytes, kernels=_NATIVE_FIRST,
-               inline_encode=fq.fused_quantize_uniform, inline_decode=ops.fused_dequantize_uniform,
+               inline_encode=fq.fused_quantize_uniform, inline_decode=fq.fused_dequantize_uniform,
                generated_on=_DECODE_EVERYWHERE))
 register(Codec(Encoding.PACKED_MASK, razor.pack_bits.default, razor.unpack_bits.default, PackedMask,
                lossless=True, values=False, nbytes=packed_mask_bytes, kernels=_PLAIN,

@@ -42,7 +42,7 @@ import torch
 from .quantize import group_quantized_shapes
 
 __all__ = ["fused_quantize_group", "fused_quantize_group_centered", "fused_dequantize_group",
-           "fused_quantize_uniform"]
+           "fused_quantize_uniform", "fused_dequantize_uniform"]
 
 _INT32_MIN = -(2**31)
 
@@ -150,3 +150,19 @@ def fused_quantize_uniform(x: torch.Tensor, bits: int, lo: float, hi: float) -> 
     q = torch.round(t).clamp(0, (1 << bits) - 1).to(torch.int32)
     q = torch.constant_pad_nd(q, (0, words * 8 - n))
     return _pack_words(q, bits)[: (n * bits + 7) // 8]
+
+
+def fused_dequantize_uniform(codes: torch.Tensor, shape: list, bits: int, lo: float, hi: float,
+                             dtype: torch.dtype) -> torch.Tensor:
+    """``razor::dequantize_uniform`` as plain pointwise ops: a compiler fuses the decode
+    into the kernel that reads it (a GELU backward multiplies it into the incoming
+    gradient), so the decoded tensor is never written. Bit-identical to the op: the
+    same integer unpacking of each ``bits``-byte word of eight codes, then
+    ``float32(q) * step + lo`` in float32."""
+    n = 1
+    for s in shape:
+        n *= s
+    words_n = (n + 7) // 8
+    padded = codes if bits == 8 else torch.constant_pad_nd(codes, (0, words_n * bits - codes.numel()))
+    q = _unpack_words(padded, n, bits)
+    return (q.to(torch.float32) * ((hi - lo) / ((1 << bits) - 1)) + lo).to(dtype).view(shape)

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 
 from . import quantize_cpu, topk_compress_cpu
+from .fused_quantize import fused_dequantize_uniform  # noqa: F401  (re-exported: a fused_* form)
 from .quantize import (check_args, check_uniform_codes, check_group_args, check_group_shapes, group_quantized_shapes, quantized_numel, torch_dequantize_group,
                        torch_dequantize_uniform, torch_quantize_group, torch_quantize_uniform)
 from .topk_compress import offsets_dtype, torch_compress, torch_decompress, torch_decompress_offsets, torch_mask_to_offsets
@@ -331,30 +332,6 @@ def fused_unpack_bits(packed: torch.Tensor, shape: list) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device).view(8, *([1] * len(rows)))
     bits = (packed.view(rows).unsqueeze(0) >> shifts) & 1
     return bits.reshape(-1)[:n].view(shape).to(torch.float32) != 0
-
-
-def fused_dequantize_uniform(codes: torch.Tensor, shape: list, bits: int, lo: float, hi: float,
-                             dtype: torch.dtype) -> torch.Tensor:
-    """``razor::dequantize_uniform`` as plain pointwise ops: a compiler fuses the decode
-    into the kernel that reads it (a GELU backward multiplies it into the incoming
-    gradient), so the decoded tensor is never written. Bit-identical to the op: the
-    same integer unpacking of each ``bits``-byte word of eight codes, then
-    ``float32(q) * step + lo`` in float32."""
-    n = 1
-    for s in shape:
-        n *= s
-    words_n = (n + 7) // 8
-    if bits == 8:
-        q = codes[:n].to(torch.int32)
-    else:
-        padded = torch.constant_pad_nd(codes, (0, words_n * bits - codes.numel()))
-        groups = padded.view(words_n, bits).to(torch.int32)
-        word = groups[:, 0]
-        for b in range(1, bits):
-            word = word | (groups[:, b] << (8 * b))
-        shifts = torch.arange(8, dtype=torch.int32, device=codes.device) * bits
-        q = ((word.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
-    return (q.to(torch.float32) * ((hi - lo) / ((1 << bits) - 1)) + lo).to(dtype).view(shape)
 
 
 @torch.library.custom_op("razor::quantize_uniform", mutates_args=())
