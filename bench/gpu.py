@@ -18,7 +18,8 @@ codecs   every ``razor::`` codec op on 64 MiB, 256 MiB and 1 GiB activations (fp
          equals the kernel's output bit for bit
 models   ViT-B/16 (224 px) and a MiniLM-shaped BERT (seq 128), random init, bf16
          autocast, at batches 64 and 128, for plain compile, per-block
-         checkpointing, ``activation_memory_budget=0.5`` and razorpass's defaults:
+         checkpointing compiled and eager (HF's own switch), ``activation_memory_budget=0.5``
+         and razorpass's defaults:
          step peak (``torch.cuda.max_memory_allocated``), bytes saved for backward and
          the step time paired with plain compile's (``gpu_steps.csv``); on ViT-B/16
          also the largest batch each method trains under one memory cap
@@ -595,7 +596,7 @@ class ModelSpec:
     autocast: torch.dtype | None = torch.bfloat16
 
 
-METHOD_NAMES = ("baseline", "razor", "checkpoint", "budget0.5")  # plain compile first: the others pair with it
+METHOD_NAMES = ("baseline", "razor", "checkpoint", "checkpoint-eager", "budget0.5")  # plain compile first: the others pair with it
 IMAGE, SEQ, VOCAB = 224, 128, 30522
 
 

@@ -8,6 +8,10 @@ baseline          ``torch.compile(model)``, full fine-tune (the reference row)
 bf16              baseline under ``torch.autocast(dtype=torch.bfloat16)``
 checkpoint        baseline with ``torch.utils.checkpoint`` (non-reentrant) around
                   every block (found by :func:`bench.blocks.find_blocks`)
+checkpoint-eager  no compile: Hugging Face's own ``gradient_checkpointing_enable``
+                  (non-reentrant) where the model has one, else the blocks above
+                  under ``torch.utils.checkpoint``; the form of checkpointing most
+                  fine-tuners run, and on CPU the one that peaks lower
 budget0.5         baseline compiled with ``activation_memory_budget = 0.5`` (Inductor
                   under ``torch._functorch.config.patch``: :class:`BudgetInductor`)
 razor             ``razorpass.compile(model)``: the defaults (the "accurate" policy)
@@ -49,7 +53,8 @@ from torch import nn
 
 from .blocks import find_head, freeze_all_but, wrap_blocks
 
-__all__ = ["Method", "METHODS", "Prepared", "prepare", "resolve_methods", "CheckpointedBlock", "BudgetInductor"]
+__all__ = ["Method", "METHODS", "Prepared", "prepare", "resolve_methods", "CheckpointedBlock", "BudgetInductor",
+           "enable_hf_checkpointing"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,8 @@ class Method:
     bsr: bool = False
     autocast: torch.dtype | None = None
     checkpoint: bool = False
+    # Not compiled: the module runs eagerly (with checkpoint=True, HF's own switch).
+    eager: bool = False
     memory_budget: float | None = None
     head_only: bool = False
 
@@ -80,6 +87,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("baseline", "torch.compile, full fine-tune"),
     Method("bf16", "torch.compile + bf16 autocast", autocast=torch.bfloat16),
     Method("checkpoint", "torch.compile + torch.utils.checkpoint per block", checkpoint=True),
+    Method("checkpoint-eager", "eager (no compile), Hugging Face gradient_checkpointing_enable (non-reentrant); "
+           "torch.utils.checkpoint per block where the model has no such switch", checkpoint=True, eager=True),
     Method("budget0.5", "torch.compile, activation_memory_budget=0.5", memory_budget=0.5),
     Method("razor", "razorpass defaults (accurate policy: 3-bit groups of 256, softmax top-k 0.9, GELU 3-bit "
            "derivative, one code per norm and the layer after it)", razor={}),
@@ -139,6 +148,32 @@ class CheckpointedBlock(nn.Module):
         return torch.utils.checkpoint.checkpoint(self.block, *args, use_reentrant=False, **kwargs)
 
 
+def enable_hf_checkpointing(model: nn.Module) -> bool:
+    """Switch on Hugging Face's own non-reentrant gradient checkpointing in every
+    pre-trained model inside ``model`` that supports it (the outermost one of each
+    nest; one already on is left as it is); False when there is none. HF checkpoints its layers only in training mode
+    (the benchmark trains in train mode, evaluates in eval mode)."""
+    found = False
+    for module in model.modules():
+        if not getattr(module, "supports_gradient_checkpointing", False):
+            continue
+        found = True
+        if _hf_checkpointing(module):
+            continue
+        # transformers >= 5.x names it activation_checkpointing_enable (the old name warns)
+        enable = getattr(module, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return found
+
+
+def _hf_checkpointing(module: nn.Module) -> bool:
+    """Whether HF checkpointing is on in ``module`` (set by an enclosing model)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
+
+
 Context = Callable[[], ContextManager[None]]
 
 
@@ -190,12 +225,14 @@ def prepare(method: Method, model: nn.Module, *, lr: float, head_lr: float, bsr_
     razorpass.compile may raise ValueError / NotImplementedError for options it does
     not support (yet); the caller reports the row as n/a.
     """
-    if method.checkpoint:
+    if method.checkpoint and not (method.eager and enable_hf_checkpointing(model)):
         wrap_blocks(model, CheckpointedBlock)
     if method.head_only:
         freeze_all_but(model, find_head(model)[1])
     options = method.razor_options(bsr_options)
-    if options is None:
+    if method.eager:
+        compiled = model
+    elif options is None:
         compiled = torch.compile(model) if method.memory_budget is None else torch.compile(
             model, backend=BudgetInductor(method.memory_budget))
     else:

@@ -358,7 +358,12 @@ def _check_compiled(method: Method, graphs: int) -> None:
     """The first step of every method compiles: if it compiled no graph, Dynamo served
     it graphs compiled for another method of this process (same code, guards and
     backend), or ran it eagerly past its recompile limit, and the row would time
-    something else."""
+    something else. An eager method compiles nothing, and must not: a graph there
+    would mean some other method's compiled module ran."""
+    if method.eager:
+        if graphs:
+            raise RuntimeError(f"{method.name}: an eager method's first step compiled {graphs} graph(s)")
+        return
     if graphs == 0:
         raise RuntimeError(f"{method.name}: the first training step compiled no graph (Dynamo reused another "
                            "method's graphs, or hit its recompile limit and ran eagerly)")

@@ -70,6 +70,44 @@ def test_checkpointed_blocks_give_the_same_gradients():
         torch.testing.assert_close(g, ref[name.replace(".block.", ".")], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("hf", [True, False])
+def test_eager_checkpointing_uses_hugging_faces_switch_and_keeps_the_gradients(hf):
+    """checkpoint-eager: HF's own non-reentrant checkpointing where the model has it
+    (every layer flagged, no wrapper), the benchmark's block wrapper where it has not;
+    either way the gradients of plain eager, and only the block inputs saved."""
+    import copy
+
+    from razorpass.bench.measure import saved_bytes
+    from razorpass.bench.methods import enable_hf_checkpointing, prepare
+
+    if hf:
+        pytest.importorskip("transformers")
+        from .models import tiny_bert
+
+        net, x = tiny_bert(), (torch.randint(0, 64, (3, 12)),)
+        net.train()
+    else:
+        net, x = _Net(), (torch.randn(5, 8),)
+    loss = (lambda out: (out.last_hidden_state if hf else out).square().sum())
+    plain = copy.deepcopy(net)
+    prepared = prepare(METHODS["checkpoint-eager"], net, lr=1e-3, head_lr=1e-3, bsr_options={}, device_type="cpu")
+    assert prepared.train_module is net
+    if hf:
+        flagged = [n for n, m in net.named_modules() if getattr(m, "gradient_checkpointing", False) is True]
+        assert flagged and not any(isinstance(m, CheckpointedBlock) for m in net.modules())
+        assert enable_hf_checkpointing(net)  # already on: a second call finds it on and changes nothing
+    else:
+        assert all(isinstance(b, CheckpointedBlock) for b in net.blocks) and not enable_hf_checkpointing(net)
+    params = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+    ref = torch.autograd.grad(loss(plain(*x)), params(plain))
+    got = torch.autograd.grad(loss(net(*x)), params(net))
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    exclude = lambda m: [*m.parameters(), *m.buffers(), *x]  # noqa: E731
+    assert saved_bytes(lambda: net(*x), exclude(net)) < saved_bytes(lambda: plain(*x), exclude(plain)) / 2
+
+
 def test_batches_are_seeded_and_drop_the_last_partial_batch():
     a = list(measure.batch_indices(10, 4, steps=5, seed=3))
     b = list(measure.batch_indices(10, 4, steps=5, seed=3))
@@ -187,7 +225,7 @@ def test_methods_compiled_in_one_process_each_get_their_own_graphs():
 
     torch._dynamo.reset()
     net, x = _Net(), torch.randn(4, 8)
-    names = ["baseline", "budget0.5", "checkpoint", "head-only", "razor"]
+    names = ["baseline", "budget0.5", "checkpoint", "checkpoint-eager", "head-only", "razor"]
     try:
         for i, name in enumerate([*names, "baseline"]):
             prepared = prepare(METHODS[name], copy.deepcopy(net), lr=1e-3, head_lr=1e-3, bsr_options={},
@@ -196,7 +234,12 @@ def test_methods_compiled_in_one_process_each_get_their_own_graphs():
             with prepared.forward_context():
                 prepared.train_module(x).float().sum().backward()
             compiled = _graphs_compiled() - before
-            if i == len(names):  # the second baseline: the first one's graphs serve it
+            if name == "checkpoint-eager":  # compiles nothing, and is checked for that
+                assert compiled == 0 and prepared.train_module is prepared.eager_module
+                _check_compiled(METHODS[name], compiled)
+                with pytest.raises(RuntimeError, match="eager method"):
+                    _check_compiled(METHODS[name], 1)
+            elif i == len(names):  # the second baseline: the first one's graphs serve it
                 assert compiled == 0
                 with pytest.raises(RuntimeError, match="compiled no graph"):
                     _check_compiled(METHODS[name], compiled)

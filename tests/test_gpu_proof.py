@@ -59,14 +59,14 @@ def test_smoke_writes_every_file_with_real_rows(tmp_path):
 
     steps = _rows(tmp_path / "gpu_steps.csv")
     assert {(r["model"], r["method"]) for r in steps if r["status"] == "ok"} == {
-        (m, k) for m in ("vit-b16", "minilm") for k in ("baseline", "razor", "checkpoint", "budget0.5")}
+        (m, k) for m in ("vit-b16", "minilm") for k in ("baseline", "razor", "checkpoint", "checkpoint-eager", "budget0.5")}
     for r in steps:
         assert float(r["peak_step_bytes"]) > 0 and float(r["saved_bytes"]) > 0 and float(r["step_s"]) > 0
         if r["method"] != "baseline":
             assert float(r["step_ratio_paired"]) > 0 and r["step_ratio_paired_se"] != ""
 
     search = _rows(tmp_path / "gpu_maxbatch.csv")
-    assert [r["method"] for r in search] == ["baseline", "razor", "checkpoint", "budget0.5"]
+    assert [r["method"] for r in search] == ["baseline", "razor", "checkpoint", "checkpoint-eager", "budget0.5"]
     assert all(r["status"] == "ok" and int(r["max_batch"]) >= 1 for r in search)
 
 
