@@ -34,6 +34,8 @@ import razorpass
 from razorpass.passes.vocab import SkipReason
 from razorpass import RazorConfig, reference
 
+from .shared import shared
+
 transformers = pytest.importorskip("transformers")
 
 BATCH, SEQ = 4, 8
@@ -157,19 +159,26 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Overrides conftest's: no Dynamo reset, so that the cases of one model share its
+    trace (tests/shared.py)."""
+    torch.manual_seed(0)
+    yield
+
+
 def check(model_name, target, sparsity, compiler, path):
     build, has, _ = MODELS[model_name]
     autocast = path == "autocast"
-    torch.manual_seed(0)
-    model, inputs = build()
-    model.train()
+    one = shared(model_name, build)  # built under manual_seed(0), traced by Dynamo once per session
+    model, inputs = one.model, one.inputs
     cfg = RazorConfig(policy="backrazor", sparsity=sparsity, targets=(target,), compiler=compiler,
                       value_dtype="same" if autocast else "float32")
     dense = _run(model, model, inputs, autocast)
     with reference.apply(model, cfg):
         ref = _run(model, model, inputs, autocast)
-    with razorpass.record_compiles() as records:
-        got = _run(model, razorpass.compile(model, cfg), inputs, autocast)
+    with one.using(cfg) as records:
+        got = _run(model, one.compiled, inputs, autocast)
 
     assert records and [r.fallback for r in records] == [None] * len(records)
     assert [r.excluded_roots for r in records] == [[]] * len(records), "the partitioner saved a compressed root dense"
@@ -205,6 +214,7 @@ def test_lora_frozen_base_shares_one_compressed_input():
     (absent) weight gradient; the input that query's and value's base layer and LoRA A
     read is compressed once per attention layer, labelled with PEFT's module paths, and
     include / exclude globs match those paths on both sides."""
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model, inputs = _lora_bert()
     model.train()
