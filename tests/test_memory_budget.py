@@ -82,11 +82,13 @@ def test_budget_needs_the_accurate_policy_and_the_reference_needs_the_choices():
 
 
 def _compile_step(model, inputs, cfg):
+    """Gradients of one compiled step, its record, and the compiled model (compiled)."""
+    compiled = razorpass.compile(model, cfg, fullgraph=True)
     with razorpass.record_compiles() as records:
-        got = _run(model, inputs, razorpass.compile(model, cfg, fullgraph=True))
+        got = _run(model, inputs, compiled)
     (rec,) = records
     assert rec.fallback is None and rec.budget is not None
-    return got, rec
+    return got, rec, compiled
 
 
 # vit at 0.3: the first plan's partition saves a LayerNorm's statistics it did not plan
@@ -98,10 +100,9 @@ def test_budget_holds_and_gradients_follow_the_reference(name):
     errors = []
     for budget in (0.06, 0.3):
         cfg = RazorConfig(compiler="eager", memory_budget=budget)
-        got, rec = _compile_step(model, inputs, cfg)
+        got, rec, compiled = _compile_step(model, inputs, cfg)
         b = rec.budget
-        # what autograd holds at run time, parameters and inputs excluded
-        compiled = razorpass.compile(model, cfg, fullgraph=True)
+        # what autograd holds at run time, parameters and inputs excluded (the same graphs)
         held = sum(n for _, n in measure_saved(lambda: compiled(*inputs), [*model.parameters(), *model.buffers(), *inputs]))
         assert held == b.saved_bytes <= b.target_bytes == int(budget * b.dense_bytes) and b.met
         chosen = {c.root: c.bits for c in b.choices}
@@ -123,7 +124,7 @@ def test_fidelity_and_memory_report_follow_the_budget():
     model, inputs = _double("bert")
     dense = _run(model, inputs, model)
     cfg = RazorConfig(compiler="eager", memory_budget=0.06)
-    got, rec = _compile_step(model, inputs, cfg)
+    got, rec, _ = _compile_step(model, inputs, cfg)
     flat = lambda g: torch.cat([g[k].flatten() for k in sorted(g)])  # noqa: E731
     report = razorpass.gradient_fidelity(model, inputs, loss_of, cfg, per_class=False)
     (row,) = report.rows
