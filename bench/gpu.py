@@ -38,8 +38,9 @@ under the cap), so every other method's steps are timed in pairs against it
 (``measure.paired_ratio``).
 
 Without a CUDA device the command stops with one line and a non-zero exit, unless
-``--smoke``: tiny models and sizes on the CPU, compiled steps run eagerly
-(``torch.compiler.set_stance("force_eager")``), the cap emulated on the measured peak,
+``--smoke``: tiny models and sizes on the CPU, compiled steps and generated codec
+forms run eagerly (``torch.compiler.set_stance("force_eager")``; the suite compiles
+the generated forms in tests/test_generated_codecs.py), the cap emulated on the measured peak,
 and the CUDA tests skipping: a check of the script itself, run by ``make test``.
 """
 
@@ -484,7 +485,8 @@ def _codecs(run: Run, sec: Section) -> None:
             sec.note(f"out of the section's time before {size:g} MiB {dtype}")
             sec.status = "stopped (time budget)"
             break
-        new = _codecs_at(size, dtype, with_backend, run.device, 0.01 if run.smoke else 0.25)
+        with _stance(run.smoke):  # smoke: the generated forms run as their plain ops, uncompiled
+            new = _codecs_at(size, dtype, with_backend, run.device, 0.01 if run.smoke else 0.25)
         _free(run.device)
         rows += new
         sec.note(f"{size:g} MiB {new[0]['dtype']}: copy {new[0]['gbps']:.0f} GB/s; " + ", ".join(

@@ -144,8 +144,8 @@ def _grads_and_saved(build, inputs, form: str, autocast: bool):
     return grads, [([(t.shape, t.dtype, t.nbytes) for t in r.saved], r.count("inline_codecs")) for r in records]
 
 
-@pytest.mark.parametrize("name,autocast", [("mlp", False), ("cnn", False), ("cnn", True)],
-                         ids=["mlp-fp32", "cnn-fp32", "cnn-bf16"])
+@pytest.mark.parametrize("name,autocast", [("mlp", False), ("cnn", False), ("mlp", True)],
+                         ids=["mlp-fp32", "cnn-fp32", "mlp-bf16"])
 def test_a_model_trains_the_same_with_either_form(name, autocast):
     """The whole defaults on a model (Linear, GELU and ReLU on the MLP; conv, BatchNorm
     and ReLU6 on the CNN): the generated form gives the kernels' gradients bit for bit
