@@ -168,7 +168,7 @@ def _cells(r: MethodResult, base: MethodResult | None) -> list[str]:
         "-" if r.paired_ratio is None else f"{r.paired_ratio[0]:.2f} ± {r.paired_ratio[1]:.2f}",
         f"{r.step_min_s:.3f}" + _times(r.step_min_s, ref.step_min_s),
         f"{r.flops / 1e9:.1f}" if r.flops is not None else "-",
-        f"{r.compile_s:.0f}",
+        "-" if r.compile_s is None else f"{r.compile_s:.0f}",
         f"{r.trainable_params / 1e6:.2f}M",
     ]
 

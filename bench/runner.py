@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from . import measure
 from .blocks import num_params
-from .methods import Method, prepare
+from .methods import METHODS, Method, prepare
 from .workloads import Workload
 
 __all__ = ["MethodResult", "run_methods", "WARMUP_STEPS", "PROFILE_STEP", "MIN_STEPS"]
@@ -140,7 +140,9 @@ class MethodResult:
 
     @property
     def compile_s(self) -> float | None:
-        if self.step_s is None:
+        """The warm-up steps' time above as many ordinary steps; None for a method that
+        compiles nothing (there it would only be the noise of the first steps)."""
+        if self.step_s is None or (self.method in METHODS and METHODS[self.method].eager):
             return None
         return sum(self.step_times[:WARMUP_STEPS]) - WARMUP_STEPS * self.step_s
 

@@ -293,6 +293,18 @@ def test_na_rows_keep_their_reason_and_leave_metrics_empty():
     assert "bsr     n/a (NotImplementedError: not yet)" in format_table([na], workload)
 
 
+def test_an_eager_method_has_no_compile_time():
+    """compile_s is the warm-up steps' time above ordinary steps: for a compiled method
+    the compile, for checkpoint-eager only noise, so it is left empty (shown "-")."""
+    from razorpass.bench.runner import MethodResult
+
+    times = [3.0, 2.0, 1.0, 1.0, 1.0, 1.0]
+    compiled = MethodResult("checkpoint", "c", batch_size=8, status="ok", step_times=times)
+    eager = MethodResult("checkpoint-eager", "e", batch_size=8, status="ok", step_times=times)
+    assert compiled.compile_s == pytest.approx(3.0) and eager.step_s == compiled.step_s
+    assert eager.compile_s is None
+
+
 @pytest.mark.timeout(300)
 def test_harness_tiny_end_to_end(tmp_path, monkeypatch):
     """The harness's plumbing, end to end on real MiniLM and tweets: rows, JSON, plots,
