@@ -151,8 +151,9 @@ class CheckpointedBlock(nn.Module):
 def enable_hf_checkpointing(model: nn.Module) -> bool:
     """Switch on Hugging Face's own non-reentrant gradient checkpointing in every
     pre-trained model inside ``model`` that supports it (the outermost one of each
-    nest; one already on is left as it is); False when there is none. HF checkpoints its layers only in training mode
-    (the benchmark trains in train mode, evaluates in eval mode)."""
+    nest; one already on is left as it is); False when there is none. HF checkpoints
+    its layers only in training mode (the benchmark trains in train mode, evaluates in
+    eval mode)."""
     found = False
     for module in model.modules():
         if not getattr(module, "supports_gradient_checkpointing", False):
