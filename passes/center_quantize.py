@@ -63,11 +63,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             found = _channel_center(node.args[0])
             if found is None:
                 continue
-            with rw.graph.inserting_before(node):
-                new = rw.graph.call_function(fused, (*found, *node.args[1:]))
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            rw.graph.erase_node(node)
+            rw.replace(node, fused, (*found, *node.args[1:]))
             centered += 1
     return PassResult(centered)
 

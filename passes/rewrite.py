@@ -121,6 +121,16 @@ class Rewriter:
         if exc_type is None:
             self.graph.eliminate_dead_code()
 
+    def replace(self, node: fx.Node, target, args: tuple) -> fx.Node:
+        """Put ``target(*args)`` in ``node``'s place: same position, same metadata (the
+        same value, computed another way), every user rerouted; ``node`` is erased."""
+        with self.graph.inserting_before(node):
+            new = self.graph.call_function(target, args)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        return new
+
     def reroute(self, root: fx.Node, uses: Sequence[Use], codec: Codec, encode_args: tuple,
                 decode_args: Callable[[list[fx.Node], list], tuple]) -> Rewritten:
         """Insert ``codec.encode(root, *encode_args)`` after ``root`` and
