@@ -137,6 +137,7 @@ def _offsets(x):  # sparsity 0.97, where the offsets layout is the smaller one
 CODECS: tuple[Codec, ...] = (
     Codec("quantize_group", _quant),
     Codec("quantize_group_centered", _centered),
+    Codec("quantize_group_stochastic", lambda x: (x, torch.tensor(20261207, device=x.device), *_quant(x)[1:])),
     Codec("dequantize_group", lambda x: (*_razor("quantize_group")(*_quant(x)), list(x.shape), *_quant(x)[1:], x.dtype)),
     Codec("quantize_uniform", _gelu_deriv),
     Codec("dequantize_uniform", lambda x: (_razor("quantize_uniform")(*_gelu_deriv(x)), list(x.shape),

@@ -160,6 +160,9 @@ register(Codec(Encoding.GROUP, razor.quantize_group.default, razor.dequantize_gr
 register(Codec(Encoding.GROUP_CENTERED, razor.quantize_group_centered.default, razor.dequantize_group.default,
                QuantizedRoot, lossless=False, values=True, nbytes=group_bytes, kernels=_NATIVE_FIRST,
                inline_encode=fq.fused_quantize_group_centered, inline_decode=fq.fused_dequantize_group))
+register(Codec(Encoding.GROUP_STOCHASTIC, razor.quantize_group_stochastic.default, razor.dequantize_group.default,
+               QuantizedRoot, lossless=False, values=True, nbytes=group_bytes, kernels=_NATIVE_FIRST,
+               inline_decode=fq.fused_dequantize_group))  # no generated encode: the noise is the kernels'
 register(Codec(Encoding.UNIFORM, razor.quantize_uniform.default, razor.dequantize_uniform.default,
                QuantizedDerivative, lossless=False, values=True, nbytes=uniform_bytes, kernels=_NATIVE_FIRST,
                inline_encode=fq.fused_quantize_uniform, inline_decode=fq.fused_dequantize_uniform,

@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["OpClass", "Policy", "Granularity", "TopkLayout", "Encoding", "Storage", "Compiler", "CodecForm", "GeluEncoding", "SkipReason",
+__all__ = ["OpClass", "Policy", "Granularity", "Rounding", "TopkLayout", "Encoding", "Storage", "Compiler", "CodecForm", "GeluEncoding", "SkipReason",
            "Skip", "parse"]
 
 
@@ -65,6 +65,13 @@ class Storage(_Named):
     QUANT = "quant"  # uniform levels per group (Encoding.GROUP / GROUP_CENTERED)
 
 
+class Rounding(_Named):
+    """How per-group codes round a value between two levels (``RazorConfig.quant_rounding``)."""
+
+    NEAREST = "nearest"  # the nearest level, half to even
+    STOCHASTIC = "stochastic"  # up with probability the fractional part: an unbiased code
+
+
 class TopkLayout(_Named):
     """How a top-k copy records which elements it kept."""
 
@@ -108,6 +115,7 @@ class Encoding(_Named):
     TOPK_OFFSETS = "topk_offsets"  # the same selection: in-group offsets + values
     GROUP = "group"  # uniform levels on each group's own [min, max]
     GROUP_CENTERED = "group_centered"  # GROUP of x - mean (a BatchNorm input), one op
+    GROUP_STOCHASTIC = "group_stochastic"  # GROUP, levels rounded stochastically (unbiased)
     UNIFORM = "uniform"  # uniform levels on one fixed range (a GELU derivative)
     PACKED_MASK = "packed_mask"  # a boolean tensor, 8 elements per byte (lossless)
 

@@ -19,6 +19,8 @@ def _encode_args(codec: Codec, x: torch.Tensor):
         return (64, 3, torch.bfloat16), (64, 3, torch.bfloat16)
     if codec.encoding is Encoding.GROUP:
         return (64, 3), (64, 3)
+    if codec.encoding is Encoding.GROUP_STOCHASTIC:
+        return (torch.tensor(7), 64, 3), (64, 3)
     if codec.encoding is Encoding.GROUP_CENTERED:
         return (torch.randn(x.shape[1]), 64, 3), (64, 3)
     if codec.encoding is Encoding.UNIFORM:
@@ -73,7 +75,7 @@ def test_inline_forms_are_the_ops_bit_for_bit():
     b = uniform.inline_decode(codes, [7, 9], 3, 0.0, 1.0, torch.float32)
     assert torch.equal(a.view(torch.int32), b.view(torch.int32))
     assert [c.encoding for c in CODECS.values() if c.inline_encode or c.inline_decode] == [
-        Encoding.GROUP, Encoding.GROUP_CENTERED, Encoding.UNIFORM, Encoding.PACKED_MASK]
+        Encoding.GROUP, Encoding.GROUP_CENTERED, Encoding.GROUP_STOCHASTIC, Encoding.UNIFORM, Encoding.PACKED_MASK]
 
 
 def test_codec_form_picks_the_generated_form_per_device_and_direction():

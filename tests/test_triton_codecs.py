@@ -128,6 +128,23 @@ def test_quantize_group_matches_torch(dtype, bits, group):
                     ops.dequantize_group(t_codes, t_bounds, [x.numel()], group, bits, out, "torch"))
 
 
+@pytest.mark.parametrize("group", [24, 64])
+@pytest.mark.parametrize("bits", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+def test_quantize_group_stochastic_matches_torch(dtype, bits, group):
+    x = edge_groups(group, bits, dtype, seed=bits + group).to(DEVICE)
+    seed = torch.tensor(0x5EED_0000_1234 + bits, device=DEVICE)  # only the low 32 bits count
+    codes, bounds = ops.quantize_group_stochastic(x, seed, group, bits, "triton")
+    t_codes, t_bounds = ops.quantize_group_stochastic(x, seed, group, bits, "torch")
+    assert torch.equal(codes, t_codes)
+    assert_same(bounds, t_bounds)
+    assert_same(bounds, ops.quantize_group(x, group, bits, "torch")[1])  # the bounds of nearest rounding
+    # a non-contiguous input is read in its logical order
+    y = x[: x.numel() // 8 * 8].view(8, -1).t()
+    assert torch.equal(ops.quantize_group_stochastic(y, seed, group, bits, "triton")[0],
+                       ops.quantize_group_stochastic(y.contiguous(), seed, group, bits, "torch")[0])
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_dequantize_group_of_any_bits(bits):
     """Arbitrary codes under arbitrary bfloat16 bounds: NaN with payloads, infinities,
@@ -308,7 +325,7 @@ def test_offsets_ops_match_torch():
 
 
 # ------------------------------------------------------------------ ops: opcheck, backend
-OP_NAMES = ["quantize_group", "quantize_group_centered", "dequantize_group", "quantize_uniform", "dequantize_uniform",
+OP_NAMES = ["quantize_group", "quantize_group_centered", "quantize_group_stochastic", "dequantize_group", "quantize_uniform", "dequantize_uniform",
             "compress", "decompress", "compress_offsets", "decompress_offsets"]
 
 
@@ -324,6 +341,8 @@ def _op_cases():
     cases = {
         "quantize_group": (r.quantize_group.default, (x, 8, 3, "triton")),
         "quantize_group_centered": (r.quantize_group_centered.default, (x, center, 8, 3, "triton")),
+        "quantize_group_stochastic": (r.quantize_group_stochastic.default,
+                                      (x, torch.tensor(7, device=DEVICE), 8, 3, "triton")),
         "dequantize_group": (r.dequantize_group.default, (codes, bounds, [3, 5, 8], 8, 3, torch.bfloat16, "triton")),
         "quantize_uniform": (r.quantize_uniform.default, (x, 3, -1.0, 1.0, "triton")),
         "dequantize_uniform": (r.dequantize_uniform.default, (ucodes, [3, 5, 8], 3, -1.0, 1.0, torch.float16,
@@ -527,15 +546,18 @@ except Exception:
 if not have_ptxas:
     print("null")
     sys.exit(0)
-pointers = {"x_ptr": "*fp32", "center_ptr": "*fp32", "codes_ptr": "*u8", "bounds_ptr": "*i16", "out_ptr": "*fp32",
-            "lo": "fp32", "step": "fp32"}
-consts = dict(GROUP=256, BITS=3, ROWS=8, BLOCK=256, CONTIGUOUS=True, CENTERED=False, DIFF=0, NAN_BF16=0x7FFF, WORDS=256)
-def ptx(kernel, options):
+pointers = {"x_ptr": "*fp32", "center_ptr": "*fp32", "seed_ptr": "*i64", "codes_ptr": "*u8", "bounds_ptr": "*i16",
+            "out_ptr": "*fp32", "lo": "fp32", "step": "fp32"}
+consts = dict(GROUP=256, BITS=3, ROWS=8, BLOCK=256, CONTIGUOUS=True, CENTERED=False, DIFF=0, NAN_BF16=0x7FFF, WORDS=256,
+              STOCHASTIC=False)
+def ptx(kernel, options, **extra):
+    consts.update(extra)
     sig = {n: "constexpr" if p.is_constexpr else pointers.get(n, "i32") for n, p in zip(kernel.arg_names, kernel.params)}
     src = ASTSource(kernel, sig, {n: consts[n] for n, t in sig.items() if t == "constexpr"})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 out = {name: ptx(getattr(qt, f"_{name}_kernel"), qt.LAUNCH_OPTIONS)
        for name in ("quantize_group", "dequantize_group", "quantize_uniform", "dequantize_uniform")}
+out["quantize_group, stochastic"] = ptx(qt._quantize_group_kernel, qt.LAUNCH_OPTIONS, STOCHASTIC=True)
 out["dequantize_group, fp fusion on"] = ptx(qt._dequantize_group_kernel, {"enable_fp_fusion": True})
 print(json.dumps(out))
 """

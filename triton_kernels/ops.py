@@ -2,8 +2,8 @@
 
 * top-k: ``compress`` / ``decompress`` (packed-mask layout) and ``compress_offsets`` /
   ``decompress_offsets`` (offsets layout);
-* per-group quantization: ``quantize_group``, ``quantize_group_centered`` and
-  ``dequantize_group``; on one fixed range: ``quantize_uniform`` / ``dequantize_uniform``;
+* per-group quantization: ``quantize_group``, ``quantize_group_centered``,
+  ``quantize_group_stochastic`` and ``dequantize_group``; on one fixed range: ``quantize_uniform`` / ``dequantize_uniform``;
 * lossless masks: ``pack_bits`` / ``unpack_bits``;
 * ``rank_tokens`` (BSR's token order).
 
@@ -41,14 +41,14 @@ import torch
 
 from . import quantize_cpu, topk_compress_cpu
 from .fused_quantize import fused_dequantize_uniform  # noqa: F401  (re-exported: a fused_* form)
-from .quantize import (check_args, check_uniform_codes, check_group_args, check_group_shapes, group_quantized_shapes, quantized_numel, torch_dequantize_group,
+from .quantize import (check_args, check_stochastic, check_uniform_codes, check_group_args, check_group_shapes, group_quantized_shapes, quantized_numel, torch_dequantize_group,
                        torch_dequantize_uniform, torch_quantize_group, torch_quantize_uniform)
 from .topk_compress import offsets_dtype, torch_compress, torch_decompress, torch_decompress_offsets, torch_mask_to_offsets
 
 __all__ = ["BACKENDS", "compress", "decompress", "compressed_shapes", "compress_offsets", "decompress_offsets", "offsets_dtype", "pack_bits", "unpack_bits", "packed_numel", "fused_pack_bits", "fused_dequantize_uniform",
            "fused_unpack_bits", "rank_tokens",
            "RANK_TOKENS_OP", "VALUE_DTYPES", "value_dtype_of", "quantize_uniform", "dequantize_uniform", "quantized_numel",
-           "quantize_group", "quantize_group_centered", "dequantize_group", "group_quantized_shapes"]
+           "quantize_group", "quantize_group_centered", "quantize_group_stochastic", "dequantize_group", "group_quantized_shapes"]
 
 # The dtypes a config's ``value_dtype`` names ("same": the activation's own dtype).
 VALUE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -397,6 +397,28 @@ def _fake_group_codes(op: str, x: torch.Tensor, group_size: int, bits: int,
 @quantize_group.register_fake
 def _(x, group_size, bits, backend="auto"):
     return _fake_group_codes("razor::quantize_group", x, group_size, bits, backend)
+
+
+@torch.library.custom_op("razor::quantize_group_stochastic", mutates_args=())
+def quantize_group_stochastic(x: torch.Tensor, seed: torch.Tensor, group_size: int, bits: int,
+                              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_group`` with each level rounded up or down at random, so that the
+    decoded tensor is an unbiased estimate of ``x``: the noise of element ``i`` is a hash
+    of (``seed``, ``i``), ``seed`` an int64 tensor of one element (``quantize.py``,
+    "stochastic rounding"). The same seed gives the same codes on every kernel; decode
+    with ``dequantize_group``."""
+    check_group_args("razor::quantize_group_stochastic", group_size, bits)
+    check_stochastic("razor::quantize_group_stochastic", x, seed)
+    return _run("razor::quantize_group_stochastic", x.device, backend, _QUANT,
+                torch_kernel=lambda: torch_quantize_group(x, group_size, bits, seed),
+                native=lambda cpu: cpu.cpu_quantize_group_stochastic(x, seed, group_size, bits),
+                triton=lambda tq: tq.triton_quantize_group_stochastic(x, seed, group_size, bits))
+
+
+@quantize_group_stochastic.register_fake
+def _(x, seed, group_size, bits, backend="auto"):
+    check_stochastic("razor::quantize_group_stochastic", x, seed)
+    return _fake_group_codes("razor::quantize_group_stochastic", x, group_size, bits, backend)
 
 
 def _channel_view(center: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

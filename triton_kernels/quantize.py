@@ -227,9 +227,14 @@ def _group_step(bounds: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     return lo, (hi - lo) / _divisor((1 << bits) - 1, b.device)
 
 
-def torch_quantize_group(x: torch.Tensor, group_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes, bounds)`` of ``x`` (see the rule above)."""
+def torch_quantize_group(x: torch.Tensor, group_size: int, bits: int,
+                         seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, bounds)`` of ``x`` (see the rule above); with a ``seed``, its levels are
+    rounded stochastically (the rule below)."""
     check_group_args("quantize_group", group_size, bits)
+    if seed is not None:
+        check_stochastic("quantize_group_stochastic", x, seed)
+        key = mix32(seed.detach().to(device=x.device, dtype=torch.int64) & _MASK32)
     flat = x.detach().reshape(-1)
     n = flat.numel()
     (nbytes,), (nbounds,) = group_quantized_shapes(n, group_size, bits)
@@ -247,7 +252,11 @@ def torch_quantize_group(x: torch.Tensor, group_size: int, bits: int) -> tuple[t
         lo, step = _group_step(bnd, bits)
         t = (rows - lo) / step
         t = torch.where(torch.isnan(t) | (step == 0), torch.zeros((), dtype=t.dtype, device=t.device), t)
-        q = torch.round(t).clamp_(0, (1 << bits) - 1).to(torch.int64)
+        if seed is None:
+            q = torch.round(t).clamp_(0, (1 << bits) - 1).to(torch.int64)
+        else:
+            index = torch.arange(g0 * group_size, g1 * group_size, device=x.device).view(g1 - g0, group_size)
+            q = stochastic_levels(t, uniform_noise(key, index), bits)
         if pad:
             q.view(-1)[q.numel() - pad:] = 0
         codes[g0 * gbytes: g1 * gbytes] = _pack(q.reshape(-1), bits)
@@ -276,3 +285,67 @@ def torch_dequantize_group(codes: torch.Tensor, bounds: torch.Tensor, shape: lis
         e0 = g0 * group_size
         out[e0: min(n, g1 * group_size)] = vals.reshape(-1)[: min(n, g1 * group_size) - e0].to(dtype)
     return out.view(shape)
+
+
+# ---------------------------------------------------------------- stochastic rounding
+# ``razor::quantize_group_stochastic``: the codes, bounds and layout of
+# ``quantize_group``, with each level rounded up or down at random so that the decoded
+# value is an unbiased estimate of the element (ActNN's case for 2-bit codes):
+#
+# * ``t = (float32(x) - lo) / step`` as above (0 when the step is 0 or ``t`` is NaN),
+#   clamped to ``[0, L - 1]``; code ``q = min(floor(t + u), L - 1)``, the sum rounded
+#   to float32, with ``u`` in ``[0, 1)`` the noise of the element. ``floor(t + u)`` is
+#   ``floor(t) + 1`` with probability ``frac(t)`` (up to the float32 rounding of the
+#   sum, within 2**-20 of it below 8 levels), so ``E[q] = t``.
+# * The noise is a counter-based hash of (seed, flat element index ``i``), nothing
+#   stored and no pass over memory: with ``mix`` the 32-bit integer hash ``x ^= x >> 16;
+#   x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16`` (products modulo
+#   2**32), ``h = mix(mix(seed mod 2**32) ^ i)`` and ``u = (h >> 8) * 2**-24``, a float32
+#   with 24 random bits. The seed is an int64 tensor of one element (a step draws it
+#   from PyTorch's generator, so ``torch.manual_seed`` reproduces the codes); ``i`` runs
+#   over the flattened tensor, which must have fewer than 2**32 elements.
+#
+# Same seed and tensor, same codes, on every kernel: the PyTorch kernel computes the
+# 32-bit products in int64 as two 16-bit halves (no overflow), the native and Triton
+# kernels in uint32.
+
+_MASK32 = 0xFFFFFFFF
+_MIX = (0x7FEB352D, 0x846CA68B)
+
+__all__ += ["check_stochastic", "mix32", "uniform_noise", "stochastic_levels"]
+
+
+def check_stochastic(op: str, x: torch.Tensor, seed: torch.Tensor) -> None:
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"{op}: the seed is an int64 tensor of one element, got {seed.dtype} of shape "
+                         f"{tuple(seed.shape)}")
+    n = x.numel()
+    if isinstance(n, int) and n >= 1 << 32:  # a symbolic size is checked by the kernel that runs
+        raise ValueError(f"{op}: stochastic rounding indexes elements with 32 bits; got {x.numel()} elements")
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32): two products below 2**48."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """The 32-bit hash ``mix`` of int64 ``x`` in [0, 2**32) (values in the same range)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, _MIX[0])
+    x = x ^ (x >> 15)
+    x = _mul32(x, _MIX[1])
+    return x ^ (x >> 16)
+
+
+def uniform_noise(key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """float32 ``u`` in [0, 1) of the int64 element indices ``index`` for ``key =
+    mix(seed mod 2**32)``."""
+    h = mix32(key ^ index)
+    return (h >> 8).to(torch.float32) * (2.0 ** -24)
+
+
+def stochastic_levels(t: torch.Tensor, u: torch.Tensor, bits: int) -> torch.Tensor:
+    """int64 ``min(floor(clamp(t, 0, L-1) + u), L-1)`` (``t`` without NaN)."""
+    top = (1 << bits) - 1
+    return torch.floor(t.clamp(0, top) + u).clamp_(max=top).to(torch.int64)

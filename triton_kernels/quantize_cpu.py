@@ -54,6 +54,14 @@ def cpu_quantize_group(x: torch.Tensor, group_size: int, bits: int):
     return codes, bounds
 
 
+def cpu_quantize_group_stochastic(x: torch.Tensor, seed: torch.Tensor, group_size: int, bits: int):
+    """(codes, bounds) with stochastic rounding keyed by ``seed``, or None."""
+    if x.dtype not in SUPPORTED or (ext := load()) is None:
+        return None
+    codes, bounds = ext.quantize_group_stochastic(x.detach(), int(seed.item()), group_size, bits)
+    return codes, bounds
+
+
 def cpu_quantize_group_centered(x: torch.Tensor, center: torch.Tensor, group_size: int, bits: int):
     """(codes, bounds) of ``x - center`` (float32, center along dim 1), or None."""
     if (ext := load()) is None:

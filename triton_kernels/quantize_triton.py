@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantize import (_step, check_args, check_group_args, check_group_shapes, check_uniform_codes,
+from .quantize import (_step, check_args, check_group_args, check_stochastic, check_group_shapes, check_uniform_codes,
                        group_quantized_shapes, quantized_numel)
 from .topk_compress_triton import bf16_rounded, bf16_to_f32, check_device, check_dtype, on_device_of
 
@@ -244,12 +244,39 @@ def _scale(lo, hi, nans, BITS: tl.constexpr, NAN_BF16: tl.constexpr):
 
 
 @triton.jit
-def _encode_chunk(x, valid, lo, step, codes_ptr, nbytes, rows, row_ok, c0, GROUP: tl.constexpr, BITS: tl.constexpr,
-                  ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _mix32(x):
+    """The 32-bit hash of ``torch_quantize_group``'s stochastic rounding (uint32 ``x``)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full((), 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full((), 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _stochastic_level(t, idx, key, BITS: tl.constexpr):
+    """int32 ``min(floor(clamp(t) + u), 2**BITS - 1)`` with ``u`` the noise of the flat
+    element indices ``idx`` under ``key`` (NaN to 0, as ``_level``)."""
+    TOP: tl.constexpr = (1 << BITS) - 1
+    t = tl.where(t >= 0.0, t, 0.0)
+    t = tl.where(t < TOP, t, TOP * 1.0)
+    h = _mix32(key ^ idx.to(tl.uint32))
+    u = (h >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+    q = (t + u).to(tl.int32)  # truncation: the floor of a non-negative sum
+    return tl.minimum(q, TOP)
+
+
+@triton.jit
+def _encode_chunk(x, valid, lo, step, codes_ptr, nbytes, rows, row_ok, c0, key, GROUP: tl.constexpr,
+                  BITS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, STOCHASTIC: tl.constexpr):
     """Store the codes of the (ROWS, BLOCK) chunk ``c0 ..`` of groups ``rows``."""
     t = tl.div_rn(x - lo[:, None], step[:, None])
     t = tl.where((step == 0.0)[:, None], 0.0, t)  # a constant group: code 0
-    q = tl.where(valid, _level(t, BITS), 0)  # the padding's codes are 0
+    if STOCHASTIC:
+        idx = rows.to(tl.int64)[:, None] * GROUP + (c0 + tl.arange(0, BLOCK))[None, :]
+        q = tl.where(valid, _stochastic_level(t, idx, key, BITS), 0)
+    else:
+        q = tl.where(valid, _level(t, BITS), 0)  # the padding's codes are 0
     word = c0 // 8 + tl.arange(0, BLOCK // 8)
     byte0 = rows.to(tl.int64)[:, None] * (GROUP * BITS // 8) + (word * BITS)[None, :]
     ok = row_ok[:, None] & (word * 8 < GROUP)[None, :]
@@ -262,6 +289,7 @@ def _encode_chunk(x, valid, lo, step, codes_ptr, nbytes, rows, row_ok, c0, GROUP
 def _quantize_group_kernel(
     x_ptr,  # input (fp32 / bf16 / fp16), read through the 4-d view below
     center_ptr,  # (channels,) fp32 / bf16 / fp16, subtracted per index of dim 1 (CENTERED)
+    seed_ptr,  # (1,) int64: the seed of stochastic rounding (STOCHASTIC)
     codes_ptr,  # (num_groups * GROUP * BITS / 8,) uint8 out
     bounds_ptr,  # (2 * num_groups,) int16 out: the bfloat16 patterns lo, hi of every group
     numel,
@@ -279,8 +307,12 @@ def _quantize_group_kernel(
     CENTERED: tl.constexpr,  # quantize x - center
     DIFF: tl.constexpr,  # the dtype x - center rounds to: 0 fp32, 1 bf16, 2 fp16
     NAN_BF16: tl.constexpr,  # the bfloat16 NaN pattern of torch's conversion on this device
+    STOCHASTIC: tl.constexpr,  # round stochastically, keyed by the seed
 ):
     """Bounds and codes of ROWS groups (the rule of ``torch_quantize_group``)."""
+    key = tl.full((), 0, tl.uint32)
+    if STOCHASTIC:
+        key = _mix32(tl.load(seed_ptr).to(tl.uint32))  # the seed's low 32 bits
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < num_groups
     start = rows.to(tl.int64) * GROUP
@@ -289,7 +321,8 @@ def _quantize_group_kernel(
                                 stride2, stride3, inner, channels, GROUP, BLOCK, CONTIGUOUS, CENTERED, DIFF, NAN_BF16)
         lo, hi, nans = _chunk_bounds(x, valid)
         lo_b, hi_b, lo_f, step = _scale(lo, hi, nans, BITS, NAN_BF16)
-        _encode_chunk(x, valid, lo_f, step, codes_ptr, nbytes, rows, row_ok, 0, GROUP, BITS, ROWS, BLOCK)
+        _encode_chunk(x, valid, lo_f, step, codes_ptr, nbytes, rows, row_ok, 0, key, GROUP, BITS, ROWS, BLOCK,
+                      STOCHASTIC)
     else:  # chunk by chunk: the bounds, then the codes
         lo = tl.full((ROWS, ), float("inf"), tl.float32)
         hi = tl.full((ROWS, ), float("-inf"), tl.float32)
@@ -307,7 +340,8 @@ def _quantize_group_kernel(
             x, valid = _group_chunk(x_ptr, center_ptr, start, row_ok, c0, numel, size1, size2, size3, stride0,
                                     stride1, stride2, stride3, inner, channels, GROUP, BLOCK, CONTIGUOUS, CENTERED,
                                     DIFF, NAN_BF16)
-            _encode_chunk(x, valid, lo_f, step, codes_ptr, nbytes, rows, row_ok, c0, GROUP, BITS, ROWS, BLOCK)
+            _encode_chunk(x, valid, lo_f, step, codes_ptr, nbytes, rows, row_ok, c0, key, GROUP, BITS, ROWS, BLOCK,
+                          STOCHASTIC)
     tl.store(bounds_ptr + 2 * rows, lo_b.to(tl.int16), mask=row_ok)
     tl.store(bounds_ptr + 2 * rows + 1, hi_b.to(tl.int16), mask=row_ok)
 
@@ -450,6 +484,15 @@ def triton_quantize_group(x: torch.Tensor, group_size: int, bits: int) -> tuple[
     return _quantize_group(x, None, group_size, bits)
 
 
+def triton_quantize_group_stochastic(x: torch.Tensor, seed: torch.Tensor, group_size: int,
+                                     bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, bounds)`` of ``x`` rounded stochastically under ``seed`` (an int64 tensor
+    of one element, read by the kernel: no host synchronization); same contract as
+    ``torch_quantize_group(x, group_size, bits, seed)``."""
+    check_stochastic("quantize_group_stochastic", x, seed)
+    return _quantize_group(x, None, group_size, bits, seed.reshape(1).to(x.device))
+
+
 def triton_quantize_group_centered(x: torch.Tensor, center: torch.Tensor, group_size: int,
                                    bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, bounds)`` of ``x - center`` (``center`` along dim 1, subtracted in the
@@ -461,8 +504,8 @@ def triton_quantize_group_centered(x: torch.Tensor, center: torch.Tensor, group_
     return _quantize_group(x, center, group_size, bits)
 
 
-def _quantize_group(x: torch.Tensor, center: torch.Tensor | None, group_size: int,
-                    bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_group(x: torch.Tensor, center: torch.Tensor | None, group_size: int, bits: int,
+                    seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     check_group_args("quantize_group", group_size, bits)
     _check(x, x.dtype, "inputs")
     n = x.numel()
@@ -482,10 +525,11 @@ def _quantize_group(x: torch.Tensor, center: torch.Tensor | None, group_size: in
         inner, diff = n // (x.shape[0] * channels), _DIFF_CODES[torch.promote_types(x.dtype, center.dtype)]
     rows, block = _group_config(group_size)
     with on_device_of(x):
-        _launch(_quantize_group_kernel, (triton.cdiv(groups, rows), ), view, center, codes, bounds.view(torch.int16),
+        _launch(_quantize_group_kernel, (triton.cdiv(groups, rows), ), view, center,
+                codes if seed is None else seed, codes, bounds.view(torch.int16),
                 n, groups, nbytes, *sizes, *strides, inner, channels, GROUP=group_size, BITS=bits, ROWS=rows,
                 BLOCK=block, CONTIGUOUS=contiguous, CENTERED=centered, DIFF=diff, NAN_BF16=_BF16_NAN[x.device.type],
-                num_warps=_num_warps(rows * block))
+                STOCHASTIC=seed is not None, num_warps=_num_warps(rows * block))
     return codes, bounds
 
 

@@ -455,6 +455,60 @@ void encode_group(const T* xs, int64_t m, int64_t group, int64_t bits, uint8_t* 
   pack(q, group, bits, codes);
 }
 
+// Stochastic rounding (quantize.py, "stochastic rounding"): the hash of the element
+// index keyed by mix(seed), in uint32 arithmetic (products modulo 2^32).
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// The level of v rounded up with probability frac(t): min(floor(clamp(t) + u), top),
+// u = (mix(key ^ index) >> 8) * 2^-24. The clamp is the one of `level`; floor of a
+// non-negative float below 2^22 is its truncation.
+inline uint8_t stochastic_level(float v, float lo, float step, float top, uint32_t key, uint32_t index) {
+  float t = (v - lo) / step;
+  t = t >= 0.0f ? t : 0.0f;
+  t = t < top ? t : top;
+  const float u = static_cast<float>(mix32(key ^ index) >> 8) * 5.9604644775390625e-08f;  // 2^-24
+  const float s = t + u;
+  const float q = static_cast<float>(static_cast<int32_t>(s));
+  return static_cast<uint8_t>(q < top ? q : top);
+}
+
+// One group as encode_group, its levels rounded stochastically; `first` is the flat
+// index of its first element.
+template <typename T>
+void encode_group_stochastic(const T* xs, int64_t m, int64_t group, int64_t bits, uint8_t* codes,
+                             c10::BFloat16* bounds, uint8_t* q, uint32_t key, int64_t first) {
+  const float top = static_cast<float>((1 << bits) - 1);
+  float lo, step;
+  if (!store_scale(group_bounds(xs, m), top, bounds, lo, step)) {
+    std::fill(q, q + group, uint8_t{0});
+  } else {
+    for (int64_t i = 0; i < m; ++i)
+      q[i] = stochastic_level(static_cast<float>(xs[i]), lo, step, top, key, static_cast<uint32_t>(first + i));
+    std::fill(q + m, q + group, uint8_t{0});
+  }
+  pack(q, group, bits, codes);
+}
+
+template <typename T>
+void quantize_stochastic_impl(const T* x, int64_t n, int64_t group, int64_t bits, uint8_t* codes,
+                              c10::BFloat16* bounds, uint32_t key) {
+  const int64_t groups = (n + group - 1) / group;
+  const int64_t gbytes = group * bits / 8;
+  at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
+    std::vector<uint8_t> q(group);
+    for (int64_t g = g0; g < g1; ++g)
+      encode_group_stochastic(x + g * group, std::min(group, n - g * group), group, bits, codes + g * gbytes,
+                              bounds + 2 * g, q.data(), key, g * group);
+  });
+}
+
 template <typename T>
 void quantize_impl(const T* x, int64_t n, int64_t group, int64_t bits, uint8_t* codes, c10::BFloat16* bounds) {
   const int64_t groups = (n + group - 1) / group;
@@ -603,6 +657,23 @@ std::vector<at::Tensor> quantize_group(const at::Tensor& x_in, int64_t group, in
   return {codes, bounds};
 }
 
+// quantize_group with stochastic rounding keyed by `seed` (the low 32 bits count).
+std::vector<at::Tensor> quantize_group_stochastic(const at::Tensor& x_in, int64_t seed, int64_t group, int64_t bits) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.numel();
+  TORCH_CHECK(n < (int64_t{1} << 32), "quantize_group_stochastic: fewer than 2^32 elements");
+  const int64_t groups = (n + group - 1) / group;
+  at::Tensor codes = at::empty({groups * (group * bits / 8)}, x.options().dtype(at::kByte));
+  at::Tensor bounds = at::empty({2 * groups}, x.options().dtype(at::kBFloat16));
+  if (groups == 0) return {codes, bounds};
+  const uint32_t key = mix32(static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xFFFFFFFFull));
+  RAZOR_FLOAT_TYPES(x.scalar_type(), [&] {
+    quantize_stochastic_impl<T>(x.data_ptr<T>(), n, group, bits, codes.data_ptr<uint8_t>(),
+                                bounds.data_ptr<c10::BFloat16>(), key);
+  });
+  return {codes, bounds};
+}
+
 // quantize_group(x - center) for a center along dim 1 (center.numel() == x.size(1)),
 // float32 only.
 std::vector<at::Tensor> quantize_group_centered(const at::Tensor& x_in, const at::Tensor& center_in, int64_t group,
@@ -673,6 +744,7 @@ int64_t simd_available() { return simd_level(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_group", &quantize_group, "per-group quantize (CPU)");
+  m.def("quantize_group_stochastic", &quantize_group_stochastic, "per-group quantize, stochastic rounding (CPU)");
   m.def("quantize_group_centered", &quantize_group_centered, "per-group quantize of x - center (CPU)");
   m.def("dequantize_group", &dequantize_group, "per-group dequantize (CPU)");
   m.def("quantize_uniform", &quantize_uniform, "uniform quantize on one fixed range (CPU)");
