@@ -34,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--policy", choices=("accurate", "backrazor"), default="accurate")
     p.add_argument("--quant-bits", type=int, help="bits of the accurate policy's quantized classes (default: razorpass's)")
     p.add_argument("--quant-group-size", type=int, help="their group size (default: razorpass's)")
+    p.add_argument("--quant-rounding", choices=("nearest", "stochastic"), help="how their codes round "
+                   "(default: razorpass's)")
+    p.add_argument("--draws", type=int, default=1,
+                   help="stochastic rounding: each row's gradient is the mean over this many seeds (default 1)")
     p.add_argument("--memory-budget", type=float,
                    help="memory_budget: the bits per tensor a compile of one step chooses (default: none)")
     p.add_argument("--batch-size", type=int, help="examples in the batch (default: the workload's batch size)")
@@ -50,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     options = {"sparsity": args.sparsity, "granularity": args.granularity, "gelu_encoding": args.gelu_encoding,
                "policy": args.policy}
-    for name in ("quant_bits", "quant_group_size", "memory_budget"):
+    for name in ("quant_bits", "quant_group_size", "quant_rounding", "memory_budget"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.targets:
@@ -63,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs, labels = workload.example_batch(n)
     model = workload.model.train()
     report = razorpass.gradient_fidelity(model, inputs, lambda out: F.cross_entropy(out, labels),
-                                         seed=args.seed, **options)
+                                         seed=args.seed, draws=args.draws, **options)
     print(f"{workload.name}: {workload.model_summary}; batch of {len(labels)}")
     print(report.table())
     return 0

@@ -4,7 +4,7 @@ apply falls back.
     Dynamo graph --bsr_token_check--freeze_blocks--decompose_sdpa--> (AOTAutograd)
     (Inductor, granularity="sample": mark_samples, before Inductor's own joint-graph passes)
     joint graph  --canonicalize--compress_saved--encode_derivative--pack_masks--> rewritten joint
-                 --min-cut--> (fw, bw) --check_saved--> (describe saved) --fold_affine--split_decodes--hoist_decodes--drop_backward_packs--inline_codecs--center_quantize--> Inductor
+                 --min-cut--> (fw, bw) --check_saved--> (describe saved) --fold_affine--split_decodes--hoist_decodes--drop_backward_packs--stochastic_round--inline_codecs--center_quantize--> Inductor
                  (memory_budget: after the first check_saved, choose bits per root, back to the joint passes once)
 
 Each stage lists its passes by module name, in order; each module declares its
@@ -67,6 +67,7 @@ POST_PARTITION = (
     "split_decodes",  # no decoded tensor kept across a heavy op
     "hoist_decodes",  # a weight gradient's decode runs right after dY
     "drop_backward_packs",  # a mask recomputed in backward: no pack/unpack
+    "stochastic_round",  # quant_rounding="stochastic": unbiased per-group codes
     "inline_codecs",  # Inductor: codecs with a plain-op form as plain ops
     "center_quantize",  # quantize x - mean without writing it out
 )

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from .passes.vocab import CodecForm, Compiler, GeluEncoding, Granularity, OpClass, Policy, Storage, TopkLayout, parse
+from .passes.vocab import (CodecForm, Compiler, GeluEncoding, Granularity, OpClass, Policy, Rounding, Storage, TopkLayout,
+                           parse)
 
 __all__ = ["RazorConfig", "TARGETS", "DEFAULT_TARGETS", "BACKRAZOR_TARGETS", "VALUE_DTYPES", "GRANULARITIES",
            "COMPILERS", "CODEC_FORMS", "GELU_ENCODINGS", "TOPK_LAYOUTS", "GELU_DERIVATIVE_RANGE", "POLICIES", "QUANT_BITS", "TOPK_CLASSES",
@@ -156,6 +157,13 @@ class RazorConfig:
     # Bits per element and group size of the "accurate" policy's quantized classes.
     quant_bits: int = 3
     quant_group_size: int = 256
+    # How those codes round a value between two levels: "nearest" (half to even) or
+    # "stochastic": up with probability the fractional part, so the decoded tensor and
+    # the gradients computed linearly from it are unbiased; one seed per step from
+    # PyTorch's generator, so ``torch.manual_seed`` reproduces it. A LayerNorm /
+    # BatchNorm x̂ stays rounded to nearest (its backward is not linear in x̂;
+    # ``passes/stochastic_round.py``).
+    quant_rounding: Rounding = Rounding.NEAREST
     # Group size of the batchnorm class: it stores x - mean, not divided by the channel's
     # deviation, and where a channel's map is smaller than a group, one group spans
     # channels of different scales (bench/README.md, "Gradient fidelity", measures the
@@ -211,6 +219,10 @@ class RazorConfig:
         g = self.quant_group_size
         if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 8:
             raise ValueError(f"RazorConfig.quant_group_size must be a positive multiple of 8, got {g!r}")
+        object.__setattr__(self, "quant_rounding", parse(Rounding, self.quant_rounding, "quant_rounding"))
+        if self.quant_rounding is Rounding.STOCHASTIC and self.policy is not Policy.ACCURATE:
+            raise ValueError(f"RazorConfig.quant_rounding='stochastic' rounds quantized codes and needs "
+                             f"policy='accurate'; policy={self.policy!r} quantizes nothing")
         m = self.memory_budget
         if m is not None:
             if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or not 0.0 < m <= 1.0:

@@ -49,12 +49,15 @@ class FidelityReport:
     rows: list[FidelityRow]
     config: RazorConfig
     params: int  # trainable parameters compared (tensors)
+    draws: int = 1  # rounding seeds each row's gradient is the mean of (stochastic rounding)
 
     def table(self) -> str:
         w = max([len("targets")] + [len("+".join(r.targets)) for r in self.rows])
         c = self.config
         how = (f"{c.quant_bits}-bit groups of {c.quant_group_size}" if c.memory_budget is None
                else f"memory_budget {c.memory_budget}") if c.policy == "accurate" else ""
+        if c.policy == "accurate":
+            how += f", rounding {c.quant_rounding}" + (f" (mean of {self.draws} draws)" if self.draws > 1 else "")
         lines = [f"gradient vs dense, {c.policy} policy {how}, sparsity {c.sparsity} ({c.granularity}); "
                  f"{self.params} parameter tensors",
                  f"{'targets':<{w}} {'cosine':>7} {'norm':>6} {'changed':>8}  worst parameter (cosine)"]
@@ -82,7 +85,7 @@ def _default_loss(out: Any) -> torch.Tensor:
 def gradient_fidelity(model: torch.nn.Module, example_inputs: Any,
                       loss_fn: Callable[[Any], torch.Tensor] | None = None,
                       config: RazorConfig | dict | None = None, *, per_class: bool = True, seed: int = 0,
-                      **options: Any) -> FidelityReport:
+                      draws: int = 1, **options: Any) -> FidelityReport:
     """Compare the gradient of one batch under ``options`` with the exact gradient.
 
     ``example_inputs``: a tensor or a tuple of positional inputs. ``loss_fn(output)``
@@ -90,6 +93,10 @@ def gradient_fidelity(model: torch.nn.Module, example_inputs: Any,
     square of its first tensor). Rows: each lossy class of the config's targets alone
     (``per_class``), then all of them together. The model's mode (train / eval) is
     used as it is; gradients already on the parameters are restored afterwards.
+
+    Under ``quant_rounding="stochastic"`` a row's gradient is the mean over ``draws``
+    rounding seeds (0, 1, ...; dropout draws the dense step's masks in each): one draw
+    is what one step sees, the mean over many shows the bias that remains.
     """
     from . import reference
 
@@ -108,7 +115,17 @@ def gradient_fidelity(model: torch.nn.Module, example_inputs: Any,
             for (_, p), g in zip(params, kept):
                 p.grad = g
 
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"gradient_fidelity: draws must be a positive int, got {draws!r}")
+    draws = draws if cfg.quant_rounding == "stochastic" else 1
+
     def grads(row_cfg: RazorConfig | None) -> list[torch.Tensor]:
+        if row_cfg is None:
+            return one_step(None, None)
+        steps = [one_step(row_cfg, i if row_cfg.quant_rounding == "stochastic" else None) for i in range(draws)]
+        return [sum(g) / draws for g in zip(*steps)]
+
+    def one_step(row_cfg: RazorConfig | None, rounding_seed: int | None) -> list[torch.Tensor]:
         for _, p in params:
             p.grad = None
         with torch.random.fork_rng(devices=[]):
@@ -116,7 +133,7 @@ def gradient_fidelity(model: torch.nn.Module, example_inputs: Any,
             if row_cfg is None:
                 loss = loss_fn(model(*inputs))
             else:
-                with reference.apply(model, row_cfg, choices=choices):
+                with reference.apply(model, row_cfg, choices=choices, rounding_seed=rounding_seed):
                     loss = loss_fn(model(*inputs))
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise ValueError(f"gradient_fidelity: loss_fn must return a scalar tensor, got "
@@ -136,7 +153,7 @@ def gradient_fidelity(model: torch.nn.Module, example_inputs: Any,
     finally:
         for (_, p), g in zip(params, kept):
             p.grad = g
-    return FidelityReport(rows=rows, config=cfg, params=len(params))
+    return FidelityReport(rows=rows, config=cfg, params=len(params), draws=draws)
 
 
 def budget_choices(model: torch.nn.Module, inputs: tuple, loss_fn: Callable[[Any], torch.Tensor],

@@ -64,3 +64,35 @@ def test_a_frozen_model_is_rejected():
     lin = nn.Linear(4, 3).requires_grad_(False)
     with pytest.raises(ValueError, match="requires grad"):
         razorpass.gradient_fidelity(lin, torch.randn(2, 4))
+
+
+def test_stochastic_rows_average_their_draws_with_the_dense_dropout_masks():
+    """A linear layer's weight gradient under stochastic rounding, written out by hand:
+    ``cᵀ · decode(x)`` for each rounding seed 0 .. draws-1, averaged; the mean of
+    more draws is closer to the dense gradient; rounding to nearest has one draw."""
+    from razorpass.reference import quantize_group
+
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Dropout(0.5), nn.Linear(64, 6, bias=False)).train()
+    x = torch.randn(8, 64, requires_grad=True)
+    c = torch.randn(8, 6)
+    opts = dict(targets=("linear",), quant_bits=2, quant_group_size=64, quant_rounding="stochastic")
+    one, many = (razorpass.gradient_fidelity(lin, (x,), lambda y: (y * c).sum(), draws=d, seed=3, **opts)
+                 for d in (1, 16))
+    torch.manual_seed(3)
+    h = lin[0](x.detach())  # the dense step's dropout mask (the rows draw the same one)
+    dense = (c.T @ h).double().flatten()
+
+    def cos(g):
+        return float(dense @ g / (dense.norm() * g.norm()))
+
+    by_hand = [(c.T @ quantize_group(h, 64, 2, seed=s)).double().flatten() for s in range(16)]
+    assert one.rows[0].cosine == pytest.approx(cos(by_hand[0]), abs=1e-6)
+    assert many.rows[0].cosine == pytest.approx(cos(sum(by_hand) / 16), abs=1e-6)
+    assert many.draws == 16 and "mean of 16 draws" in many.table()
+    assert 1 - many.rows[0].cosine < (1 - one.rows[0].cosine) / 4
+    nearest = razorpass.gradient_fidelity(lin, (x,), lambda y: (y * c).sum(), draws=16, seed=3,
+                                          **{**opts, "quant_rounding": "nearest"})
+    assert nearest.draws == 1
+    with pytest.raises(ValueError, match="draws must be a positive int"):
+        razorpass.gradient_fidelity(lin, (x,), lambda y: (y * c).sum(), draws=0, **opts)

@@ -5,7 +5,9 @@ encodings a saved tensor can take."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from ..config import RazorConfig
@@ -34,18 +36,40 @@ def sparsify(x: torch.Tensor, config: RazorConfig | None) -> torch.Tensor:
 
 class _Quantized:
     """The "accurate" policy's per-group quantization of one tensor (its own code: no
-    custom op, no packing)."""
+    custom op, no packing); ``seed(device)`` gives the step's seed when it rounds
+    stochastically (None: to nearest)."""
 
-    def __init__(self, group: int, bits: int):
-        self.group, self.bits = group, bits
+    def __init__(self, group: int, bits: int, seed: Callable[[torch.device], int] | None = None):
+        self.group, self.bits, self.seed = group, bits, seed
 
 
-def quantize_group(x: torch.Tensor, group: int, bits: int) -> torch.Tensor:
+def _mix(x: np.ndarray) -> np.ndarray:
+    """The 32-bit integer hash of stochastic rounding, in numpy's wrapping uint32."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def stochastic_noise(seed: int, n: int) -> torch.Tensor:
+    """float32 ``u`` in [0, 1) of elements ``0 .. n-1`` under ``seed``: the top 24 bits of
+    ``mix(mix(seed mod 2**32) ^ i)``, times 2**-24."""
+    key = _mix(np.array([seed & 0xFFFFFFFF], dtype=np.uint32))
+    h = _mix(np.arange(n, dtype=np.uint64).astype(np.uint32) ^ key)
+    return torch.from_numpy((h >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24))
+
+
+def quantize_group(x: torch.Tensor, group: int, bits: int, seed: int | None = None) -> torch.Tensor:
     """The dense tensor razorpass's quantize_group + dequantize_group produce for ``x``:
     per group of ``group`` consecutive elements (flattened), ``2**bits`` uniform levels
     from the group's min to its max, both rounded outwards to bfloat16; level
     ``round((x - lo) / step)`` in float32 (half to even, clamped; 0 when the step is 0 or
-    the quotient NaN); a group whose bounds are not finite decodes to NaN."""
+    the quotient NaN); a group whose bounds are not finite decodes to NaN.
+
+    With a ``seed`` (quantize_group_stochastic), the level is ``floor(t + u)`` for ``t``
+    the quotient clamped to the levels and ``u`` the element's noise
+    (``stochastic_noise``), clamped to the top level."""
     flat = x.detach().contiguous().reshape(-1).to(torch.float32)
     n = flat.numel()
     if n == 0:
@@ -67,7 +91,12 @@ def quantize_group(x: torch.Tensor, group: int, bits: int) -> torch.Tensor:
     step = (hi32 - lo32) / (2**bits - 1)
     t = (g - lo32) / step
     t = torch.where(t.isnan() | (step == 0), torch.zeros_like(t), t)
-    out = torch.round(t).clamp(0, 2**bits - 1) * step + lo32
+    if seed is None:
+        levels = torch.round(t).clamp(0, 2**bits - 1)
+    else:
+        u = stochastic_noise(seed, rows * group).view(rows, group)
+        levels = torch.floor(t.clamp(0, 2**bits - 1) + u).clamp(max=2**bits - 1)
+    out = levels * step + lo32
     bad = has_nan | ~torch.isfinite(lo32.squeeze(1)) | ~torch.isfinite(hi32.squeeze(1))
     out[bad] = math.nan
     return out.reshape(-1)[:n].to(x.dtype).view(x.shape)
@@ -103,5 +132,5 @@ def _encode(x: torch.Tensor, enc) -> torch.Tensor:
     if isinstance(enc, _Derived):
         return enc.value.to(x.dtype)
     if isinstance(enc, _Quantized):
-        return quantize_group(x, enc.group, enc.bits)
+        return quantize_group(x, enc.group, enc.bits, None if enc.seed is None else enc.seed(x.device))
     return sparsify(x, enc)

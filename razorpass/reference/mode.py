@@ -35,9 +35,13 @@ class _ReferenceMode(TorchFunctionMode):
     Handlers read the methods without a leading underscore."""
 
     def __init__(self, config: RazorConfig, paths: list[str], inputs: set[int], state: set[int],
-                 choices: dict[tuple[str, int], int] | None = None):
+                 choices: dict[tuple[str, int], int] | None = None, seeds: dict | None = None):
         super().__init__()
         self.config, self.paths, self.inputs, self.state = config, paths, inputs, state
+        # quant_rounding="stochastic": the step's seed per device, drawn at its first code
+        # (as the compiled forward draws it); the model's forward pre-hook clears it
+        self.seeds = {} if seeds is None else seeds
+        self.rounding_seed: int | None = None  # apply(rounding_seed=): every step's seed, no draw
         self.choices = choices  # memory_budget's (module path, numel) -> bits, 0 dense
         self.derived: dict[int, torch.Tensor] = {}
         self.topk_stored: dict[int, torch.Tensor] = {}  # outputs a top-k class stores (softmax)
@@ -122,9 +126,19 @@ class _ReferenceMode(TorchFunctionMode):
                 bits = self.choices.get((self.paths[-1] if self.paths else "", x.numel()), 0)
                 if not bits:
                     return None
-            q = _Quantized(cfg.quant_group(cls), bits)
+            stochastic = cfg.quant_rounding == "stochastic" and cls not in ("layernorm", "batchnorm")
+            q = _Quantized(cfg.quant_group(cls), bits, self.seed if stochastic else None)
             return None if not_smaller_quantized(tuple(x.shape), dt, q.group, q.bits) else q
         return None if not_smaller(tuple(x.shape), dt, cfg) else cfg
+
+    def seed(self, device: torch.device) -> int:
+        """The step's stochastic-rounding seed on ``device``: drawn from PyTorch's
+        generator, ``randint(0, 2**31)``, at the step's first code there."""
+        if self.rounding_seed is not None:
+            return self.rounding_seed
+        if device not in self.seeds:
+            self.seeds[device] = int(torch.randint(0, 1 << 31, (), dtype=torch.int64, device=device))
+        return self.seeds[device]
 
     def softmax(self, x: torch.Tensor, dim) -> torch.Tensor:
         enc = self.encoding(x, cls="softmax", exact_if_free=False)
@@ -181,8 +195,14 @@ class _ReferenceMode(TorchFunctionMode):
 
 @contextlib.contextmanager
 def apply(model: torch.nn.Module, config: RazorConfig | None = None, *,
-          choices: dict[tuple[str, int], int] | None = None, **options) -> Iterator[None]:
+          choices: dict[tuple[str, int], int] | None = None, rounding_seed: int | None = None,
+          **options) -> Iterator[None]:
     """Run ``model`` eagerly with the reference rule while the block is active.
+
+    Under ``quant_rounding="stochastic"`` each step draws its seed from PyTorch's
+    generator at its first code, as the compiled step does; ``rounding_seed`` gives
+    every step that seed instead and draws nothing (so dropout's masks stay those of a
+    dense step: ``gradient_fidelity`` compares with one).
 
     ``memory_budget`` chooses bits per tensor from the whole graph's saved bytes, known
     only once it is partitioned: pass the compile's choices as ``choices`` ((module
@@ -196,7 +216,10 @@ def apply(model: torch.nn.Module, config: RazorConfig | None = None, *,
     inputs: set[int] = set()
     handles = []
 
+    seeds: dict = {}
+
     def record_inputs(module, args, kwargs):
+        seeds.clear()  # a new step: its stochastic codes draw a new seed
         inputs.update(id(t) for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
 
     handles.append(model.register_forward_pre_hook(record_inputs, with_kwargs=True))
@@ -214,7 +237,9 @@ def apply(model: torch.nn.Module, config: RazorConfig | None = None, *,
         handles.append(mod.register_forward_hook(leave))
     state = {id(t) for t in [*model.parameters(), *model.buffers()]}
     try:
-        with _ReferenceMode(config, paths, inputs, state, choices):
+        mode = _ReferenceMode(config, paths, inputs, state, choices, seeds)
+        mode.rounding_seed = rounding_seed
+        with mode:
             yield
     finally:
         for h in handles:
