@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quant-group-size", type=int, help="their group size (default: razorpass's)")
     p.add_argument("--quant-rounding", choices=("nearest", "stochastic"), help="how their codes round "
                    "(default: razorpass's)")
+    p.add_argument("--quant-codebook", choices=("uniform", "normal"), help="their levels (default: razorpass's)")
     p.add_argument("--draws", type=int, default=1,
                    help="stochastic rounding: each row's gradient is the mean over this many seeds (default 1)")
     p.add_argument("--memory-budget", type=float,
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     options = {"sparsity": args.sparsity, "granularity": args.granularity, "gelu_encoding": args.gelu_encoding,
                "policy": args.policy}
-    for name in ("quant_bits", "quant_group_size", "quant_rounding", "memory_budget"):
+    for name in ("quant_bits", "quant_group_size", "quant_rounding", "quant_codebook", "memory_budget"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.targets:

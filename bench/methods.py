@@ -25,6 +25,9 @@ razor-sr          the defaults with ``quant_rounding="stochastic"``: the 3-bit c
                   rounded up or down at random, an unbiased estimate of the activation
 razor-int2        the defaults with ``quant_bits=2`` (also razor-int2-sr: rounded
                   stochastically)
+razor-nf2         the defaults with ``quant_codebook="normal", quant_bits=2``: LayerNorm x̂
+                  and Linear / conv inputs on a unit Gaussian's levels per group (two
+                  outliers apart), matmul operands and BatchNorm inputs uniform, 2 bits
 razor-budget0.1   the defaults with ``memory_budget=0.1``: each graph saves at most 10% of
                   its dense bytes, bits chosen per tensor for the least error
 backrazor0.9      ``razorpass.compile(model, policy="backrazor", sparsity=0.9)``: Back
@@ -107,6 +110,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("razor-int2", "razorpass defaults with quant_bits=2 (rounded to nearest)", razor={"quant_bits": 2}),
     Method("razor-int2-sr", "razorpass defaults with quant_bits=2, rounded stochastically",
            razor={"quant_bits": 2, "quant_rounding": "stochastic"}),
+    Method("razor-nf2", "razorpass defaults with quant_codebook='normal', quant_bits=2: LayerNorm x̂ and layer "
+           "inputs on a Gaussian's Lloyd-Max levels per group, two outliers apart",
+           razor={"quant_codebook": "normal", "quant_bits": 2}),
     Method("razor-budget0.1", "razorpass defaults with memory_budget=0.1: bits per tensor (2-8, or dense) "
            "chosen for the least error within 10% of the dense saved bytes", razor={"memory_budget": 0.1}),
     Method("backrazor0.9", "Back Razor rule, sparsity 0.9", razor={"policy": "backrazor", "sparsity": 0.9}),

@@ -38,7 +38,8 @@ from torch._ops import OpOverload
 
 from ..kernels import fused_quantize as fq
 from ..kernels import ops
-from ..kernels.ops import compressed_shapes, group_quantized_shapes, offsets_dtype, packed_numel, quantized_numel
+from ..kernels.ops import (compressed_shapes, group_quantized_shapes, normal_shapes, offsets_dtype, packed_numel,
+                           quantized_numel)
 from .records import CompressedRoot, PackedMask, QuantizedDerivative, QuantizedRoot
 from .vocab import CodecForm, Encoding
 
@@ -123,6 +124,13 @@ def group_bytes(numel, group_size: int, bits: int):
     return code_bytes + nbounds * 2
 
 
+def normal_bytes(numel, group_size: int, bits: int):
+    """``bits`` per element of whole groups; per group a bfloat16 mean and deviation and
+    two outliers (an offset and a bfloat16 value each)."""
+    (code_bytes,), (nstats,), (groups, m), odt = normal_shapes(numel, group_size, bits)
+    return code_bytes + nstats * 2 + groups * m * (odt.itemsize + 2)
+
+
 def uniform_bytes(numel, bits: int):
     return quantized_numel(numel, bits)
 
@@ -163,6 +171,8 @@ register(Codec(Encoding.GROUP_CENTERED, razor.quantize_group_centered.default, r
 register(Codec(Encoding.GROUP_STOCHASTIC, razor.quantize_group_stochastic.default, razor.dequantize_group.default,
                QuantizedRoot, lossless=False, values=True, nbytes=group_bytes, kernels=_NATIVE_FIRST,
                inline_decode=fq.fused_dequantize_group))  # no generated encode: the noise is the kernels'
+register(Codec(Encoding.GROUP_NORMAL, razor.quantize_normal.default, razor.dequantize_normal.default, QuantizedRoot,
+               lossless=False, values=True, nbytes=normal_bytes, kernels=_PLAIN))
 register(Codec(Encoding.UNIFORM, razor.quantize_uniform.default, razor.dequantize_uniform.default,
                QuantizedDerivative, lossless=False, values=True, nbytes=uniform_bytes, kernels=_NATIVE_FIRST,
                inline_encode=fq.fused_quantize_uniform, inline_decode=fq.fused_dequantize_uniform,

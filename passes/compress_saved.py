@@ -47,7 +47,7 @@ from .facts import GraphFacts
 from .framework import GraphPass, PassConfig, Stage
 from .records import EncodeResult
 from .rewrite import Rewriter, Use
-from .vocab import Encoding, GeluEncoding, Granularity, OpClass, Skip, SkipReason, Storage
+from .vocab import Codebook, Encoding, GeluEncoding, Granularity, OpClass, Skip, SkipReason, Storage
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -273,10 +273,22 @@ def not_smaller(val: torch.Tensor, group: int, keep: int, config: PassConfig) ->
     return statically_known_true(packed >= val.numel() * val.element_size())
 
 
-def not_smaller_quantized(val: torch.Tensor, group: int, bits: int) -> bool:
-    """The size rule for a quantized copy (``bits`` per element of whole groups plus the
-    bounds of each group)."""
-    return statically_known_true(CODECS[Encoding.GROUP].nbytes(val.numel(), group, bits)
+# The classes the normal codebook codes; the others keep uniform levels (on MiniLM the
+# normal codebook moved the gradients of matmul operands further than uniform levels:
+# ``bench/README.md``, "Codebooks").
+NORMAL_CLASSES = frozenset({OpClass.LINEAR, OpClass.CONV, OpClass.LAYERNORM})
+
+
+def quant_encoding(config: PassConfig, classes) -> Encoding:
+    """The per-group codec of a root read by ``classes`` under the config's codebook."""
+    normal = config.quant_codebook is Codebook.NORMAL and NORMAL_CLASSES.issuperset(classes)
+    return Encoding.GROUP_NORMAL if normal else Encoding.GROUP
+
+
+def not_smaller_quantized(val: torch.Tensor, group: int, bits: int, encoding: Encoding = Encoding.GROUP) -> bool:
+    """The size rule for a quantized copy (``bits`` per element of whole groups plus what
+    each group stores besides: bounds, or statistics and outliers)."""
+    return statically_known_true(CODECS[encoding].nbytes(val.numel(), group, bits)
                                  >= val.numel() * val.element_size())
 
 
@@ -383,7 +395,7 @@ def _merge_derived(cands: dict, cfg: PassConfig, bwd: set[fx.Node]) -> dict[fx.N
         if (any(c in NORM_CLASSES for _, _, c in uses)
                 and all(cfg.encoding_of(c) is Storage.QUANT for _, _, c in uses)
                 and not not_smaller_quantized(root.meta["val"], cfg.quant_group([c for _, _, c in uses]),
-                                              cfg.quant_bits)):
+                                              cfg.quant_bits, quant_encoding(cfg, [c for _, _, c in uses]))):
             norm_keys[_value_key(root)] = root
     if not norm_keys:
         return merged
@@ -528,7 +540,7 @@ def _plan(scan: _Scan, ctx: PassContext, merged: dict[fx.Node, list[fx.Node]]) -
                     scan.skipped.append(dataclasses.replace(group, node=root.name))
                     continue
                 keep = int(cfg.keep_count(group))
-            if (quant and not_smaller_quantized(val, group, bits)) or (not quant and not_smaller(val, group, keep, cfg)):
+            if (quant and not_smaller_quantized(val, group, bits, quant_encoding(cfg, [c for _, _, c in uses]))) or (not quant and not_smaller(val, group, keep, cfg)):
                 # the size rule: a copy no smaller than the tensor saves nothing (and the
                 # partitioner may then recompute the root instead of saving the copy)
                 if root not in too_small:
@@ -559,9 +571,9 @@ def apply(gm: fx.GraphModule, ctx: PassContext, plans: list[Plan]) -> list:
         for plan in plans:
             val, group, bits = plan.root.meta["val"], plan.group_size, plan.bits
             if bits:
-                codec = CODECS[Encoding.GROUP]
+                codec = CODECS[quant_encoding(ctx.config, {s.op_class for s in plan.sites})]
                 done = rw.reroute(plan.root, plan.sites, codec, (group, bits),
-                                  lambda enc, sizes: (enc[0], enc[1], sizes, group, bits, val.dtype))
+                                  lambda enc, sizes: (*enc, sizes, group, bits, val.dtype))
             else:
                 codec = CODECS[topk_encoding(ctx.config, group, plan.keep)]
                 done = rw.reroute(plan.root, plan.sites, codec, (group, plan.keep, value_dtype_of(ctx.config, val.dtype)),

@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 from torch.fx.passes.graph_transform_observer import GraphTransformObserver
 
-from .vocab import Compiler, GeluEncoding, Granularity, OpClass, Rounding, Storage
+from .vocab import Codebook, Compiler, GeluEncoding, Granularity, OpClass, Rounding, Storage
 
 __all__ = ["Stage", "PassConfig", "PassResult", "GraphPass", "load", "run_stage"]
 
@@ -65,6 +65,7 @@ class PassConfig(Protocol):
     value_dtype: str
     quant_bits: int
     quant_rounding: Rounding
+    quant_codebook: Codebook
     memory_budget: float | None
     compiler: Compiler
     gelu_mode: GeluEncoding

@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass
 from typing import TypeVar
 
-__all__ = ["OpClass", "Policy", "Granularity", "Rounding", "TopkLayout", "Encoding", "Storage", "Compiler", "CodecForm", "GeluEncoding", "SkipReason",
+__all__ = ["OpClass", "Policy", "Granularity", "Rounding", "Codebook", "TopkLayout", "Encoding", "Storage", "Compiler", "CodecForm", "GeluEncoding", "SkipReason",
            "Skip", "parse"]
 
 
@@ -72,6 +72,13 @@ class Rounding(_Named):
     STOCHASTIC = "stochastic"  # up with probability the fractional part: an unbiased code
 
 
+class Codebook(_Named):
+    """The levels of the per-group codes (``RazorConfig.quant_codebook``)."""
+
+    UNIFORM = "uniform"  # 2**bits levels evenly from the group's min to its max (Encoding.GROUP)
+    NORMAL = "normal"  # a unit Gaussian's Lloyd-Max levels at the group's mean and deviation (GROUP_NORMAL)
+
+
 class TopkLayout(_Named):
     """How a top-k copy records which elements it kept."""
 
@@ -116,6 +123,7 @@ class Encoding(_Named):
     GROUP = "group"  # uniform levels on each group's own [min, max]
     GROUP_CENTERED = "group_centered"  # GROUP of x - mean (a BatchNorm input), one op
     GROUP_STOCHASTIC = "group_stochastic"  # GROUP, levels rounded stochastically (unbiased)
+    GROUP_NORMAL = "group_normal"  # a unit Gaussian's levels per group, scaled; two outliers apart
     UNIFORM = "uniform"  # uniform levels on one fixed range (a GELU derivative)
     PACKED_MASK = "packed_mask"  # a boolean tensor, 8 elements per byte (lossless)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from .passes.vocab import (CodecForm, Compiler, GeluEncoding, Granularity, OpClass, Policy, Rounding, Storage, TopkLayout,
-                           parse)
+from .passes.vocab import (Codebook, CodecForm, Compiler, GeluEncoding, Granularity, OpClass, Policy, Rounding, Storage,
+                           TopkLayout, parse)
 
 __all__ = ["RazorConfig", "TARGETS", "DEFAULT_TARGETS", "BACKRAZOR_TARGETS", "VALUE_DTYPES", "GRANULARITIES",
            "COMPILERS", "CODEC_FORMS", "GELU_ENCODINGS", "TOPK_LAYOUTS", "GELU_DERIVATIVE_RANGE", "POLICIES", "QUANT_BITS", "TOPK_CLASSES",
@@ -63,7 +63,7 @@ CODEC_FORMS: tuple[str, ...] = tuple(f.value for f in CodecForm)
 #           quantized to N bits on GELU_DERIVATIVE_RANGE (the encode_derivative pass).
 GELU_ENCODINGS: tuple[str, ...] = tuple(g.value for g in GeluEncoding)
 # The codebook range of the derivN encodings: see razorpass.kernels.quantize.
-from .kernels.quantize import GELU_DERIVATIVE_RANGE  # noqa: E402
+from .kernels.quantize import GELU_DERIVATIVE_RANGE, NORMAL_BITS  # noqa: E402
 
 # Options that torch.compile itself passes through to a backend and that are not ours.
 _PASSTHROUGH = frozenset({"mode"})
@@ -164,6 +164,12 @@ class RazorConfig:
     # BatchNorm x̂ stays rounded to nearest (its backward is not linear in x̂;
     # ``passes/stochastic_round.py``).
     quant_rounding: Rounding = Rounding.NEAREST
+    # Their levels: "uniform" (2**bits levels from each group's min to its max, bf16
+    # bounds) or "normal": LayerNorm x̂ and Linear / conv inputs on a unit Gaussian's
+    # Lloyd-Max levels at each group's mean and deviation, the group's two elements
+    # farthest from the mean kept apart in bf16 (2-4 bits; plain PyTorch kernels, no
+    # native / Triton kernel yet; ``kernels/quantize.py``), the other classes uniform.
+    quant_codebook: Codebook = Codebook.UNIFORM
     # Group size of the batchnorm class: it stores x - mean, not divided by the channel's
     # deviation, and where a channel's map is smaller than a group, one group spans
     # channels of different scales (bench/README.md, "Gradient fidelity", measures the
@@ -220,6 +226,17 @@ class RazorConfig:
         if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 8:
             raise ValueError(f"RazorConfig.quant_group_size must be a positive multiple of 8, got {g!r}")
         object.__setattr__(self, "quant_rounding", parse(Rounding, self.quant_rounding, "quant_rounding"))
+        object.__setattr__(self, "quant_codebook", parse(Codebook, self.quant_codebook, "quant_codebook"))
+        if self.quant_codebook is Codebook.NORMAL:
+            if self.quant_bits not in NORMAL_BITS:
+                raise ValueError(f"RazorConfig.quant_codebook='normal' has levels for quant_bits {NORMAL_BITS}, "
+                                 f"got {self.quant_bits}")
+            if self.quant_rounding is Rounding.STOCHASTIC:
+                raise ValueError("RazorConfig.quant_rounding='stochastic' rounds between uniform levels; "
+                                 "quant_codebook='normal' rounds to the nearest level")
+            if self.memory_budget is not None:
+                raise ValueError("RazorConfig.memory_budget chooses among uniform codes; quant_codebook='normal' "
+                                 "takes none")
         if self.quant_rounding is Rounding.STOCHASTIC and self.policy is not Policy.ACCURATE:
             raise ValueError(f"RazorConfig.quant_rounding='stochastic' rounds quantized codes and needs "
                              f"policy='accurate'; policy={self.policy!r} quantizes nothing")

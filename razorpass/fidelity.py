@@ -57,7 +57,8 @@ class FidelityReport:
         how = (f"{c.quant_bits}-bit groups of {c.quant_group_size}" if c.memory_budget is None
                else f"memory_budget {c.memory_budget}") if c.policy == "accurate" else ""
         if c.policy == "accurate":
-            how += f", rounding {c.quant_rounding}" + (f" (mean of {self.draws} draws)" if self.draws > 1 else "")
+            how += (f", {c.quant_codebook} codebook, rounding {c.quant_rounding}"
+                    + (f" (mean of {self.draws} draws)" if self.draws > 1 else ""))
         lines = [f"gradient vs dense, {c.policy} policy {how}, sparsity {c.sparsity} ({c.granularity}); "
                  f"{self.params} parameter tensors",
                  f"{'targets':<{w}} {'cosine':>7} {'norm':>6} {'changed':>8}  worst parameter (cosine)"]

@@ -19,6 +19,8 @@ def _encode_args(codec: Codec, x: torch.Tensor):
         return (64, 3, torch.bfloat16), (64, 3, torch.bfloat16)
     if codec.encoding is Encoding.GROUP:
         return (64, 3), (64, 3)
+    if codec.encoding is Encoding.GROUP_NORMAL:
+        return (64, 2), (64, 2)
     if codec.encoding is Encoding.GROUP_STOCHASTIC:
         return (torch.tensor(7), 64, 3), (64, 3)
     if codec.encoding is Encoding.GROUP_CENTERED:

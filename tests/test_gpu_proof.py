@@ -48,7 +48,8 @@ def test_smoke_writes_every_file_with_real_rows(tmp_path):
 
     codecs = _rows(tmp_path / "gpu_codecs.csv")
     ops = {r["op"] for r in codecs if r["status"] == "ok" and float(r["gbps"]) > 0}
-    assert ops == {"copy", "quantize_group", "quantize_group_centered", "dequantize_group", "quantize_uniform",
+    assert ops == {"copy", "quantize_group", "quantize_group_centered", "quantize_group_stochastic", "dequantize_group",
+                   "quantize_normal", "dequantize_normal", "quantize_uniform",
                    "dequantize_uniform", "compress", "decompress", "compress_offsets", "decompress_offsets",
                    "pack_bits", "unpack_bits"}
     # the generated forms beside the kernels (float32 values, and the masks), equal to them bit for bit

@@ -169,16 +169,23 @@ def _step(model, inputs, fn, seed):
     return {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize(("name", "compiler"), [("bert", "eager"), ("cnn", "eager"), ("mlp", "inductor")])
-def test_models_match_the_reference_under_the_same_seed(name, compiler):
+def against_reference(name, cfg, seed):
+    """(model, inputs, compiled model, its gradients, the reference's, the dense ones,
+    the compile records) of one step of test model ``name`` in float64 under ``seed``."""
     model, inputs = _double(name)
-    cfg = RazorConfig(compiler=compiler, quant_rounding="stochastic", quant_bits=2)
     dense = _step(model, inputs, model, 0)
     with reference.apply(model, cfg):
-        ref = _step(model, inputs, model, 11)
+        ref = _step(model, inputs, model, seed)
     compiled = razorpass.compile(model, cfg, fullgraph=True)
     with razorpass.record_compiles() as records:
-        got = _step(model, inputs, compiled, 11)
+        got = _step(model, inputs, compiled, seed)
+    return model, inputs, compiled, got, ref, dense, records
+
+
+@pytest.mark.parametrize(("name", "compiler"), [("bert", "eager"), ("cnn", "eager"), ("mlp", "inductor")])
+def test_models_match_the_reference_under_the_same_seed(name, compiler):
+    cfg = RazorConfig(compiler=compiler, quant_rounding="stochastic", quant_bits=2)
+    model, inputs, compiled, got, ref, dense, records = against_reference(name, cfg, 11)
     assert records[0].fallback is None and records[0].count("stochastic_round") > 0
     _close(got, ref, dense, rtol=1e-9)
     # the same seed again (a run resumed from its RNG state): the same gradient, bit for bit

@@ -4,6 +4,8 @@
   ``decompress_offsets`` (offsets layout);
 * per-group quantization: ``quantize_group``, ``quantize_group_centered``,
   ``quantize_group_stochastic`` and ``dequantize_group``; on one fixed range: ``quantize_uniform`` / ``dequantize_uniform``;
+* on a normal codebook per group, outliers apart: ``quantize_normal`` / ``dequantize_normal``
+  (plain PyTorch on every device);
 * lossless masks: ``pack_bits`` / ``unpack_bits``;
 * ``rank_tokens`` (BSR's token order).
 
@@ -41,14 +43,16 @@ import torch
 
 from . import quantize_cpu, topk_compress_cpu
 from .fused_quantize import fused_dequantize_uniform  # noqa: F401  (re-exported: a fused_* form)
-from .quantize import (check_args, check_stochastic, check_uniform_codes, check_group_args, check_group_shapes, group_quantized_shapes, quantized_numel, torch_dequantize_group,
+from .quantize import (check_args, check_normal_args, check_stochastic, normal_shapes, torch_dequantize_normal,
+                       torch_quantize_normal, check_uniform_codes, check_group_args, check_group_shapes, group_quantized_shapes, quantized_numel, torch_dequantize_group,
                        torch_dequantize_uniform, torch_quantize_group, torch_quantize_uniform)
 from .topk_compress import offsets_dtype, torch_compress, torch_decompress, torch_decompress_offsets, torch_mask_to_offsets
 
 __all__ = ["BACKENDS", "compress", "decompress", "compressed_shapes", "compress_offsets", "decompress_offsets", "offsets_dtype", "pack_bits", "unpack_bits", "packed_numel", "fused_pack_bits", "fused_dequantize_uniform",
            "fused_unpack_bits", "rank_tokens",
            "RANK_TOKENS_OP", "VALUE_DTYPES", "value_dtype_of", "quantize_uniform", "dequantize_uniform", "quantized_numel",
-           "quantize_group", "quantize_group_centered", "quantize_group_stochastic", "dequantize_group", "group_quantized_shapes"]
+           "quantize_group", "quantize_group_centered", "quantize_group_stochastic", "dequantize_group",
+           "quantize_normal", "dequantize_normal", "normal_shapes", "group_quantized_shapes"]
 
 # The dtypes a config's ``value_dtype`` names ("same": the activation's own dtype).
 VALUE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -473,6 +477,37 @@ def dequantize_group(codes: torch.Tensor, bounds: torch.Tensor, shape: list[int]
 def _(codes, bounds, shape, group_size, bits, dtype, backend="auto"):
     check_group_args("razor::dequantize_group", group_size, bits)
     _kernel("razor::dequantize_group", codes.device, backend)
+    return codes.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("razor::quantize_normal", mutates_args=())
+def quantize_normal(x: torch.Tensor, group_size: int,
+                    bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Code every ``group_size`` consecutive elements of ``x`` on the Lloyd-Max levels of a
+    unit Gaussian scaled by the group's mean and deviation, its two elements farthest
+    from the mean kept apart in bfloat16: ``(codes, stats, offsets, values)``
+    (``quantize.py``, "normal codebook"). Plain PyTorch on every device."""
+    return torch_quantize_normal(x, group_size, bits)
+
+
+@quantize_normal.register_fake
+def _(x, group_size, bits):
+    check_normal_args("razor::quantize_normal", group_size, bits)
+    (nbytes,), (nstats,), outliers, odt = normal_shapes(x.numel(), group_size, bits)
+    return (x.new_empty(nbytes, dtype=torch.uint8), x.new_empty(nstats, dtype=torch.bfloat16),
+            x.new_empty(outliers, dtype=odt), x.new_empty(outliers, dtype=torch.bfloat16))
+
+
+@torch.library.custom_op("razor::dequantize_normal", mutates_args=())
+def dequantize_normal(codes: torch.Tensor, stats: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor,
+                      shape: list[int], group_size: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor of ``shape`` / ``dtype`` (contiguous) that ``quantize_normal`` encoded."""
+    return torch_dequantize_normal(codes, stats, offsets, values, shape, group_size, bits, dtype)
+
+
+@dequantize_normal.register_fake
+def _(codes, stats, offsets, values, shape, group_size, bits, dtype):
+    check_normal_args("razor::dequantize_normal", group_size, bits)
     return codes.new_empty(shape, dtype=dtype)
 
 

@@ -271,16 +271,29 @@ def torch_dequantize_group(codes: torch.Tensor, bounds: torch.Tensor, shape: lis
     n = math.prod(shape)
     groups = group_quantized_shapes(n, group_size, bits)[1][0] // 2
     rows = bounds.view(groups, 2)
+
+    def levels(q, g0, g1):
+        lo, step = _group_step(rows[g0:g1], bits)
+        return q.to(torch.float32) * step + lo
+
+    return _decode_groups(codes, rows, shape, group_size, bits, dtype, levels)
+
+
+def _decode_groups(codes: torch.Tensor, params: torch.Tensor, shape, group_size: int, bits: int, dtype: torch.dtype,
+                   values) -> torch.Tensor:
+    """The contiguous tensor of ``shape`` / ``dtype`` from per-group codes, chunk by chunk
+    of whole groups: ``values(q, g0, g1)`` gives the float32 values (rows of ``group_size``)
+    of groups ``g0 .. g1`` from their int64 codes ``q``; a group whose ``params`` (a row
+    per group: bounds, or mean and deviation) are not all finite decodes to NaN."""
+    n = math.prod(shape)
     out = torch.empty(n, dtype=dtype, device=codes.device)
     per_chunk = max(1, _CHUNK_ELEMS // group_size)
     gbytes = group_size * bits // 8
-    for g0 in range(0, groups, per_chunk):
-        g1 = min(groups, g0 + per_chunk)
+    for g0 in range(0, params.shape[0], per_chunk):
+        g1 = min(params.shape[0], g0 + per_chunk)
         q = _unpack(codes[g0 * gbytes: g1 * gbytes], bits).view(g1 - g0, group_size)
-        bnd = rows[g0:g1]
-        lo, step = _group_step(bnd, bits)
-        vals = q.to(torch.float32) * step + lo
-        finite = torch.isfinite(bnd.to(torch.float32)).all(dim=1, keepdim=True)
+        vals = values(q, g0, g1)
+        finite = torch.isfinite(params[g0:g1].to(torch.float32)).all(dim=1, keepdim=True)
         vals = torch.where(finite, vals, torch.full((), math.nan, device=vals.device))
         e0 = g0 * group_size
         out[e0: min(n, g1 * group_size)] = vals.reshape(-1)[: min(n, g1 * group_size) - e0].to(dtype)
@@ -349,3 +362,130 @@ def stochastic_levels(t: torch.Tensor, u: torch.Tensor, bits: int) -> torch.Tens
     """int64 ``min(floor(clamp(t, 0, L-1) + u), L-1)`` (``t`` without NaN)."""
     top = (1 << bits) - 1
     return torch.floor(t.clamp(0, top) + u).clamp_(max=top).to(torch.int64)
+
+
+# ---------------------------------------------------------------- normal codebook
+# ``razor::quantize_normal`` / ``razor::dequantize_normal``: every ``group_size``
+# consecutive elements of the flattened tensor (the last group padded by repeating its
+# last element) are coded on the Lloyd-Max levels of a unit Gaussian, shifted and
+# scaled by the group's own mean and deviation, and its ``OUTLIERS`` elements farthest
+# from the mean are kept apart, exactly up to bfloat16:
+#
+# * ``mu``: the float64 mean of the group, rounded to bfloat16 (nearest even);
+# * outliers: the ``OUTLIERS`` largest ``|float32(x) - float32(mu)|``, ties to the lower
+#   offset (NaN counts as the largest); their offsets (uint8 below 257 elements per
+#   group, else int16) and values (bfloat16, nearest even) are stored;
+# * ``sigma``: the square root of the float64 mean of ``(x - mu)**2`` over the other
+#   elements, rounded to bfloat16;
+# * code ``q`` of an element: how many of the ``2**bits - 1`` thresholds (midpoints of
+#   the levels, float32) lie strictly below ``z = (float32(x) - mu) / sigma``, a float32
+#   true division (``z`` NaN gives code 0, ``sigma`` 0 gives the code of 0);
+# * decoded value ``float32(level[q]) * sigma + mu`` (a product, then a sum, float32),
+#   the outliers' stored values put back, cast to the dtype; a group with a non-finite
+#   element decodes to NaN everywhere.
+#
+# Layout: ``codes`` is the bit stream of ``quantize_group`` (``groups * group_size * bits
+# / 8`` bytes), ``stats`` a flat bfloat16 tensor ``mu, sigma`` per group, ``offsets``
+# ``(groups, OUTLIERS)`` and ``values`` ``(groups, OUTLIERS)`` bfloat16. Static shapes.
+
+# Lloyd-Max quantizers of N(0, 1) (the levels minimizing the mean square error),
+# rounded to 4 decimals: Max (1960), Table I.
+NORMAL_LEVELS: dict[int, tuple[float, ...]] = {
+    2: (-1.5104, -0.4528, 0.4528, 1.5104),
+    3: (-2.1520, -1.3440, -0.7560, -0.2451, 0.2451, 0.7560, 1.3440, 2.1520),
+    4: (-2.7326, -2.0690, -1.6180, -1.2562, -0.9423, -0.6568, -0.3881, -0.1284,
+        0.1284, 0.3881, 0.6568, 0.9423, 1.2562, 1.6180, 2.0690, 2.7326),
+}
+NORMAL_BITS = tuple(NORMAL_LEVELS)
+OUTLIERS = 2  # elements per group kept apart
+
+__all__ += ["NORMAL_LEVELS", "NORMAL_BITS", "OUTLIERS", "normal_shapes", "check_normal_args",
+            "torch_quantize_normal", "torch_dequantize_normal"]
+
+
+def check_normal_args(op: str, group_size: int, bits: int) -> None:
+    if bits not in NORMAL_BITS:
+        raise ValueError(f"{op}: bits must be one of {NORMAL_BITS}, got {bits!r}")
+    if (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size % 8
+            or not OUTLIERS < group_size <= 1 << 15):
+        raise ValueError(f"{op}: group_size must be a multiple of 8 in ({OUTLIERS}, 32768], got {group_size!r}")
+
+
+def _offset_dtype(group_size: int) -> torch.dtype:
+    return torch.uint8 if group_size <= 256 else torch.int16
+
+
+def normal_shapes(numel, group_size: int, bits: int):
+    """((code bytes,), (2 * groups,), (groups, OUTLIERS), offset dtype); SymInt-safe."""
+    groups = (numel + group_size - 1) // group_size
+    return (groups * (group_size * bits // 8),), (2 * groups,), (groups, OUTLIERS), _offset_dtype(group_size)
+
+
+def _levels(bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (levels, thresholds) of ``bits``."""
+    levels = torch.tensor(NORMAL_LEVELS[bits], dtype=torch.float32, device=device)
+    return levels, (levels[1:] + levels[:-1]) / 2
+
+
+def _normal_rows(rows: torch.Tensor, bits: int):
+    """Codes (int64), stats (m, 2) bfloat16, offsets (m, OUTLIERS) int64 and values
+    (m, OUTLIERS) bfloat16 of the float32 groups ``rows`` (m, group)."""
+    mu = rows.to(torch.float64).mean(dim=1).to(torch.bfloat16)
+    d = rows - mu.to(torch.float32).unsqueeze(1)
+    far = torch.where(torch.isnan(d), math.inf, d.abs())
+    order = torch.sort(far, dim=1, descending=True, stable=True).indices[:, :OUTLIERS]
+    kept = torch.ones_like(rows, dtype=torch.bool).scatter_(1, order, False)
+    dd = d.to(torch.float64)
+    var = torch.where(kept, dd * dd, 0.0).sum(dim=1) / kept.sum(dim=1)
+    sigma = var.sqrt().to(torch.bfloat16)
+    z = d / sigma.to(torch.float32).unsqueeze(1)
+    z = torch.where(torch.isnan(z) & (sigma == 0).unsqueeze(1) & ~torch.isnan(d), 0.0, z)  # 0 / 0
+    _, thresholds = _levels(bits, rows.device)
+    q = (z.unsqueeze(2) > thresholds).sum(dim=2)  # NaN compares false: code 0
+    values = torch.gather(rows, 1, order).to(torch.bfloat16)
+    return q, torch.stack([mu, sigma], dim=1), order, values
+
+
+def torch_quantize_normal(x: torch.Tensor, group_size: int, bits: int):
+    """``(codes, stats, offsets, values)`` of ``x`` (the rule above)."""
+    check_normal_args("quantize_normal", group_size, bits)
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    (nbytes,), (nstats,), (groups, _), odt = normal_shapes(n, group_size, bits)
+    codes = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+    stats = torch.empty(groups, 2, dtype=torch.bfloat16, device=x.device)
+    offsets = torch.empty(groups, OUTLIERS, dtype=odt, device=x.device)
+    values = torch.empty(groups, OUTLIERS, dtype=torch.bfloat16, device=x.device)
+    per_chunk = max(1, _CHUNK_ELEMS // group_size // 8)
+    gbytes = group_size * bits // 8
+    for g0 in range(0, groups, per_chunk):
+        g1 = min(groups, g0 + per_chunk)
+        seg = flat[g0 * group_size: min(n, g1 * group_size)].to(torch.float32)
+        pad = (g1 - g0) * group_size - seg.numel()
+        rows = torch.cat([seg, seg[-1:].expand(pad)]).view(g1 - g0, group_size)
+        q, st, off, val = _normal_rows(rows, bits)
+        codes[g0 * gbytes: g1 * gbytes] = _pack(q.reshape(-1), bits)
+        stats[g0:g1], offsets[g0:g1], values[g0:g1] = st, off.to(odt), val
+    return codes, stats.view(-1), offsets, values
+
+
+def torch_dequantize_normal(codes, stats, offsets, values, shape: list[int], group_size: int, bits: int,
+                            dtype: torch.dtype) -> torch.Tensor:
+    """The contiguous tensor of ``shape`` / ``dtype`` that the four parts encode."""
+    check_normal_args("dequantize_normal", group_size, bits)
+    n = math.prod(shape)
+    (nbytes,), (nstats,), (groups, m), odt = normal_shapes(n, group_size, bits)
+    if (codes.dtype != torch.uint8 or tuple(codes.shape) != (nbytes,) or stats.dtype != torch.bfloat16
+            or tuple(stats.shape) != (nstats,) or offsets.dtype != odt or tuple(offsets.shape) != (groups, m)
+            or values.dtype != torch.bfloat16 or tuple(values.shape) != (groups, m)):
+        raise ValueError(f"dequantize_normal: the parts do not encode shape {list(shape)} at group_size "
+                         f"{group_size}, {bits} bits")
+    levels, _ = _levels(bits, codes.device)
+    st = stats.view(groups, 2)
+
+    def scaled(q, g0, g1):
+        mu, sigma = st[g0:g1, :1].to(torch.float32), st[g0:g1, 1:].to(torch.float32)
+        vals = levels[q] * sigma + mu
+        return vals.scatter_(1, offsets[g0:g1].to(torch.int64), values[g0:g1].to(torch.float32))
+
+    return _decode_groups(codes, st, shape, group_size, bits, dtype, scaled)

@@ -35,9 +35,9 @@ TorchFunctionMode that looks each call up in that table, and ``apply``).
 
 from __future__ import annotations
 
-from .codecs import dequantize_levels, quantize_group, quantize_levels, sparsify, stochastic_noise
+from .codecs import dequantize_levels, quantize_group, quantize_levels, quantize_normal, sparsify, stochastic_noise
 from .mode import apply
 from .rules import not_smaller, not_smaller_quantized
 
 __all__ = ["sparsify", "apply", "not_smaller", "quantize_levels", "dequantize_levels", "quantize_group",
-           "not_smaller_quantized", "stochastic_noise"]
+           "not_smaller_quantized", "stochastic_noise", "quantize_normal"]

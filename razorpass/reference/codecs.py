@@ -39,8 +39,9 @@ class _Quantized:
     custom op, no packing); ``seed(device)`` gives the step's seed when it rounds
     stochastically (None: to nearest)."""
 
-    def __init__(self, group: int, bits: int, seed: Callable[[torch.device], int] | None = None):
-        self.group, self.bits, self.seed = group, bits, seed
+    def __init__(self, group: int, bits: int, seed: Callable[[torch.device], int] | None = None,
+                 codebook: str = "uniform"):
+        self.group, self.bits, self.seed, self.codebook = group, bits, seed, codebook
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -102,6 +103,50 @@ def quantize_group(x: torch.Tensor, group: int, bits: int, seed: int | None = No
     return out.reshape(-1)[:n].to(x.dtype).view(x.shape)
 
 
+# Lloyd-Max levels of N(0, 1) (Max, 1960), as the normal codebook stores them.
+_NORMAL = {2: (-1.5104, -0.4528, 0.4528, 1.5104),
+           3: (-2.1520, -1.3440, -0.7560, -0.2451, 0.2451, 0.7560, 1.3440, 2.1520),
+           4: (-2.7326, -2.0690, -1.6180, -1.2562, -0.9423, -0.6568, -0.3881, -0.1284,
+               0.1284, 0.3881, 0.6568, 0.9423, 1.2562, 1.6180, 2.0690, 2.7326)}
+
+
+def quantize_normal(x: torch.Tensor, group: int, bits: int, outliers: int = 2) -> torch.Tensor:
+    """The dense tensor razorpass's quantize_normal + dequantize_normal produce for ``x``:
+    per group of ``group`` elements (flattened; the last padded with copies of the last
+    element), mean ``mu`` (float64, to bfloat16); the ``outliers`` elements farthest from
+    it (ties to the lower offset, NaN farthest) kept as bfloat16; deviation ``sigma`` of
+    the others (float64, to bfloat16); every other element the Lloyd-Max level of a unit
+    Gaussian nearest to ``(x - mu) / sigma`` (float32; ties to the lower level), decoded
+    as ``level * sigma + mu``; a group with a non-finite mean or deviation decodes NaN."""
+    flat = x.detach().contiguous().reshape(-1).to(torch.float32)
+    n = flat.numel()
+    if n == 0:
+        return x.detach().clone()
+    rows = -(-n // group)
+    g = torch.cat([flat, flat[-1:].expand(rows * group - n)]).view(rows, group).numpy()
+    levels = np.array(_NORMAL[bits], dtype=np.float32)
+    bf16 = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(torch.bfloat16).float().numpy()  # noqa: E731
+    mu = bf16(g.astype(np.float64).mean(axis=1, keepdims=True))  # float64 to bfloat16 (nearest even)
+    with np.errstate(invalid="ignore"):
+        dist = np.abs(g - mu)
+    dist[np.isnan(dist)] = np.inf
+    # the farthest first, ties to the lower offset
+    order = np.lexsort((np.broadcast_to(np.arange(group), g.shape), -dist), axis=1)[:, :outliers]
+    rest = np.ones(g.shape, dtype=bool)
+    np.put_along_axis(rest, order, False, axis=1)
+    dev = np.where(rest, (g.astype(np.float64) - mu) ** 2, 0.0).sum(1, keepdims=True) / rest.sum(1, keepdims=True)
+    sigma = bf16(np.sqrt(dev))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(sigma == 0, np.float32(0), (g - mu) / sigma).astype(np.float32)
+    mids = (levels[1:] + levels[:-1]) / np.float32(2)
+    q = (z[:, :, None] > mids).sum(2)
+    out = levels[q] * sigma.astype(np.float32) + mu.astype(np.float32)
+    np.put_along_axis(out, order, bf16(np.take_along_axis(g, order, axis=1)), axis=1)
+    out[~(np.isfinite(mu) & np.isfinite(sigma))[:, 0]] = np.nan
+    out = torch.from_numpy(out)
+    return out.reshape(-1)[:n].to(x.dtype).view(x.shape)
+
+
 def quantize_levels(d: torch.Tensor, bits: int, lo: float, hi: float) -> torch.Tensor:
     """Level index of every element of ``d``: ``round((d - lo) / step)`` with
     ``step = (hi - lo) / (2**bits - 1)``, in float32, half to even, clamped to the
@@ -131,6 +176,8 @@ def _encode(x: torch.Tensor, enc) -> torch.Tensor:
     derived from a normalization's quantized x̂."""
     if isinstance(enc, _Derived):
         return enc.value.to(x.dtype)
+    if isinstance(enc, _Quantized) and enc.codebook == "normal":
+        return quantize_normal(x, enc.group, enc.bits)
     if isinstance(enc, _Quantized):
         return quantize_group(x, enc.group, enc.bits, None if enc.seed is None else enc.seed(x.device))
     return sparsify(x, enc)

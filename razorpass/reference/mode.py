@@ -127,8 +127,10 @@ class _ReferenceMode(TorchFunctionMode):
                 if not bits:
                     return None
             stochastic = cfg.quant_rounding == "stochastic" and cls not in ("layernorm", "batchnorm")
-            q = _Quantized(cfg.quant_group(cls), bits, self.seed if stochastic else None)
-            return None if not_smaller_quantized(tuple(x.shape), dt, q.group, q.bits) else q
+            normal = cfg.quant_codebook == "normal" and cls in ("linear", "conv", "layernorm")
+            q = _Quantized(cfg.quant_group(cls), bits, self.seed if stochastic else None,
+                           "normal" if normal else "uniform")
+            return None if not_smaller_quantized(tuple(x.shape), dt, q.group, q.bits, q.codebook) else q
         return None if not_smaller(tuple(x.shape), dt, cfg) else cfg
 
     def seed(self, device: torch.device) -> int:

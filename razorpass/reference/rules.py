@@ -49,9 +49,12 @@ def not_smaller(shape, dtype: torch.dtype, config: RazorConfig) -> bool:
     return groups * index + groups * k * value_bytes >= n * itemsize
 
 
-def not_smaller_quantized(shape, dtype: torch.dtype, group: int, bits: int) -> bool:
+def not_smaller_quantized(shape, dtype: torch.dtype, group: int, bits: int, codebook: str = "uniform") -> bool:
     """The size rule of a quantized copy: whole groups of ``bits`` per element plus two
-    bfloat16 bounds per group, against the tensor dense."""
+    bfloat16 bounds per group (the normal codebook: a bfloat16 mean and deviation, and
+    two outliers of a bfloat16 value and a 1-byte offset, 2-byte above 256 elements),
+    against the tensor dense."""
     n = math.prod(shape)
     rows = -(-n // group)
-    return n == 0 or rows * group * bits // 8 + rows * 4 >= n * torch.empty((), dtype=dtype).element_size()
+    extra = 4 if codebook == "uniform" else 4 + 2 * (2 + (1 if group <= 256 else 2))
+    return n == 0 or rows * group * bits // 8 + rows * extra >= n * torch.empty((), dtype=dtype).element_size()
