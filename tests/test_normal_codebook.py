@@ -110,7 +110,9 @@ def test_layer_inputs_and_norms_take_the_normal_codebook_and_matmul_operands_sta
     assert len(p.calls("bw", razor.dequantize_normal.default)) == 2
 
 
-@pytest.mark.parametrize(("name", "compiler"), [("bert", "eager"), ("cnn", "eager"), ("mlp", "inductor")])
+# the eager inner compiler: the codec is an opaque op to Inductor like every other
+# (test_stochastic_round runs an Inductor case), what it stores does not depend on it
+@pytest.mark.parametrize(("name", "compiler"), [("bert", "eager"), ("cnn", "eager"), ("vit", "eager")])
 def test_models_match_the_reference(name, compiler):
     cfg = RazorConfig(compiler=compiler, quant_codebook="normal", quant_bits=2)
     *_, got, ref, dense, records = against_reference(name, cfg, 0)
