@@ -433,7 +433,12 @@ def _normal_rows(rows: torch.Tensor, bits: int):
     mu = rows.to(torch.float64).mean(dim=1).to(torch.bfloat16)
     d = rows - mu.to(torch.float32).unsqueeze(1)
     far = torch.where(torch.isnan(d), math.inf, d.abs())
-    order = torch.sort(far, dim=1, descending=True, stable=True).indices[:, :OUTLIERS]
+    picked = []
+    for _ in range(OUTLIERS):  # argmax gives the first of equal maxima: ties to the lower offset
+        i = far.argmax(dim=1, keepdim=True)
+        picked.append(i)
+        far.scatter_(1, i, -1.0)
+    order = torch.cat(picked, dim=1)
     kept = torch.ones_like(rows, dtype=torch.bool).scatter_(1, order, False)
     dd = d.to(torch.float64)
     var = torch.where(kept, dd * dd, 0.0).sum(dim=1) / kept.sum(dim=1)
