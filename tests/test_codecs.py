@@ -115,7 +115,7 @@ def test_the_registry_names_the_kernels_the_ops_run():
                 assert kernels[-1] == "torch" and set(kernels) <= set(ops.BACKENDS)
                 if device == "cuda":
                     pytest.importorskip("triton")
-                assert ops._kernel(str(op), torch.device(device), "auto") == kernels[0], (op, device)
+                assert ops._kernel(op._schema.name, torch.device(device), "auto") == kernels[0], (op, device)
 
 
 def test_the_gpu_proof_times_the_registrys_generated_forms():

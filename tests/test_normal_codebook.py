@@ -48,6 +48,44 @@ def test_the_kernel_is_the_reference_bit_for_bit(shape, group, bits, dtype):
     _same(_roundtrip(x, group, bits), reference.quantize_normal(x, group, bits))
 
 
+def _same_parts(a, b):
+    for u, v in zip(a, b, strict=True):
+        assert u.dtype == v.dtype and u.shape == v.shape
+        if u.is_floating_point():
+            _same(u, v)
+        else:
+            assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape,group", [((1,), 8), ((129,), 64), ((3, 5, 77), 64), ((2, 0, 3), 64), ((4, 300), 512)])
+def test_the_native_kernel_is_the_pytorch_kernel_bit_for_bit(shape, group, bits, dtype):
+    g = torch.Generator().manual_seed(bits + 7)
+    x = (torch.randn(shape, generator=g) * 2 - 1).to(dtype)
+    if x.numel() > 100:
+        flat = x.view(-1)
+        flat[[3, 90]] = torch.tensor([math.nan, 30.0], dtype=dtype)
+        flat[100:108] = flat[100]
+    parts = ops.quantize_normal(x, group, bits, "torch")
+    _same_parts(ops.quantize_normal(x, group, bits, "native"), parts)
+    for out in DTYPES:
+        _same(ops.dequantize_normal(*parts, list(shape), group, bits, out, "native"),
+              ops.dequantize_normal(*parts, list(shape), group, bits, out, "torch"))
+    _same(ops.quantize_normal(x.t() if x.dim() == 2 else x, group, bits, "native")[1],
+          ops.quantize_normal((x.t() if x.dim() == 2 else x).contiguous(), group, bits, "torch")[1])
+
+
+def test_parts_that_do_not_encode_the_shape_are_refused():
+    parts = ops.quantize_normal(torch.randn(300), 64, 2)
+    with pytest.raises(ValueError, match="do not encode shape"):
+        ops.dequantize_normal(*parts, [400], 64, 2, torch.float32)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        ops.quantize_normal(torch.randn(8), 64, 8)
+    with pytest.raises(ValueError, match="no Triton kernel yet"):
+        ops.quantize_normal(torch.randn(8), 64, 2, "triton")
+
+
 def test_edge_groups():
     x = torch.cat([torch.full((64,), 0.75),  # constant: sigma 0, every element its mean
                    torch.randn(64), torch.randn(64), torch.randn(64)])

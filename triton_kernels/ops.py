@@ -5,7 +5,7 @@
 * per-group quantization: ``quantize_group``, ``quantize_group_centered``,
   ``quantize_group_stochastic`` and ``dequantize_group``; on one fixed range: ``quantize_uniform`` / ``dequantize_uniform``;
 * on a normal codebook per group, outliers apart: ``quantize_normal`` / ``dequantize_normal``
-  (plain PyTorch on every device);
+  (a PyTorch and a native kernel, no Triton kernel yet);
 * lossless masks: ``pack_bits`` / ``unpack_bits``;
 * ``rank_tokens`` (BSR's token order).
 
@@ -43,7 +43,7 @@ import torch
 
 from . import quantize_cpu, topk_compress_cpu
 from .fused_quantize import fused_dequantize_uniform  # noqa: F401  (re-exported: a fused_* form)
-from .quantize import (check_args, check_normal_args, check_stochastic, normal_shapes, torch_dequantize_normal,
+from .quantize import (check_args, check_normal_args, check_normal_parts, check_stochastic, normal_shapes, torch_dequantize_normal,
                        torch_quantize_normal, check_uniform_codes, check_group_args, check_group_shapes, group_quantized_shapes, quantized_numel, torch_dequantize_group,
                        torch_dequantize_uniform, torch_quantize_group, torch_quantize_uniform)
 from .topk_compress import offsets_dtype, torch_compress, torch_decompress, torch_decompress_offsets, torch_mask_to_offsets
@@ -77,6 +77,8 @@ def _check_group(group_size: int, k: int) -> None:
 
 
 BACKENDS = ("auto", "torch", "native", "triton")
+# Ops with a PyTorch and a native kernel only: "auto" runs the PyTorch one on CUDA.
+_NO_TRITON = frozenset({"razor::quantize_normal", "razor::dequantize_normal"})
 
 
 def _kernel(op: str, device: torch.device, backend: str) -> str:
@@ -87,10 +89,12 @@ def _kernel(op: str, device: torch.device, backend: str) -> str:
     if backend == "native" and device.type != "cpu":
         raise ValueError(f"{op}: backend='native' is the CPU kernel, got a tensor on {device}; "
                          "use 'auto', 'triton' or 'torch'")
+    if backend == "triton" and op in _NO_TRITON:
+        raise ValueError(f"{op}: has no Triton kernel yet; use 'auto', 'torch' or 'native'")
     if backend != "auto":
         return backend
     if device.type == "cuda":
-        return "triton" if _triton_available() else "torch"
+        return "triton" if _triton_available() and op not in _NO_TRITON else "torch"
     return "native" if device.type == "cpu" else "torch"
 
 
@@ -481,18 +485,24 @@ def _(codes, bounds, shape, group_size, bits, dtype, backend="auto"):
 
 
 @torch.library.custom_op("razor::quantize_normal", mutates_args=())
-def quantize_normal(x: torch.Tensor, group_size: int,
-                    bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_normal(x: torch.Tensor, group_size: int, bits: int,
+                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Code every ``group_size`` consecutive elements of ``x`` on the Lloyd-Max levels of a
     unit Gaussian scaled by the group's mean and deviation, its two elements farthest
     from the mean kept apart in bfloat16: ``(codes, stats, offsets, values)``
-    (``quantize.py``, "normal codebook"). Plain PyTorch on every device."""
-    return torch_quantize_normal(x, group_size, bits)
+    (``quantize.py``, "normal codebook"). No Triton kernel yet: "auto" runs the PyTorch one
+    on CUDA."""
+    check_normal_args("razor::quantize_normal", group_size, bits)
+    return _run("razor::quantize_normal", x.device, backend, _QUANT,
+                torch_kernel=lambda: torch_quantize_normal(x, group_size, bits),
+                native=lambda cpu: cpu.cpu_quantize_normal(x, group_size, bits),
+                triton=None)
 
 
 @quantize_normal.register_fake
-def _(x, group_size, bits):
+def _(x, group_size, bits, backend="auto"):
     check_normal_args("razor::quantize_normal", group_size, bits)
+    _kernel("razor::quantize_normal", x.device, backend)
     (nbytes,), (nstats,), outliers, odt = normal_shapes(x.numel(), group_size, bits)
     return (x.new_empty(nbytes, dtype=torch.uint8), x.new_empty(nstats, dtype=torch.bfloat16),
             x.new_empty(outliers, dtype=odt), x.new_empty(outliers, dtype=torch.bfloat16))
@@ -500,14 +510,24 @@ def _(x, group_size, bits):
 
 @torch.library.custom_op("razor::dequantize_normal", mutates_args=())
 def dequantize_normal(codes: torch.Tensor, stats: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor,
-                      shape: list[int], group_size: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
+                      shape: list[int], group_size: int, bits: int, dtype: torch.dtype,
+                      backend: str = "auto") -> torch.Tensor:
     """The tensor of ``shape`` / ``dtype`` (contiguous) that ``quantize_normal`` encoded."""
-    return torch_dequantize_normal(codes, stats, offsets, values, shape, group_size, bits, dtype)
+    check_normal_parts("razor::dequantize_normal", codes, stats, offsets, values, shape, group_size, bits)
+
+    def plain():
+        return torch_dequantize_normal(codes, stats, offsets, values, shape, group_size, bits, dtype)
+
+    return _run("razor::dequantize_normal", codes.device, backend, _QUANT, torch_kernel=plain,
+                native=lambda cpu: cpu.cpu_dequantize_normal(codes, stats, offsets, values, shape, group_size, bits,
+                                                             dtype),
+                triton=None)
 
 
 @dequantize_normal.register_fake
-def _(codes, stats, offsets, values, shape, group_size, bits, dtype):
+def _(codes, stats, offsets, values, shape, group_size, bits, dtype, backend="auto"):
     check_normal_args("razor::dequantize_normal", group_size, bits)
+    _kernel("razor::dequantize_normal", codes.device, backend)
     return codes.new_empty(shape, dtype=dtype)
 
 

@@ -399,7 +399,7 @@ NORMAL_LEVELS: dict[int, tuple[float, ...]] = {
 NORMAL_BITS = tuple(NORMAL_LEVELS)
 OUTLIERS = 2  # elements per group kept apart
 
-__all__ += ["NORMAL_LEVELS", "NORMAL_BITS", "OUTLIERS", "normal_shapes", "check_normal_args",
+__all__ += ["NORMAL_LEVELS", "NORMAL_BITS", "OUTLIERS", "normal_shapes", "check_normal_args", "check_normal_parts",
             "torch_quantize_normal", "torch_dequantize_normal"]
 
 
@@ -409,6 +409,16 @@ def check_normal_args(op: str, group_size: int, bits: int) -> None:
     if (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size % 8
             or not OUTLIERS < group_size <= 1 << 15):
         raise ValueError(f"{op}: group_size must be a multiple of 8 in ({OUTLIERS}, 32768], got {group_size!r}")
+
+
+def check_normal_parts(op: str, codes, stats, offsets, values, shape, group_size: int, bits: int) -> None:
+    """Refuse parts that do not encode ``shape`` (before any kernel reads them)."""
+    check_normal_args(op, group_size, bits)
+    (nbytes,), (nstats,), (groups, m), odt = normal_shapes(math.prod(shape), group_size, bits)
+    if (codes.dtype != torch.uint8 or tuple(codes.shape) != (nbytes,) or stats.dtype != torch.bfloat16
+            or tuple(stats.shape) != (nstats,) or offsets.dtype != odt or tuple(offsets.shape) != (groups, m)
+            or values.dtype != torch.bfloat16 or tuple(values.shape) != (groups, m)):
+        raise ValueError(f"{op}: the parts do not encode shape {list(shape)} at group_size {group_size}, {bits} bits")
 
 
 def _offset_dtype(group_size: int) -> torch.dtype:
@@ -443,8 +453,7 @@ def _normal_rows(rows: torch.Tensor, bits: int):
     dd = d.to(torch.float64)
     var = torch.where(kept, dd * dd, 0.0).sum(dim=1) / kept.sum(dim=1)
     sigma = var.sqrt().to(torch.bfloat16)
-    z = d / sigma.to(torch.float32).unsqueeze(1)
-    z = torch.where(torch.isnan(z) & (sigma == 0).unsqueeze(1) & ~torch.isnan(d), 0.0, z)  # 0 / 0
+    z = torch.where((sigma == 0).unsqueeze(1), 0.0, d / sigma.to(torch.float32).unsqueeze(1))
     _, thresholds = _levels(bits, rows.device)
     q = (z.unsqueeze(2) > thresholds).sum(dim=2)  # NaN compares false: code 0
     values = torch.gather(rows, 1, order).to(torch.bfloat16)
@@ -477,14 +486,8 @@ def torch_quantize_normal(x: torch.Tensor, group_size: int, bits: int):
 def torch_dequantize_normal(codes, stats, offsets, values, shape: list[int], group_size: int, bits: int,
                             dtype: torch.dtype) -> torch.Tensor:
     """The contiguous tensor of ``shape`` / ``dtype`` that the four parts encode."""
-    check_normal_args("dequantize_normal", group_size, bits)
-    n = math.prod(shape)
-    (nbytes,), (nstats,), (groups, m), odt = normal_shapes(n, group_size, bits)
-    if (codes.dtype != torch.uint8 or tuple(codes.shape) != (nbytes,) or stats.dtype != torch.bfloat16
-            or tuple(stats.shape) != (nstats,) or offsets.dtype != odt or tuple(offsets.shape) != (groups, m)
-            or values.dtype != torch.bfloat16 or tuple(values.shape) != (groups, m)):
-        raise ValueError(f"dequantize_normal: the parts do not encode shape {list(shape)} at group_size "
-                         f"{group_size}, {bits} bits")
+    check_normal_parts("dequantize_normal", codes, stats, offsets, values, shape, group_size, bits)
+    groups = normal_shapes(math.prod(shape), group_size, bits)[2][0]
     levels, _ = _levels(bits, codes.device)
     st = stats.view(groups, 2)
 

@@ -16,6 +16,7 @@ import pathlib
 
 import torch
 
+from .quantize import NORMAL_LEVELS
 from .topk_compress_cpu import build
 
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -86,3 +87,20 @@ def cpu_dequantize_uniform(codes, shape, bits: int, lo: float, hi: float, dtype:
     if dtype not in SUPPORTED or (ext := load()) is None:
         return None
     return ext.dequantize_uniform(codes, math.prod(shape), bits, lo, hi, dtype).view(shape)
+
+
+def cpu_quantize_normal(x: torch.Tensor, group_size: int, bits: int):
+    """(codes, stats, offsets, values) of the normal codebook, or None."""
+    if x.dtype not in SUPPORTED or (ext := load()) is None:
+        return None
+    levels = NORMAL_LEVELS[bits]
+    thresholds = [float(t) for t in (torch.tensor(levels[1:]) + torch.tensor(levels[:-1])) / 2]
+    return tuple(ext.quantize_normal(x.detach(), group_size, bits, thresholds))
+
+
+def cpu_dequantize_normal(codes, stats, offsets, values, shape, group_size: int, bits: int, dtype: torch.dtype):
+    if dtype not in SUPPORTED or (ext := load()) is None:
+        return None
+    levels = [float(v) for v in torch.tensor(NORMAL_LEVELS[bits], dtype=torch.float32)]
+    return ext.dequantize_normal(codes, stats, offsets, values, math.prod(shape), group_size, bits, levels,
+                                 dtype).view(shape)

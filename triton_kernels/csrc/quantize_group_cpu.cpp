@@ -123,6 +123,11 @@ inline uint8_t level(float v, float lo, float step, float top) {
   return static_cast<uint8_t>(round_even(t));
 }
 
+inline float level_value_scaled(float level, float sigma, float mu) {
+  const float prod = level * sigma;  // a multiply, then an add: no FMA
+  return prod + mu;
+}
+
 inline float level_value(uint8_t q, float step, float lo) {
   const float prod = static_cast<float>(q) * step;  // a multiply, then an add: no FMA
   return prod + lo;
@@ -657,6 +662,132 @@ std::vector<at::Tensor> quantize_group(const at::Tensor& x_in, int64_t group, in
   return {codes, bounds};
 }
 
+// Normal codebook (quantize.py, "normal codebook"): per group the float64 mean (to
+// float, then bfloat16, as torch converts), the two elements farthest from it (the
+// first of equal distances; NaN farthest), the float64 deviation of the others, and
+// per element the number of thresholds strictly below (x - mu) / sigma (0 when sigma
+// is 0). Sums run in float64 in element order.
+constexpr int kOutliers = 2;
+
+template <typename T, typename O>
+void normal_impl(const T* x, int64_t n, int64_t group, int64_t bits, const std::vector<float>& thresholds,
+                 uint8_t* codes, c10::BFloat16* stats, O* offsets, c10::BFloat16* values) {
+  const int64_t groups = (n + group - 1) / group;
+  const int64_t gbytes = group * bits / 8;
+  at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
+    std::vector<float> r(group), far(group);
+    std::vector<uint8_t> q(group);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t m = std::min(group, n - g * group);
+      for (int64_t i = 0; i < m; ++i) r[i] = static_cast<float>(x[g * group + i]);
+      for (int64_t i = m; i < group; ++i) r[i] = r[m - 1];  // padding repeats the last element
+      double sum = 0.0;
+      for (int64_t i = 0; i < group; ++i) sum += static_cast<double>(r[i]);
+      const c10::BFloat16 mu_b(static_cast<float>(sum / static_cast<double>(group)));
+      const float mu = static_cast<float>(mu_b);
+      for (int64_t i = 0; i < group; ++i) {
+        const float d = r[i] - mu;
+        far[i] = d != d ? std::numeric_limits<float>::infinity() : std::fabs(d);
+      }
+      int64_t out[kOutliers];
+      for (int k = 0; k < kOutliers; ++k) {
+        int64_t best = 0;
+        for (int64_t i = 1; i < group; ++i) best = far[i] > far[best] ? i : best;
+        out[k] = best;
+        far[best] = -1.0f;
+      }
+      double sq = 0.0;
+      for (int64_t i = 0; i < group; ++i) {
+        if (far[i] == -1.0f) continue;  // an outlier (no distance is negative)
+        const double d = static_cast<double>(r[i] - mu);
+        sq += d * d;
+      }
+      const c10::BFloat16 sigma_b(static_cast<float>(std::sqrt(sq / static_cast<double>(group - kOutliers))));
+      const float sigma = static_cast<float>(sigma_b);
+      for (int64_t i = 0; i < group; ++i) {
+        const float z = sigma == 0.0f ? 0.0f : (r[i] - mu) / sigma;
+        uint8_t c = 0;
+        for (const float t : thresholds) c += t < z ? 1 : 0;
+        q[i] = c;
+      }
+      pack(q.data(), group, bits, codes + g * gbytes);
+      stats[2 * g] = mu_b;
+      stats[2 * g + 1] = sigma_b;
+      for (int k = 0; k < kOutliers; ++k) {
+        offsets[kOutliers * g + k] = static_cast<O>(out[k]);
+        values[kOutliers * g + k] = c10::BFloat16(r[out[k]]);
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> quantize_normal(const at::Tensor& x_in, int64_t group, int64_t bits,
+                                        const std::vector<double>& thresholds_in) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.numel();
+  const int64_t groups = (n + group - 1) / group;
+  std::vector<float> thresholds(thresholds_in.begin(), thresholds_in.end());
+  const bool small = group <= 256;
+  at::Tensor codes = at::empty({groups * (group * bits / 8)}, x.options().dtype(at::kByte));
+  at::Tensor stats = at::empty({2 * groups}, x.options().dtype(at::kBFloat16));
+  at::Tensor offsets = at::empty({groups, kOutliers}, x.options().dtype(small ? at::kByte : at::kShort));
+  at::Tensor values = at::empty({groups, kOutliers}, x.options().dtype(at::kBFloat16));
+  if (groups == 0) return {codes, stats, offsets, values};
+  RAZOR_FLOAT_TYPES(x.scalar_type(), [&] {
+    if (small)
+      normal_impl<T, uint8_t>(x.data_ptr<T>(), n, group, bits, thresholds, codes.data_ptr<uint8_t>(),
+                              stats.data_ptr<c10::BFloat16>(), offsets.data_ptr<uint8_t>(),
+                              values.data_ptr<c10::BFloat16>());
+    else
+      normal_impl<T, int16_t>(x.data_ptr<T>(), n, group, bits, thresholds, codes.data_ptr<uint8_t>(),
+                              stats.data_ptr<c10::BFloat16>(), offsets.data_ptr<int16_t>(),
+                              values.data_ptr<c10::BFloat16>());
+  });
+  return {codes, stats, offsets, values};
+}
+
+template <typename T, typename O>
+void dequantize_normal_impl(const uint8_t* codes, const c10::BFloat16* stats, const O* offsets,
+                            const c10::BFloat16* values, int64_t n, int64_t group, int64_t bits,
+                            const std::vector<float>& levels, T* out) {
+  const int64_t groups = (n + group - 1) / group;
+  const int64_t gbytes = group * bits / 8;
+  at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
+    std::vector<uint8_t> q(group);
+    std::vector<float> v(group);
+    for (int64_t g = g0; g < g1; ++g) {
+      unpack(codes + g * gbytes, group, bits, q.data());
+      const float mu = static_cast<float>(stats[2 * g]), sigma = static_cast<float>(stats[2 * g + 1]);
+      const bool finite = std::isfinite(mu) && std::isfinite(sigma);
+      for (int64_t i = 0; i < group; ++i) v[i] = level_value_scaled(levels[q[i]], sigma, mu);
+      for (int k = 0; k < kOutliers; ++k)
+        v[static_cast<int64_t>(offsets[kOutliers * g + k])] = static_cast<float>(values[kOutliers * g + k]);
+      const int64_t m = std::min(group, n - g * group);
+      for (int64_t i = 0; i < m; ++i)
+        out[g * group + i] = static_cast<T>(finite ? v[i] : std::numeric_limits<float>::quiet_NaN());
+    }
+  });
+}
+
+at::Tensor dequantize_normal(const at::Tensor& codes, const at::Tensor& stats, const at::Tensor& offsets,
+                             const at::Tensor& values, int64_t n, int64_t group, int64_t bits,
+                             const std::vector<double>& levels_in, at::ScalarType dtype) {
+  at::Tensor out = at::empty({n}, codes.options().dtype(dtype));
+  if (n == 0) return out;
+  std::vector<float> levels(levels_in.begin(), levels_in.end());
+  const at::Tensor c = codes.contiguous(), st = stats.contiguous(), off = offsets.contiguous(),
+                   val = values.contiguous();
+  RAZOR_FLOAT_TYPES(dtype, [&] {
+    if (off.scalar_type() == at::kByte)
+      dequantize_normal_impl<T, uint8_t>(c.data_ptr<uint8_t>(), st.data_ptr<c10::BFloat16>(), off.data_ptr<uint8_t>(),
+                                         val.data_ptr<c10::BFloat16>(), n, group, bits, levels, out.data_ptr<T>());
+    else
+      dequantize_normal_impl<T, int16_t>(c.data_ptr<uint8_t>(), st.data_ptr<c10::BFloat16>(), off.data_ptr<int16_t>(),
+                                         val.data_ptr<c10::BFloat16>(), n, group, bits, levels, out.data_ptr<T>());
+  });
+  return out;
+}
+
 // quantize_group with stochastic rounding keyed by `seed` (the low 32 bits count).
 std::vector<at::Tensor> quantize_group_stochastic(const at::Tensor& x_in, int64_t seed, int64_t group, int64_t bits) {
   const at::Tensor x = x_in.contiguous();
@@ -745,6 +876,8 @@ int64_t simd_available() { return simd_level(); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_group", &quantize_group, "per-group quantize (CPU)");
   m.def("quantize_group_stochastic", &quantize_group_stochastic, "per-group quantize, stochastic rounding (CPU)");
+  m.def("quantize_normal", &quantize_normal, "normal-codebook quantize (CPU)");
+  m.def("dequantize_normal", &dequantize_normal, "normal-codebook dequantize (CPU)");
   m.def("quantize_group_centered", &quantize_group_centered, "per-group quantize of x - center (CPU)");
   m.def("dequantize_group", &dequantize_group, "per-group dequantize (CPU)");
   m.def("quantize_uniform", &quantize_uniform, "uniform quantize on one fixed range (CPU)");
