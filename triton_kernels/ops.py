@@ -52,7 +52,7 @@ __all__ = ["BACKENDS", "compress", "decompress", "compressed_shapes", "compress_
            "fused_unpack_bits", "rank_tokens",
            "RANK_TOKENS_OP", "VALUE_DTYPES", "value_dtype_of", "quantize_uniform", "dequantize_uniform", "quantized_numel",
            "quantize_group", "quantize_group_centered", "quantize_group_stochastic", "dequantize_group",
-           "quantize_normal", "dequantize_normal", "normal_shapes", "group_quantized_shapes"]
+           "quantize_normal", "dequantize_normal", "normal_shapes", "NO_TRITON_KERNEL", "group_quantized_shapes"]
 
 # The dtypes a config's ``value_dtype`` names ("same": the activation's own dtype).
 VALUE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -78,7 +78,7 @@ def _check_group(group_size: int, k: int) -> None:
 
 BACKENDS = ("auto", "torch", "native", "triton")
 # Ops with a PyTorch and a native kernel only: "auto" runs the PyTorch one on CUDA.
-_NO_TRITON = frozenset({"razor::quantize_normal", "razor::dequantize_normal"})
+NO_TRITON_KERNEL = frozenset({"razor::quantize_normal", "razor::dequantize_normal"})
 
 
 def _kernel(op: str, device: torch.device, backend: str) -> str:
@@ -89,12 +89,12 @@ def _kernel(op: str, device: torch.device, backend: str) -> str:
     if backend == "native" and device.type != "cpu":
         raise ValueError(f"{op}: backend='native' is the CPU kernel, got a tensor on {device}; "
                          "use 'auto', 'triton' or 'torch'")
-    if backend == "triton" and op in _NO_TRITON:
+    if backend == "triton" and op in NO_TRITON_KERNEL:
         raise ValueError(f"{op}: has no Triton kernel yet; use 'auto', 'torch' or 'native'")
     if backend != "auto":
         return backend
     if device.type == "cuda":
-        return "triton" if _triton_available() and op not in _NO_TRITON else "torch"
+        return "triton" if _triton_available() and op not in NO_TRITON_KERNEL else "torch"
     return "native" if device.type == "cpu" else "torch"
 
 
