@@ -275,7 +275,7 @@ def not_smaller(val: torch.Tensor, group: int, keep: int, config: PassConfig) ->
 
 # The classes the normal codebook codes; the others keep uniform levels (on MiniLM the
 # normal codebook moved the gradients of matmul operands further than uniform levels:
-# ``bench/README.md``, "Codebooks").
+# ``bench/README.md``, "Rounding and codebooks").
 NORMAL_CLASSES = frozenset({OpClass.LINEAR, OpClass.CONV, OpClass.LAYERNORM})
 
 

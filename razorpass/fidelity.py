@@ -123,7 +123,7 @@ def gradient_fidelity(model: torch.nn.Module, example_inputs: Any,
     def grads(row_cfg: RazorConfig | None) -> list[torch.Tensor]:
         if row_cfg is None:
             return one_step(None, None)
-        steps = [one_step(row_cfg, i if row_cfg.quant_rounding == "stochastic" else None) for i in range(draws)]
+        steps = [one_step(row_cfg, i) for i in range(draws)]  # one draw unless stochastic (above)
         return [sum(g) / draws for g in zip(*steps)]
 
     def one_step(row_cfg: RazorConfig | None, rounding_seed: int | None) -> list[torch.Tensor]:

@@ -376,7 +376,7 @@ def stochastic_levels(t: torch.Tensor, u: torch.Tensor, bits: int) -> torch.Tens
 #   offset (NaN counts as the largest); their offsets (uint8 below 257 elements per
 #   group, else int16) and values (bfloat16, nearest even) are stored;
 # * ``sigma``: the square root of the float64 mean of ``(x - mu)**2`` over the other
-#   elements, rounded to bfloat16;
+#   elements (the difference a float32 one, squared in float64), rounded to bfloat16;
 # * code ``q`` of an element: how many of the ``2**bits - 1`` thresholds (midpoints of
 #   the levels, float32) lie strictly below ``z = (float32(x) - mu) / sigma``, a float32
 #   true division (``z`` NaN gives code 0, ``sigma`` 0 gives the code of 0);

@@ -134,7 +134,9 @@ def quantize_normal(x: torch.Tensor, group: int, bits: int, outliers: int = 2) -
     order = np.lexsort((np.broadcast_to(np.arange(group), g.shape), -dist), axis=1)[:, :outliers]
     rest = np.ones(g.shape, dtype=bool)
     np.put_along_axis(rest, order, False, axis=1)
-    dev = np.where(rest, (g.astype(np.float64) - mu) ** 2, 0.0).sum(1, keepdims=True) / rest.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        diff = (g - mu).astype(np.float64)  # the difference in float32, squared and summed in float64
+    dev = np.where(rest, diff ** 2, 0.0).sum(1, keepdims=True) / rest.sum(1, keepdims=True)
     sigma = bf16(np.sqrt(dev))
     with np.errstate(invalid="ignore", divide="ignore"):
         z = np.where(sigma == 0, np.float32(0), (g - mu) / sigma).astype(np.float32)
