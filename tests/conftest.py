@@ -31,9 +31,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# Inductor's C++ kernels are scalar in the suite: the passes and the graphs they leave
+# are what the tests check, and scalar kernels build in a fraction of the time of
+# vectorized ones (the suite's largest cost on 2 cores). Tests of code that Inductor
+# generates from razorpass's own forms, bit for bit, are marked ``vectorized`` and
+# compile as users' kernels do.
+SCALAR_INDUCTOR = {"cpp.simdlen": 1}
+
+
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
+def _fresh_dynamo(request):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    yield
+    import torch._inductor.config as inductor_config
+
+    scalar = request.node.get_closest_marker("vectorized") is None
+    with inductor_config.patch(SCALAR_INDUCTOR if scalar else {}):
+        yield
     torch._dynamo.reset()

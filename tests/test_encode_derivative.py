@@ -67,6 +67,7 @@ _FUSED_CASES = ([(shape, bits, False) for bits in BITS for shape in [(1,), (7,),
                 + [(shape, bits, True) for bits in BITS for shape in [(9,), (2, 197, 48)]])
 
 
+@pytest.mark.vectorized
 @pytest.mark.parametrize("shape,bits,compiled", _FUSED_CASES, ids=str)
 def test_fused_decode_is_bit_identical_to_the_op(shape, bits, compiled):
     """The plain-op decode inline_codecs hands to Inductor gives the op's values, bit

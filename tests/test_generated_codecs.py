@@ -11,6 +11,9 @@ import torch
 from razorpass.kernels import fused_quantize as fq
 from razorpass.kernels import quantize
 
+# Inductor's code from these forms is what users run: vectorized, as theirs (conftest.py).
+pytestmark = pytest.mark.vectorized
+
 BITS = [2, 3, 4, 8]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
