@@ -143,7 +143,6 @@ def packed_mask_bytes(numel):
 # is installed, else the PyTorch one (``ops.py`` dispatches).
 _NATIVE_FIRST = {"cpu": ("native", "torch"), "cuda": ("triton", "torch")}
 _PLAIN = {"cpu": ("torch",), "cuda": ("torch",)}
-_NATIVE_CPU = {"cpu": ("native", "torch"), "cuda": ("torch",)}  # no Triton kernel yet
 
 # Where ``codec_form="auto"`` generates a codec. The lossless bit packing and the GELU
 # derivative's decode are integer ops and one multiply-add: generated on every device.
@@ -173,7 +172,7 @@ register(Codec(Encoding.GROUP_STOCHASTIC, razor.quantize_group_stochastic.defaul
                QuantizedRoot, lossless=False, values=True, nbytes=group_bytes, kernels=_NATIVE_FIRST,
                inline_decode=fq.fused_dequantize_group))  # no generated encode: the noise is the kernels'
 register(Codec(Encoding.GROUP_NORMAL, razor.quantize_normal.default, razor.dequantize_normal.default, QuantizedRoot,
-               lossless=False, values=True, nbytes=normal_bytes, kernels=_NATIVE_CPU))
+               lossless=False, values=True, nbytes=normal_bytes, kernels=_NATIVE_FIRST))
 register(Codec(Encoding.UNIFORM, razor.quantize_uniform.default, razor.dequantize_uniform.default,
                QuantizedDerivative, lossless=False, values=True, nbytes=uniform_bytes, kernels=_NATIVE_FIRST,
                inline_encode=fq.fused_quantize_uniform, inline_decode=fq.fused_dequantize_uniform,

@@ -167,9 +167,8 @@ class RazorConfig:
     # Their levels: "uniform" (2**bits levels from each group's min to its max, bf16
     # bounds) or "normal": LayerNorm x̂ and Linear / conv inputs on a unit Gaussian's
     # Lloyd-Max levels at each group's mean and deviation, the group's two elements
-    # farthest from the mean kept apart in bf16 (2-4 bits; a native CPU kernel, no Triton
-    # kernel yet: the PyTorch one on CUDA; ``kernels/quantize.py``), the other classes
-    # uniform.
+    # farthest from the mean kept apart in bf16 (2-4 bits; ``kernels/quantize.py``), the
+    # other classes uniform.
     quant_codebook: Codebook = Codebook.UNIFORM
     # Group size of the batchnorm class: it stores x - mean, not divided by the channel's
     # deviation, and where a channel's map is smaller than a group, one group spans

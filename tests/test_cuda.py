@@ -35,7 +35,6 @@ import torch
 import razorpass
 from razorpass import RazorConfig, reference
 from razorpass.bench.gpu import CODECS, Codec, accepts_backend, codec_outputs
-from razorpass.kernels import ops
 
 from .test_matrix import MODELS
 from .test_matrix import _run as _run_hf
@@ -67,8 +66,6 @@ def check_codec(op: str, pattern: str, dtype: torch.dtype, shape: tuple[int, int
     fn = getattr(torch.ops.razor, op)
     want = codec_outputs(fn(*args, backend="torch"))
     for backend in BACKENDS[torch.device(device).type]:
-        if backend == "triton" and f"razor::{op}" in ops.NO_TRITON_KERNEL:
-            continue  # the op refuses it (its default on CUDA is the PyTorch kernel)
         got = codec_outputs(fn(*args) if backend is None else fn(*args, backend=backend))
         assert len(got) == len(want)
         for i, (g, w) in enumerate(zip(got, want)):

@@ -82,8 +82,6 @@ def test_parts_that_do_not_encode_the_shape_are_refused():
         ops.dequantize_normal(*parts, [400], 64, 2, torch.float32)
     with pytest.raises(ValueError, match="bits must be one of"):
         ops.quantize_normal(torch.randn(8), 64, 8)
-    with pytest.raises(ValueError, match="no Triton kernel yet"):
-        ops.quantize_normal(torch.randn(8), 64, 2, "triton")
 
 
 def test_edge_groups():

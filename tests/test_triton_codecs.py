@@ -176,6 +176,45 @@ def test_groups_larger_than_a_block_loop_over_chunks(monkeypatch, group):
                     ops.dequantize_group(codes, bounds, [x.numel()], group, bits, dtype, "torch"))
 
 
+# ------------------------------------------------------------------ normal codebook
+def normal_edge_groups(group: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The edge groups above but one, then groups that decide the outliers: equal
+    distances (both signs, ties to the lower offset), three equally far elements, a NaN
+    and an infinity in one group, and a single far element. Left out: -3e38 and 3e38
+    beside values near 1, whose float64 sum depends on its order (``quantize.py``,
+    "normal codebook": the kernels' orders differ there)."""
+    edges = edge_groups(group, bits, dtype, seed=group)
+    edges = torch.cat([edges[:11 * group], edges[12 * group:]])
+    g = _gen(group + bits)
+    body = torch.randn(group, generator=g)
+    ties = body.clone()
+    ties[[3, 7]] = torch.tensor([9.0, -9.0]) + ties.mean()  # about equally far on both sides
+    three = body.clone()
+    three[[1, 4, 6]] = 50.0
+    both = body.clone()
+    both[[2, 5]] = torch.tensor([math.nan, math.inf])
+    one = body.clone()
+    one[group - 1] = -1e30
+    extra = torch.cat([ties, three, both, one, torch.full((group,), 2.0**-130)])  # subnormal mean and deviation
+    return torch.cat([edges, extra.to(dtype)])
+
+
+@pytest.mark.parametrize("group", [24, 64, 520])  # 520: int16 offsets, two programs' worth of rows
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+def test_quantize_normal_matches_torch(dtype, bits, group):
+    if group == 520 and (bits != 3 or dtype != torch.float32):
+        pytest.skip("one case of the large group: the interpreter runs ~0.5 ms per program")
+    x = normal_edge_groups(group, bits, dtype).to(DEVICE)
+    parts = ops.quantize_normal(x, group, bits, "triton")
+    want = ops.quantize_normal(x, group, bits, "torch")
+    for i, (a, b) in enumerate(zip(parts, want, strict=True)):
+        assert_same(a, b, nan_payload=i != 1)  # a NaN mean or deviation: any NaN (quantize_triton.py)
+    for out in DTYPES:
+        assert_same(ops.dequantize_normal(*want, [x.numel()], group, bits, out, "triton"),
+                    ops.dequantize_normal(*want, [x.numel()], group, bits, out, "torch"))
+
+
 def _views():
     """Non-contiguous views: transposed, permuted, expanded (stride 0), and one of five
     dims that stay apart (the kernels then read a contiguous copy)."""
@@ -200,6 +239,8 @@ def test_non_contiguous_inputs_read_in_logical_order(name):
         for a, b in zip(ops.quantize_group(v, 16, 3, "triton"), ops.quantize_group(v, 16, 3, "torch")):
             assert_same(a, b)
         assert torch.equal(ops.quantize_uniform(v, 3, -2.0, 2.0, "triton"), ops.quantize_uniform(v, 3, -2.0, 2.0, "torch"))
+        for i, (a, b) in enumerate(zip(ops.quantize_normal(v, 16, 3, "triton"), ops.quantize_normal(v, 16, 3, "torch"))):
+            assert_same(a, b, nan_payload=i != 1)
         if v.dim() >= 2:
             center = torch.randn(v.shape[1], generator=_gen(4)).to(DEVICE)
             for a, b in zip(ops.quantize_group_centered(v, center, 24, 4, "triton"),
@@ -326,7 +367,7 @@ def test_offsets_ops_match_torch():
 
 # ------------------------------------------------------------------ ops: opcheck, backend
 OP_NAMES = ["quantize_group", "quantize_group_centered", "quantize_group_stochastic", "dequantize_group", "quantize_uniform", "dequantize_uniform",
-            "compress", "decompress", "compress_offsets", "decompress_offsets"]
+            "compress", "decompress", "compress_offsets", "decompress_offsets", "quantize_normal", "dequantize_normal"]
 
 
 def _op_cases():
@@ -337,6 +378,7 @@ def _op_cases():
     ucodes = ops.quantize_uniform(x, 3, -1.0, 1.0, "torch")
     mask, values = ops.compress(x, 16, 3, torch.bfloat16, "torch")
     offsets, _ = ops.compress_offsets(x, 16, 3, torch.bfloat16, "torch")
+    normal = ops.quantize_normal(x, 16, 2, "torch")
     r = torch.ops.razor
     cases = {
         "quantize_group": (r.quantize_group.default, (x, 8, 3, "triton")),
@@ -352,6 +394,8 @@ def _op_cases():
         "compress_offsets": (r.compress_offsets.default, (x, 16, 3, torch.bfloat16, "triton")),
         "decompress_offsets": (r.decompress_offsets.default, (offsets, values, [3, 5, 8], 16, torch.float32,
                                                               "triton")),
+        "quantize_normal": (r.quantize_normal.default, (x, 16, 2, "triton")),
+        "dequantize_normal": (r.dequantize_normal.default, (*normal, [3, 5, 8], 16, 2, torch.bfloat16, "triton")),
     }
     assert list(cases) == OP_NAMES
     return cases
@@ -478,6 +522,21 @@ def test_cuda_quantize_group_matches_torch_on_device(dtype):
 
 @_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+def test_cuda_quantize_normal_matches_torch_on_device(dtype):
+    for group in (64, 256, 4096):
+        for bits in (2, 3, 4):
+            x = torch.cat([_large(2**20 + 1234, dtype, seed=bits + group), normal_edge_groups(group, bits, dtype).cuda()])
+            parts = ops.quantize_normal(x, group, bits, "triton")
+            want = ops.quantize_normal(x, group, bits, "torch")
+            for i, (a, b) in enumerate(zip(parts, want, strict=True)):
+                assert_same(a, b, nan_payload=i != 1)
+            for out in DTYPES:
+                assert_same(ops.dequantize_normal(*want, [x.numel()], group, bits, out, "triton"),
+                            ops.dequantize_normal(*want, [x.numel()], group, bits, out, "torch"))
+
+
+@_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
 def test_cuda_uniform_matches_torch_on_device(dtype):
     for bits in BITS:
         for lo, hi in [quantize.GELU_DERIVATIVE_RANGE["none"], quantize.GELU_DERIVATIVE_RANGE["tanh"], (-1.5, 2.0)]:
@@ -527,9 +586,11 @@ def _assert_ieee_ptx(ptx: dict[str, str]) -> None:
     kernels that divide, and no fused multiply-add in any."""
     for name, text in ptx.items():
         assert not any(op in text for op in ("div.full", "div.approx", "div.rn.ftz", "fma.")), name
-        assert ("div.rn.f32" in text) == (name != "dequantize_uniform"), name
+        assert ("div.rn.f32" in text) == (name not in ("dequantize_uniform", "dequantize_normal")), name
         if name.startswith("dequantize"):
             assert "mul.rn.f32" in text and "add.rn.f32" in text, name
+        if name == "quantize_normal":  # the float64 mean and deviation: IEEE too
+            assert "div.rn.f64" in text and "sqrt.rn.f64" in text, name
 
 
 _COMPILE_FOR_SM90 = r"""
@@ -547,7 +608,8 @@ if not have_ptxas:
     print("null")
     sys.exit(0)
 pointers = {"x_ptr": "*fp32", "center_ptr": "*fp32", "seed_ptr": "*i64", "codes_ptr": "*u8", "bounds_ptr": "*i16",
-            "out_ptr": "*fp32", "lo": "fp32", "step": "fp32"}
+            "out_ptr": "*fp32", "lo": "fp32", "step": "fp32", "thresholds_ptr": "*fp32", "levels_ptr": "*fp32",
+            "stats_ptr": "*i16", "offsets_ptr": "*u8", "values_ptr": "*i16"}
 consts = dict(GROUP=256, BITS=3, ROWS=8, BLOCK=256, CONTIGUOUS=True, CENTERED=False, DIFF=0, NAN_BF16=0x7FFF, WORDS=256,
               STOCHASTIC=False)
 def ptx(kernel, options, **extra):
@@ -556,7 +618,8 @@ def ptx(kernel, options, **extra):
     src = ASTSource(kernel, sig, {n: consts[n] for n, t in sig.items() if t == "constexpr"})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
 out = {name: ptx(getattr(qt, f"_{name}_kernel"), qt.LAUNCH_OPTIONS)
-       for name in ("quantize_group", "dequantize_group", "quantize_uniform", "dequantize_uniform")}
+       for name in ("quantize_group", "dequantize_group", "quantize_uniform", "dequantize_uniform", "quantize_normal",
+                    "dequantize_normal")}
 out["quantize_group, stochastic"] = ptx(qt._quantize_group_kernel, qt.LAUNCH_OPTIONS, STOCHASTIC=True)
 out["dequantize_group, fp fusion on"] = ptx(qt._dequantize_group_kernel, {"enable_fp_fusion": True})
 print(json.dumps(out))

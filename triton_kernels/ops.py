@@ -4,8 +4,7 @@
   ``decompress_offsets`` (offsets layout);
 * per-group quantization: ``quantize_group``, ``quantize_group_centered``,
   ``quantize_group_stochastic`` and ``dequantize_group``; on one fixed range: ``quantize_uniform`` / ``dequantize_uniform``;
-* on a normal codebook per group, outliers apart: ``quantize_normal`` / ``dequantize_normal``
-  (a PyTorch and a native kernel, no Triton kernel yet);
+* on a normal codebook per group, outliers apart: ``quantize_normal`` / ``dequantize_normal``;
 * lossless masks: ``pack_bits`` / ``unpack_bits``;
 * ``rank_tokens`` (BSR's token order).
 
@@ -52,7 +51,7 @@ __all__ = ["BACKENDS", "compress", "decompress", "compressed_shapes", "compress_
            "fused_unpack_bits", "rank_tokens",
            "RANK_TOKENS_OP", "VALUE_DTYPES", "value_dtype_of", "quantize_uniform", "dequantize_uniform", "quantized_numel",
            "quantize_group", "quantize_group_centered", "quantize_group_stochastic", "dequantize_group",
-           "quantize_normal", "dequantize_normal", "normal_shapes", "NO_TRITON_KERNEL", "group_quantized_shapes"]
+           "quantize_normal", "dequantize_normal", "normal_shapes", "group_quantized_shapes"]
 
 # The dtypes a config's ``value_dtype`` names ("same": the activation's own dtype).
 VALUE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -77,8 +76,6 @@ def _check_group(group_size: int, k: int) -> None:
 
 
 BACKENDS = ("auto", "torch", "native", "triton")
-# Ops with a PyTorch and a native kernel only: "auto" runs the PyTorch one on CUDA.
-NO_TRITON_KERNEL = frozenset({"razor::quantize_normal", "razor::dequantize_normal"})
 
 
 def _kernel(op: str, device: torch.device, backend: str) -> str:
@@ -89,12 +86,10 @@ def _kernel(op: str, device: torch.device, backend: str) -> str:
     if backend == "native" and device.type != "cpu":
         raise ValueError(f"{op}: backend='native' is the CPU kernel, got a tensor on {device}; "
                          "use 'auto', 'triton' or 'torch'")
-    if backend == "triton" and op in NO_TRITON_KERNEL:
-        raise ValueError(f"{op}: has no Triton kernel yet; use 'auto', 'torch' or 'native'")
     if backend != "auto":
         return backend
     if device.type == "cuda":
-        return "triton" if _triton_available() and op not in NO_TRITON_KERNEL else "torch"
+        return "triton" if _triton_available() else "torch"
     return "native" if device.type == "cpu" else "torch"
 
 
@@ -490,13 +485,12 @@ def quantize_normal(x: torch.Tensor, group_size: int, bits: int,
     """Code every ``group_size`` consecutive elements of ``x`` on the Lloyd-Max levels of a
     unit Gaussian scaled by the group's mean and deviation, its two elements farthest
     from the mean kept apart in bfloat16: ``(codes, stats, offsets, values)``
-    (``quantize.py``, "normal codebook"). No Triton kernel yet: "auto" runs the PyTorch one
-    on CUDA."""
+    (``quantize.py``, "normal codebook")."""
     check_normal_args("razor::quantize_normal", group_size, bits)
     return _run("razor::quantize_normal", x.device, backend, _QUANT,
                 torch_kernel=lambda: torch_quantize_normal(x, group_size, bits),
                 native=lambda cpu: cpu.cpu_quantize_normal(x, group_size, bits),
-                triton=None)
+                triton=lambda tq: tq.triton_quantize_normal(x, group_size, bits))
 
 
 @quantize_normal.register_fake
@@ -521,7 +515,8 @@ def dequantize_normal(codes: torch.Tensor, stats: torch.Tensor, offsets: torch.T
     return _run("razor::dequantize_normal", codes.device, backend, _QUANT, torch_kernel=plain,
                 native=lambda cpu: cpu.cpu_dequantize_normal(codes, stats, offsets, values, shape, group_size, bits,
                                                              dtype),
-                triton=None)
+                triton=lambda tq: tq.triton_dequantize_normal(codes, stats, offsets, values, shape, group_size, bits,
+                                                              dtype))
 
 
 @dequantize_normal.register_fake

@@ -63,12 +63,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantize import (_step, check_args, check_group_args, check_stochastic, check_group_shapes, check_uniform_codes,
-                       group_quantized_shapes, quantized_numel)
+from .quantize import (_step, check_args, check_group_args, check_normal_args, check_normal_parts, check_stochastic,
+                       check_group_shapes, check_uniform_codes, group_quantized_shapes, normal_levels, normal_shapes,
+                       quantized_numel)
 from .topk_compress_triton import bf16_rounded, bf16_to_f32, check_device, check_dtype, on_device_of
 
 __all__ = ["triton_quantize_group", "triton_quantize_group_centered", "triton_dequantize_group",
-           "triton_quantize_uniform", "triton_dequantize_uniform", "MAX_BLOCK", "LAUNCH_OPTIONS"]
+           "triton_quantize_uniform", "triton_dequantize_uniform", "triton_quantize_normal", "triton_dequantize_normal",
+           "MAX_BLOCK", "LAUNCH_OPTIONS"]
 
 # Elements of one group a program holds in registers at a time (a power of two);
 # larger groups loop over chunks of this many.
@@ -580,4 +582,175 @@ def triton_dequantize_uniform(codes: torch.Tensor, shape: list[int], bits: int, 
         _launch(_dequantize_uniform_kernel, (triton.cdiv(n, 8 * _WORDS), ), codes.contiguous(), out, n,
                 codes.numel(), _f32(lo), _f32(_step(bits, lo, hi)), BITS=bits, WORDS=_WORDS,
                 NAN_BF16=_BF16_NAN[codes.device.type], num_warps=_num_warps(8 * _WORDS))
+    return out.view(shape)
+
+
+# ----------------------------------------------------------------------- normal codebook
+# ``quantize.py`` ("normal codebook") defines rule and layout. A program holds ROWS whole
+# groups in registers (BLOCK = the group size's power of two, with no cap: a group of
+# more than MAX_BLOCK elements spills registers on a GPU; the defaults' groups are far
+# smaller). Beyond (a)-(e) above: the mean and the deviation are float64 sums in the
+# order of ``tl.sum`` (the PyTorch and native kernels each sum in their own order; the
+# float64 sum of float32 values is rounded to float32, then bfloat16, so an order
+# changes a result only on a rounding tie, and the tests see none), the square root is
+# float64's ``tl.sqrt`` (``sqrt.rn.f64``), the outliers are two ``tl.argmax`` (ties to the lower offset) and
+# their values are read back from memory, the decoded NaN of a non-finite group is
+# float32's. A NaN mean or deviation is written as ``NAN_BF16``; torch's float64 ->
+# bfloat16 conversion gives 0x7FC0 or 0xFFFF by the NaN's sign: either only marks the
+# group as non-finite, which decodes to NaN whatever the pattern.
+@triton.jit
+def _normal_rows(x_ptr, rows, row_ok, numel, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """float32 (ROWS, BLOCK) of groups ``rows`` (the last group padded with the last
+    element, columns past GROUP unused), their global positions, and the columns."""
+    col = tl.arange(0, BLOCK)
+    idx = rows.to(tl.int64)[:, None] * GROUP + col[None, :]
+    ok = row_ok[:, None] & (col < GROUP)[None, :]
+    pos = tl.minimum(idx, numel - 1)  # padding repeats the last element
+    return _to_f32(tl.load(x_ptr + pos, mask=ok, other=0.0)), pos, col
+
+
+@_jit_kernel
+def _quantize_normal_kernel(
+    x_ptr,  # contiguous input (fp32 / bf16 / fp16)
+    thresholds_ptr,  # (2**BITS - 1,) fp32: the midpoints of the levels
+    codes_ptr,  # (num_groups * GROUP * BITS / 8,) uint8 out
+    stats_ptr,  # (2 * num_groups,) int16 out: the bfloat16 patterns mu, sigma of every group
+    offsets_ptr,  # (num_groups, 2) uint8 / int16 out
+    values_ptr,  # (num_groups, 2) int16 out: bfloat16 patterns
+    numel,
+    num_groups,
+    nbytes,  # bytes of codes
+    GROUP: tl.constexpr,  # elements per group, a multiple of 8 above 2
+    BITS: tl.constexpr,  # bits per code: 2, 3 or 4
+    ROWS: tl.constexpr,  # groups per program
+    BLOCK: tl.constexpr,  # the power of two >= GROUP
+    NAN_BF16: tl.constexpr,  # the bfloat16 NaN pattern of torch's conversion on this device
+):
+    """Codes, stats and outliers of ROWS groups (the rule of ``torch_quantize_normal``)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < num_groups
+    x, pos, col = _normal_rows(x_ptr, rows, row_ok, numel, GROUP, BLOCK)
+    inside = (col < GROUP)[None, :]
+    mean = tl.sum(tl.where(inside, x.to(tl.float64), 0.0), axis=1) / GROUP
+    mu_b = _f32_to_bf16(mean.to(tl.float32), NAN_BF16)
+    mu = bf16_to_f32(mu_b)
+    d = x - mu[:, None]
+    far = tl.where(d != d, float("inf"), tl.abs(d))
+    far = tl.where(inside, far, -2.0)  # never picked
+    first = tl.argmax(far, axis=1, tie_break_left=True)
+    far = tl.where(col[None, :] == first[:, None], -1.0, far)
+    second = tl.argmax(far, axis=1, tie_break_left=True)
+    kept = inside & (col[None, :] != first[:, None]) & (col[None, :] != second[:, None])
+    dd = d.to(tl.float64)
+    var = tl.sum(tl.where(kept, dd * dd, 0.0), axis=1) / (GROUP - 2)
+    sigma_b = _f32_to_bf16(tl.sqrt(var).to(tl.float32), NAN_BF16)  # float64: sqrt.rn.f64
+    sigma = bf16_to_f32(sigma_b)
+    z = tl.div_rn(d, tl.where(sigma == 0.0, 1.0, sigma)[:, None])
+    z = tl.where((sigma == 0.0)[:, None], 0.0, z)
+    q = tl.zeros((ROWS, BLOCK), tl.int32)
+    for j in tl.static_range((1 << BITS) - 1):
+        q += (tl.load(thresholds_ptr + j) < z).to(tl.int32)  # NaN compares false: code 0
+    q = tl.where(inside, q, 0)
+    word = tl.arange(0, BLOCK // 8)
+    byte0 = rows.to(tl.int64)[:, None] * (GROUP * BITS // 8) + (word * BITS)[None, :]
+    ok = row_ok[:, None] & (word * 8 < GROUP)[None, :]
+    WORDS: tl.constexpr = ROWS * BLOCK // 8
+    _store_words(codes_ptr, tl.reshape(q, (WORDS, 8)), tl.reshape(byte0, (WORDS, )), tl.reshape(ok, (WORDS, )),
+                 nbytes, BITS)
+    tl.store(stats_ptr + 2 * rows, mu_b.to(tl.int16), mask=row_ok)
+    tl.store(stats_ptr + 2 * rows + 1, sigma_b.to(tl.int16), mask=row_ok)
+    for k in tl.static_range(2):
+        at = first if k == 0 else second
+        v = _to_f32(tl.load(x_ptr + tl.minimum(rows.to(tl.int64) * GROUP + at, numel - 1), mask=row_ok, other=0.0))
+        tl.store(offsets_ptr + 2 * rows + k, at.to(offsets_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(values_ptr + 2 * rows + k, _f32_to_bf16(v, NAN_BF16).to(tl.int16), mask=row_ok)
+
+
+@_jit_kernel
+def _dequantize_normal_kernel(
+    codes_ptr,  # (num_groups * GROUP * BITS / 8,) uint8
+    stats_ptr,  # (2 * num_groups,) int16: bfloat16 patterns mu, sigma
+    offsets_ptr,  # (num_groups, 2) uint8 / int16
+    values_ptr,  # (num_groups, 2) int16: bfloat16 patterns
+    levels_ptr,  # (2**BITS,) fp32
+    out_ptr,  # (numel,) fp32 / bf16 / fp16 out
+    numel,
+    num_groups,
+    nbytes,
+    GROUP: tl.constexpr,
+    BITS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NAN_BF16: tl.constexpr,
+):
+    """Decoded values of ROWS groups (the rule of ``torch_dequantize_normal``)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < num_groups
+    word = tl.arange(0, BLOCK // 8)
+    byte0 = rows.to(tl.int64)[:, None] * (GROUP * BITS // 8) + (word * BITS)[None, :]
+    ok = row_ok[:, None] & (word * 8 < GROUP)[None, :]
+    WORDS: tl.constexpr = ROWS * BLOCK // 8
+    q = tl.reshape(_load_words(codes_ptr, tl.reshape(byte0, (WORDS, )), tl.reshape(ok, (WORDS, )), nbytes, BITS),
+                   (ROWS, BLOCK))
+    mu_b = tl.load(stats_ptr + 2 * rows, mask=row_ok, other=0)
+    sigma_b = tl.load(stats_ptr + 2 * rows + 1, mask=row_ok, other=0)
+    mu, sigma = bf16_to_f32(mu_b), bf16_to_f32(sigma_b)
+    vals = tl.load(levels_ptr + q) * sigma[:, None] + mu[:, None]  # no fma: see _launch
+    col = tl.arange(0, BLOCK)
+    for k in tl.static_range(2):
+        at = tl.load(offsets_ptr + 2 * rows + k, mask=row_ok, other=0).to(tl.int32)
+        v = bf16_to_f32(tl.load(values_ptr + 2 * rows + k, mask=row_ok, other=0))
+        vals = tl.where(col[None, :] == at[:, None], v[:, None], vals)
+    finite = ((mu_b & 0x7F80) != 0x7F80) & ((sigma_b & 0x7F80) != 0x7F80)
+    vals = tl.where(finite[:, None], vals, float("nan"))
+    idx = rows.to(tl.int64)[:, None] * GROUP + col[None, :]
+    keep = row_ok[:, None] & (col < GROUP)[None, :] & (idx < numel)
+    tl.store(out_ptr + idx, _from_f32(vals, out_ptr.dtype.element_ty, NAN_BF16), mask=keep)
+
+
+def _normal_config(group_size: int) -> tuple[int, int]:
+    """(ROWS, BLOCK) of the normal-codebook kernels: whole groups per program."""
+    block = triton.next_power_of_2(group_size)
+    return max(1, _PROGRAM_ELEMS // block), block
+
+
+def triton_quantize_normal(x: torch.Tensor, group_size: int, bits: int):
+    """``(codes, stats, offsets, values)`` of ``x``; same contract as ``torch_quantize_normal``."""
+    check_normal_args("quantize_normal", group_size, bits)
+    _check(x, x.dtype, "inputs")
+    n = x.numel()
+    (nbytes,), (nstats,), (groups, m), odt = normal_shapes(n, group_size, bits)
+    codes = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+    stats = torch.empty(nstats, dtype=torch.bfloat16, device=x.device)
+    offsets = torch.empty(groups, m, dtype=odt, device=x.device)
+    values = torch.empty(groups, m, dtype=torch.bfloat16, device=x.device)
+    if groups == 0:
+        return codes, stats, offsets, values
+    _, thresholds = normal_levels(bits, x.device)
+    rows, block = _normal_config(group_size)
+    with on_device_of(x):
+        _launch(_quantize_normal_kernel, (triton.cdiv(groups, rows), ), x.detach().contiguous(), thresholds, codes,
+                stats.view(torch.int16), offsets, values.view(torch.int16), n, groups, nbytes, GROUP=group_size,
+                BITS=bits, ROWS=rows, BLOCK=block, NAN_BF16=_BF16_NAN[x.device.type],
+                num_warps=_num_warps(rows * block))
+    return codes, stats, offsets, values
+
+
+def triton_dequantize_normal(codes: torch.Tensor, stats: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor,
+                             shape: list[int], group_size: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The contiguous tensor of ``shape`` / ``dtype`` that the four parts encode."""
+    check_normal_parts("dequantize_normal", codes, stats, offsets, values, shape, group_size, bits)
+    _check(codes, dtype, "output dtypes")
+    n = math.prod(shape)
+    out = torch.empty(n, dtype=dtype, device=codes.device)
+    if n == 0:
+        return out.view(shape)
+    groups = stats.numel() // 2
+    levels, _ = normal_levels(bits, codes.device)
+    rows, block = _normal_config(group_size)
+    with on_device_of(codes):
+        _launch(_dequantize_normal_kernel, (triton.cdiv(groups, rows), ), codes.contiguous(),
+                stats.contiguous().view(torch.int16), offsets.contiguous(), values.contiguous().view(torch.int16),
+                levels, out, n, groups, codes.numel(), GROUP=group_size, BITS=bits, ROWS=rows, BLOCK=block,
+                NAN_BF16=_BF16_NAN[codes.device.type], num_warps=_num_warps(rows * block))
     return out.view(shape)
