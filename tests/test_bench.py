@@ -471,3 +471,25 @@ def test_malloc_retain_reuses_freed_memory_without_page_faults():
     # freed memory reused: none of the eight fresh in most runs, now and then one (where
     # glibc places an aligned block depends on what else the process allocated)
     assert faults["retain"] <= pages // 4
+
+
+def test_every_committed_result_says_what_measured_it():
+    """Each result file under bench/results records the clean commit it ran on, the
+    command that made it and the machine; its CSV rows carry the same commit."""
+    import pathlib
+    import re
+
+    from razorpass.bench.outputs import CSV_COLUMNS
+
+    results = pathlib.Path(__file__).resolve().parent.parent / "bench" / "results"
+    docs = sorted(results.glob("*.json"))
+    if not docs:
+        pytest.skip("no bench/results in this copy")
+    for path in docs:
+        meta = json.loads(path.read_text())["meta"]
+        assert re.fullmatch(r"[0-9a-f]{40}", meta["commit"]), (path.name, meta["commit"])
+        assert meta["argv"] and meta["cpu"] and meta["torch"], path.name
+        with path.with_suffix(".csv").open() as f:
+            reader = csv.DictReader(f)
+            assert tuple(reader.fieldnames) == CSV_COLUMNS, path.name
+            assert {r["commit"] for r in reader} == {meta["commit"]}, path.name
