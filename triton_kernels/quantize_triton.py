@@ -1,17 +1,22 @@
-"""Uniform quantization, per group and on one fixed range: the Triton kernels.
+"""Quantization per group (uniform levels, or the normal codebook) and on one fixed
+range: the Triton kernels.
 
 ``triton_quantize_group`` / ``triton_quantize_group_centered`` /
-``triton_dequantize_group`` and ``triton_quantize_uniform`` /
-``triton_dequantize_uniform`` are bit-identical to the PyTorch kernels of
-``quantize.py`` (whose comments define rule and layout): the same codes, the same
-bfloat16 bounds and the same decoded values, bit for bit (NaN and signed zeros
-included). Each op is one launch, over whole groups (per-group codecs) or whole
+``triton_quantize_group_stochastic`` / ``triton_dequantize_group``,
+``triton_quantize_uniform`` / ``triton_dequantize_uniform`` and
+``triton_quantize_normal`` / ``triton_dequantize_normal`` are bit-identical to the
+PyTorch kernels of ``quantize.py`` (whose comments define rule and layout): the same
+codes, the same bfloat16 bounds and statistics and the same decoded values, bit for bit
+(NaN and signed zeros included; the normal codebook's section below names its two
+limits). Each op is one launch, over whole groups (per-group codecs) or whole
 words of eight codes (fixed range), with static shapes and no host synchronization.
-A group of up to ``MAX_BLOCK`` elements is held in registers and its input read
-once; a larger group loops over chunks of ``MAX_BLOCK``, once for its bounds and
-once for its codes. The encoders read a non-contiguous input in place, through the
-sizes and strides of a 4-d view of its merged dims (a copy only when more than four
-dims remain); ``triton_quantize_group_centered`` subtracts the center as it reads.
+A uniform group of up to ``MAX_BLOCK`` elements is held in registers and its input
+read once; a larger group loops over chunks of ``MAX_BLOCK``, once for its bounds and
+once for its codes. The uniform encoders read a non-contiguous input in place, through
+the sizes and strides of a 4-d view of its merged dims (a copy only when more than four
+dims remain); ``triton_quantize_group_centered`` subtracts the center as it reads. The
+normal codebook's kernels hold whole groups and read a contiguous input (a copy of a
+non-contiguous one).
 This module imports Triton at the top and is only imported when a Triton kernel
 runs; on CPU tensors the kernels run under Triton's interpreter
 (``TRITON_INTERPRET=1`` before the import).
