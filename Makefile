@@ -7,7 +7,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.razorpass-installed
 # pytest-xdist workers for `make test`: one per core, at most 4 (each holds its own
-# compiled models; more only adds memory on a 2-core CI machine).
+# compiled models; more only adds memory on a 2-core CI machine). Work stealing: a worker
+# that runs out takes queued tests from the other, so no core idles at the end.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: demo test install clean gpu
@@ -26,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m razorpass.bench --out bench/results $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -33,9 +33,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # Inductor's C++ kernels are scalar in the suite: the passes and the graphs they leave
 # are what the tests check, and scalar kernels build in a fraction of the time of
-# vectorized ones (the suite's largest cost on 2 cores). Tests of code that Inductor
-# generates from razorpass's own forms, bit for bit, are marked ``vectorized`` and
-# compile as users' kernels do.
+# vectorized ones (the suite's largest cost on 2 cores). Tests of float code that
+# Inductor generates from razorpass's own forms, bit for bit, are marked ``vectorized``
+# and compile as users' kernels do (the integer mask packing has no rounding to part).
 SCALAR_INDUCTOR = {"cpp.simdlen": 1}
 
 

@@ -67,7 +67,6 @@ def test_pack_bits_non_contiguous_uses_logical_order(make):
 # (4, 1, 13, 3), (9,), (3, 5, 7): no leading-dim prefix is a multiple of 8 (the flat
 # path); (16, 3, 5): planes along dim 0; (2, 4, 7, 3), (6, 4, 5): along dims 0-1;
 # (5, 3, 8): only the whole shape.
-@pytest.mark.vectorized
 @pytest.mark.parametrize("shape,compiled", [((0,), False), ((1,), False), ((4, 1, 13, 3), False), ((9,), True),
                                             ((3, 5, 7), False), ((3, 5, 7), True), ((16, 3, 5), False),
                                             ((16, 3, 5), True), ((2, 4, 7, 3), True), ((6, 4, 5), True),
