@@ -15,8 +15,9 @@ reads the same code.
 ``seed`` is one ``randint(0, 2**31)`` int64 scalar on the device of the first code, drawn
 right before it: a step draws one seed from the global generator, so
 ``torch.manual_seed`` (or a restored RNG state) gives the same codes, and
-``razorpass.reference`` draws the same seed at the same point. All codes of one step share the seed (the noise of element
-``i`` is a hash of the seed and ``i``, so one tensor quantized twice gets one code).
+``razorpass.reference`` draws the same seed at the same point. All codes of one step
+share the seed (the noise of element ``i`` is a hash of the seed and ``i``, so one
+tensor quantized twice gets one code).
 
 It runs before ``inline_codecs`` and ``center_quantize``: the stochastic encode has no
 generated form and no centered kernel, so it stays an op and a BatchNorm input is

@@ -595,23 +595,21 @@ def triton_dequantize_uniform(codes: torch.Tensor, shape: list[int], bits: int, 
 # groups in registers (BLOCK = the group size's power of two, with no cap: a group of
 # more than MAX_BLOCK elements spills registers on a GPU; the defaults' groups are far
 # smaller). Beyond (a)-(e) above: the mean and the deviation are float64 sums in the
-# order of ``tl.sum`` (the PyTorch and native kernels each sum in their own order; the
-# float64 sum of float32 values is rounded to float32, then bfloat16, so an order
-# changes a result only on a rounding tie, and the tests see none), the square root is
-# float64's ``tl.sqrt`` (``sqrt.rn.f64``), the outliers are two ``tl.argmax`` (ties to the lower offset) and
-# their values are read back from memory, the decoded NaN of a non-finite group is
-# float32's. A NaN mean or deviation is written as ``NAN_BF16``; torch's float64 ->
+# order of ``tl.sum`` (where that order can change a mean: ``quantize.py``, ``mu``), the
+# square root is float64's ``tl.sqrt`` (``sqrt.rn.f64``), the outliers are two
+# ``tl.argmax`` (ties to the lower offset) and their values are read back from memory,
+# the decoded NaN of a non-finite group is float32's. A NaN mean or deviation is written as ``NAN_BF16``; torch's float64 ->
 # bfloat16 conversion gives 0x7FC0 or 0xFFFF by the NaN's sign: either only marks the
 # group as non-finite, which decodes to NaN whatever the pattern.
 @triton.jit
 def _normal_rows(x_ptr, rows, row_ok, numel, GROUP: tl.constexpr, BLOCK: tl.constexpr):
     """float32 (ROWS, BLOCK) of groups ``rows`` (the last group padded with the last
-    element, columns past GROUP unused), their global positions, and the columns."""
+    element, columns past GROUP unused) and the columns."""
     col = tl.arange(0, BLOCK)
     idx = rows.to(tl.int64)[:, None] * GROUP + col[None, :]
     ok = row_ok[:, None] & (col < GROUP)[None, :]
     pos = tl.minimum(idx, numel - 1)  # padding repeats the last element
-    return _to_f32(tl.load(x_ptr + pos, mask=ok, other=0.0)), pos, col
+    return _to_f32(tl.load(x_ptr + pos, mask=ok, other=0.0)), col
 
 
 @_jit_kernel
@@ -634,7 +632,7 @@ def _quantize_normal_kernel(
     """Codes, stats and outliers of ROWS groups (the rule of ``torch_quantize_normal``)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < num_groups
-    x, pos, col = _normal_rows(x_ptr, rows, row_ok, numel, GROUP, BLOCK)
+    x, col = _normal_rows(x_ptr, rows, row_ok, numel, GROUP, BLOCK)
     inside = (col < GROUP)[None, :]
     mean = tl.sum(tl.where(inside, x.to(tl.float64), 0.0), axis=1) / GROUP
     mu_b = _f32_to_bf16(mean.to(tl.float32), NAN_BF16)
